@@ -1,0 +1,343 @@
+"""
+Configuration: frozen, validated values loaded from TOML.
+
+A configuration is never mutated; a live change builds a new value (with
+:func:`attrs.evolve`, which re-runs every validator) and swaps it in whole, so
+a change is either applied completely or not at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from attrs import evolve, field, frozen
+
+__all__ = [
+    "BucketConfig",
+    "Config",
+    "ConfigError",
+    "FillConfig",
+    "Origin",
+    "ServerConfig",
+    "default_config_text",
+    "load_config",
+    "parse_config",
+    "parse_origin",
+    "validate_bucket_name",
+]
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is invalid.  The message names the field and says
+    what is wrong with it, so an operator can fix it without reading code.
+    """
+
+
+# A DNS label: letters, digits and hyphens, not starting or ending with a hyphen.
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_IPV4ISH = re.compile(r"^[0-9.]+$")
+_BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?-[0-9]{1,20}$")
+
+
+def _valid_hostname(host: str) -> bool:
+    if len(host) > 253:
+        return False
+    labels = host.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        return False
+    # An all-numeric name that is not a valid IPv4 address (``999.1.1.1``,
+    # ``10.10.10``) is a typo, not a domain: top-level domains are never numeric.
+    return not labels[-1].isdigit()
+
+
+@frozen
+class Origin:
+    """
+    An origin server address as the seed document allows it: a domain name or
+    an IPv4 address, optionally followed by ``:port``; never a scheme, path,
+    query, user-info or whitespace.
+    """
+
+    host: str
+    port: int = 80
+
+    def __str__(self) -> str:
+        return self.host if self.port == 80 else f"{self.host}:{self.port}"
+
+    @property
+    def netloc(self) -> bytes:
+        """The authority as it goes into an ``http://`` URL."""
+        return str(self).encode("ascii")
+
+
+def parse_origin(value: object) -> Origin:
+    """
+    Parse and validate an origin address (``abc.example.com``,
+    ``abc.example.com:8080``, ``10.10.10.10``, ``10.10.10.10:8080``).
+
+    :raises ConfigError: with a message saying what is wrong.
+    """
+    if isinstance(value, Origin):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a string like 'abc.example.com:8080', not {value!r}")
+    text = value
+    hint = "expected a domain name or IPv4 address with an optional :port, like 'abc.example.com:8080'"
+    if not text:
+        raise ConfigError("is empty; " + hint)
+    if "://" in text:
+        raise ConfigError(f"{text!r} has a scheme; enter the address without 'http://'; " + hint)
+    for bad, what in (("/", "a path"), ("?", "a query"), ("#", "a fragment"), ("@", "user-info")):
+        if bad in text:
+            raise ConfigError(f"{text!r} contains {what}; " + hint)
+    if any(c.isspace() for c in text):
+        raise ConfigError(f"{text!r} contains whitespace; " + hint)
+    host, sep, port_text = text.partition(":")
+    port = 80
+    if sep:
+        if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
+            raise ConfigError(f"{text!r} has an invalid port {port_text!r}; " + hint)
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{text!r} has port {port}, outside 1-65535; " + hint)
+    host = host.lower()
+    if not host.isascii():
+        raise ConfigError(f"{text!r} is not ASCII; enter the punycode (xn--) form; " + hint)
+    if _IPV4ISH.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"{text!r} is not a valid IPv4 address; " + hint) from None
+    elif not _valid_hostname(host):
+        raise ConfigError(f"{text!r} is not a valid domain name or IPv4 address; " + hint)
+    return Origin(host, port)
+
+
+def _optional_origin(value: object) -> Origin | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_origin(value)
+    except ConfigError as e:
+        raise ConfigError(f"origin {e}") from None
+
+
+def validate_bucket_name(name: object) -> str:
+    """
+    Check a COS bucket name: ``<name>-<appid>``, lowercase letters, digits and
+    hyphens, e.g. ``example-1250000000``.
+    """
+    if not isinstance(name, str) or not _BUCKET.match(name):
+        raise ConfigError(
+            f"bucket name {name!r} is invalid: expected '<name>-<appid>' in lowercase"
+            " letters, digits and '-', like 'example-1250000000'"
+        )
+    return name
+
+
+def _check_origin_pull(instance: BucketConfig, attribute: object, value: bool) -> None:
+    if value and instance.origin is None:
+        raise ConfigError(
+            "origin_pull cannot be enabled without an origin address; set 'origin' first"
+        )
+
+
+@frozen
+class BucketConfig:
+    """One bucket: where its misses are pulled from, and whether they are."""
+
+    origin: Origin | None = field(default=None, converter=_optional_origin)
+    origin_pull: bool = field(default=False, validator=_check_origin_pull)
+
+
+def _positive(instance: object, attribute: Any, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{attribute.name} must be a positive number, not {value!r}")
+
+
+def _non_negative(instance: object, attribute: Any, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{attribute.name} must be zero or a positive number, not {value!r}")
+
+
+@frozen
+class FillConfig:
+    """Limits and deadlines for background fills from origins (seconds, bytes)."""
+
+    max_concurrent: int = field(default=16, validator=_positive)
+    max_queue: int = field(default=10_000, validator=_non_negative)
+    connect_timeout: float = field(default=5.0, validator=_positive)
+    header_timeout: float = field(default=30.0, validator=_positive)
+    idle_timeout: float = field(default=30.0, validator=_positive)
+    total_timeout: float = field(default=3600.0, validator=_positive)
+    max_object_size: int = field(default=5 * 1024**3, validator=_non_negative)
+    not_found_ttl: float = field(default=10.0, validator=_non_negative)
+    retry_backoff: float = field(default=5.0, validator=_non_negative)
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ConfigError(f"domains must be a list of domain names, not {value!r}")
+    out = []
+    for d in value:
+        if not isinstance(d, str) or not _valid_hostname(d.lower()):
+            raise ConfigError(f"domains: {d!r} is not a valid domain name")
+        out.append(d.lower())
+    if not out:
+        raise ConfigError("domains must name at least one domain")
+    return tuple(out)
+
+
+def _listen(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ConfigError(f"listen must be a list of endpoint strings, not {value!r}")
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"listen entries must be non-empty endpoint strings: {value!r}")
+    return tuple(value)
+
+
+@frozen
+class ServerConfig:
+    """The bucket listener and where buckets live."""
+
+    listen: tuple[str, ...] = field(default=("tcp:8080:interface=127.0.0.1",), converter=_listen)
+    domains: tuple[str, ...] = field(default=("file.myqcloud.com",), converter=_domains)
+    data_dir: str = field(default="var")
+    #: ``"-"`` for standard output, a path for a file, ``""`` for no access log.
+    access_log: str = field(default="-")
+    #: Seconds a connection may sit idle (including while sending headers).
+    request_timeout: float = field(default=60.0, validator=_positive)
+
+    @data_dir.validator
+    def _check_data_dir(self, attribute: object, value: object) -> None:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"data_dir must be a non-empty path, not {value!r}")
+
+    @access_log.validator
+    def _check_access_log(self, attribute: object, value: object) -> None:
+        if not isinstance(value, str):
+            raise ConfigError(f"access_log must be '-', '' or a path, not {value!r}")
+
+
+def _buckets(value: object) -> Mapping[str, BucketConfig]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"buckets must be a table, not {value!r}")
+    for name, bucket in value.items():
+        validate_bucket_name(name)
+        if not isinstance(bucket, BucketConfig):
+            raise ConfigError(f"buckets.{name} must be a BucketConfig, not {bucket!r}")
+    # A read-only snapshot: sorted for stable output, immutable so that a
+    # config value cannot be changed behind the service's back.
+    return _FrozenDict(sorted(value.items()))
+
+
+class _FrozenDict(dict[str, BucketConfig]):
+    """A dict that refuses mutation (hashable by identity)."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("configuration is immutable; build a new Config with attrs.evolve")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+
+@frozen
+class Config:
+    """The whole daemon configuration."""
+
+    server: ServerConfig = ServerConfig()
+    fill: FillConfig = FillConfig()
+    buckets: Mapping[str, BucketConfig] = field(factory=dict, converter=_buckets)
+    #: Sections owned by optional features (``manhole``, ``admin``), kept as
+    #: plain tables and validated by the feature that reads them.
+    extra: Mapping[str, Any] = field(factory=dict)
+
+    def with_bucket(self, name: str, bucket: BucketConfig) -> Config:
+        """A new config with bucket ``name`` added or replaced."""
+        validate_bucket_name(name)
+        return evolve(self, buckets={**self.buckets, name: bucket})
+
+    def without_bucket(self, name: str) -> Config:
+        """A new config without bucket ``name``."""
+        return evolve(self, buckets={k: v for k, v in self.buckets.items() if k != name})
+
+
+_SECTIONS = {"server": ServerConfig, "fill": FillConfig}
+_EXTRA_SECTIONS = ("manhole", "admin", "log")
+
+
+def _build(cls: type, table: object, where: str) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{where}] must be a table")
+    known = {a.name for a in cls.__attrs_attrs__}  # type: ignore[attr-defined]
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"[{where}] has unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**table)
+    except ConfigError as e:
+        raise ConfigError(f"[{where}] {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{where}] {e}") from None
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a parsed TOML document."""
+    unknown = sorted(set(data) - set(_SECTIONS) - {"buckets", *_EXTRA_SECTIONS})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
+    sections = {name: _build(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    raw_buckets = data.get("buckets", {})
+    if not isinstance(raw_buckets, Mapping):
+        raise ConfigError("[buckets] must be a table of [buckets.\"<name>-<appid>\"] sections")
+    buckets = {}
+    for name, table in raw_buckets.items():
+        try:
+            validate_bucket_name(name)
+        except ConfigError as e:
+            raise ConfigError(f"[buckets.{name}] {e}") from None
+        buckets[name] = _build(BucketConfig, table, f"buckets.{name}")
+    extra = {}
+    for name in _EXTRA_SECTIONS:
+        if name in data:
+            if not isinstance(data[name], Mapping):
+                raise ConfigError(f"[{name}] must be a table")
+            extra[name] = dict(data[name])
+    return Config(buckets=buckets, extra=extra, **sections)
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (the same as ``etc/cosedge.toml``)."""
+    return resources.files("cosedge").joinpath("default.toml").read_text("utf-8")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """
+    Load the configuration from a TOML file, or the embedded default when
+    ``path`` is ``None``.
+
+    :raises ConfigError: naming the file and the field that is wrong.
+    """
+    if path is None:
+        text, where = default_config_text(), "embedded default config"
+    else:
+        where = str(path)
+        try:
+            text = Path(path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: cannot read: {e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

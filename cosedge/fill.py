@@ -1,0 +1,426 @@
+"""
+Background fills: copying a missing object from the bucket's origin.
+
+A :class:`Filler` owns every fill: exactly one per key however many requests
+miss it at once, at most ``max_concurrent`` running with a bounded queue
+behind them, deadlines on the injected clock around the headers, between body
+bytes and around the whole fill, and a graceful :meth:`Filler.stop`.
+
+An object is stored only when it is provably whole: status 200, a body framed
+by Content-Length or chunked encoding that ended properly, and exactly as many
+bytes as declared.  Anything else stores nothing, leaves no temporary file,
+logs one line with the reason and counts it.
+
+The fill talks to the origin through a plain :class:`IAgent`, not through
+``treq.request``: treq always installs a gzip-decoding agent, and a fill must
+keep the origin's exact bytes and check them against Content-Length.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+
+from .config import FillConfig, Origin
+from .keys import encode_key
+from .stats import Stats
+from .store import IObjectStore, IPendingObject
+
+__all__ = ["FillFailed", "FillResult", "Filler", "KEPT_HEADERS", "origin_url"]
+
+_log = Logger()
+
+#: Origin response headers kept as object metadata (besides ``x-cos-meta-*``).
+KEPT_HEADERS = (
+    b"content-type",
+    b"content-encoding",
+    b"content-disposition",
+    b"cache-control",
+    b"expires",
+    b"etag",
+    b"last-modified",
+)
+_META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
+_MEMORY_LIMIT = 100_000  # remembered 404s / failures, oldest dropped first
+_USER_AGENT = b"cosedge (back-to-origin fill)"
+
+
+def origin_url(origin: Origin, segments: tuple[str, ...]) -> bytes:
+    """``http://<origin>/<percent-encoded key>``."""
+    return b"http://" + origin.netloc + b"/" + encode_key(segments)
+
+
+class FillFailed(Exception):
+    """A fill did not store its object, for ``reason``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@frozen
+class FillResult:
+    """The outcome of a fill, as a waiter sees it."""
+
+    bucket: str
+    key: str
+    stored: bool
+    reason: str  # "stored" or why not
+    size: int = 0
+
+
+@define(eq=False)
+class _Fill:
+    bucket: str
+    segments: tuple[str, ...]
+    url: bytes
+    queued_at: float
+    started_at: float | None = None
+    expected: int | None = None
+    pending: IPendingObject | None = None
+    deferred: Deferred[FillResult] | None = None
+    waiters: list[Deferred[FillResult]] = field(factory=list)
+
+    @property
+    def key(self) -> str:
+        return "/".join(self.segments)
+
+    @property
+    def received(self) -> int:
+        return self.pending.size if self.pending is not None else 0
+
+
+class _BodyWriter(Protocol):
+    """Streams a response body into a pending object, with bounded memory."""
+
+    def __init__(self, pending: IPendingObject, limit: int, clock: IReactorTime, idle: float) -> None:
+        self._pending = pending
+        self._limit = limit
+        self._clock = clock
+        self._idle = idle
+        self._timer: IDelayedCall | None = None
+        self.done: Deferred[None] = Deferred(lambda d: self._abort())
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._fail, FillFailed("idle-timeout"))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._pending.size + len(data) > self._limit:
+            self._fail(FillFailed("too-large", f"over the {self._limit}-byte limit"))
+            return
+        try:
+            self._pending.write(data)
+        except OSError as e:
+            reason = "disk-full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "disk-error"
+            self._fail(FillFailed(reason, str(e)))
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._cancel_timer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        elif reason.check(PotentialDataLoss):
+            # No Content-Length and no chunking: a cut-short body looks the
+            # same as a whole one, so it is never trusted.
+            self.done.errback(FillFailed("unframed", "no Content-Length and not chunked"))
+        else:
+            self.done.errback(FillFailed("truncated", reason.getErrorMessage()))
+
+    def _fail(self, failure: FillFailed) -> None:
+        self._cancel_timer()
+        if not self.done.called:
+            self.done.errback(failure)
+        self._abort()
+
+    def _abort(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class _Discard(Protocol):
+    """Drop a response body we will not store, closing its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        pass
+
+
+def _kept_headers(response: IResponse) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for name, values in response.headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in KEPT_HEADERS or lower.startswith(b"x-cos-meta-"):
+            meta[lower.decode("latin-1")] = b", ".join(values).decode("latin-1")
+    if sum(len(k) + len(v) for k, v in meta.items()) > _META_LIMIT:
+        raise FillFailed("metadata-too-large", f"kept headers exceed {_META_LIMIT} bytes")
+    return meta
+
+
+def _mtime(meta: dict[str, str]) -> float | None:
+    try:
+        return parsedate_to_datetime(meta["last-modified"]).timestamp()
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _reason(failure: Failure) -> tuple[str, str]:
+    if failure.check(FillFailed):
+        e: Any = failure.value
+        return e.reason, e.detail
+    if failure.check(TimeoutError):
+        return "timeout", "deadline passed"
+    if failure.check(CancelledError):
+        return "cancelled", "stopped"
+    if failure.check(ConnectError, ConnectingCancelledError, ResponseNeverReceived):
+        return "connect-failed", failure.getErrorMessage()
+    if failure.check(OSError):
+        return "disk-error", failure.getErrorMessage()
+    return "error", failure.getErrorMessage()
+
+
+def _remember(memory: dict[Any, float], key: Any, until: float) -> None:
+    memory.pop(key, None)
+    memory[key] = until
+    while len(memory) > _MEMORY_LIMIT:
+        del memory[next(iter(memory))]
+
+
+def _remembered(memory: dict[Any, float], key: Any, now: float) -> bool:
+    until = memory.get(key)
+    if until is None:
+        return False
+    if until > now:
+        return True
+    del memory[key]
+    return False
+
+
+@define(eq=False)
+class Filler:
+    """
+    Runs and tracks every background fill.
+
+    :param config: called for the current :class:`FillConfig` (it may be
+        replaced live).
+    """
+
+    store: IObjectStore
+    agent: IAgent
+    clock: IReactorTime
+    config: Callable[[], FillConfig]
+    stats: Stats
+    _fills: dict[tuple[str, tuple[str, ...]], _Fill] = field(factory=dict, init=False)
+    _queue: deque[_Fill] = field(factory=deque, init=False)
+    _running: int = field(default=0, init=False)
+    _not_found: dict[tuple[str, tuple[str, ...]], float] = field(factory=dict, init=False)
+    _backoff: dict[tuple[str, tuple[str, ...]], float] = field(factory=dict, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    def start(self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False) -> bool:
+        """
+        Start (or join) the fill of ``bucket``/``segments`` from ``origin``.
+        Returns False when no fill runs for this key: a recent origin 404 or
+        failure is remembered (unless ``force``), the queue is full, or the
+        filler is stopping.
+        """
+        key = (bucket, segments)
+        if key in self._fills:
+            return True
+        if self._stopping:
+            return False
+        now = self.clock.seconds()
+        if not force:
+            if _remembered(self._not_found, key, now):
+                self.stats.inc("fills_skipped_not_found")
+                return False
+            if _remembered(self._backoff, key, now):
+                self.stats.inc("fills_skipped_backoff")
+                return False
+        cfg = self.config()
+        fill = _Fill(bucket, segments, origin_url(origin, segments), now)
+        if self._running < cfg.max_concurrent:
+            self._fills[key] = fill
+            self._run(fill)
+        elif len(self._queue) < cfg.max_queue:
+            self._fills[key] = fill
+            self._queue.append(fill)
+        else:
+            self.stats.fill_failed("queue-full")
+            _log.warn(
+                "fill {bucket}/{key} not started: queue-full ({queued} waiting) from {url}",
+                bucket=bucket, key=fill.key, queued=len(self._queue), url=fill.url.decode(),
+            )
+            return False
+        return True
+
+    def fill(self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False) -> Deferred[FillResult]:
+        """
+        Like :meth:`start`, and return a Deferred that fires with the
+        :class:`FillResult` (it never fails; cancelling it does not cancel the
+        shared fill).
+        """
+        key = "/".join(segments)
+        if not self.start(bucket, segments, origin, force=force):
+            reason = "stopping" if self._stopping else "not-started"
+            return succeed(FillResult(bucket, key, False, reason))
+        waiter: Deferred[FillResult] = Deferred()
+        self._fills[(bucket, segments)].waiters.append(waiter)
+        return waiter
+
+    def in_flight(self) -> list[dict[str, object]]:
+        """The fills running and queued: key, state, bytes so far, age."""
+        now = self.clock.seconds()
+        return [
+            {
+                "bucket": f.bucket,
+                "key": f.key,
+                "state": "queued" if f.started_at is None else "running",
+                "bytes": f.received,
+                "expected": f.expected,
+                "age": round(now - f.queued_at, 3),
+                "url": f.url.decode(),
+            }
+            for f in self._fills.values()
+        ]
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
+        """Drop any remembered 404 or failure for a key (after a purge, say)."""
+        self._not_found.pop((bucket, segments), None)
+        self._backoff.pop((bucket, segments), None)
+
+    def stop(self) -> Deferred[object]:
+        """Cancel queued and running fills; fires once all have cleaned up."""
+        self._stopping = True
+        while self._queue:
+            fill = self._queue.popleft()
+            del self._fills[(fill.bucket, fill.segments)]
+            self._notify(fill, FillResult(fill.bucket, fill.key, False, "cancelled"))
+        running = [f.deferred for f in self._fills.values() if f.deferred is not None]
+        for d in running:
+            d.cancel()
+        return DeferredList(running, consumeErrors=True)  # type: ignore[arg-type]
+
+    # -- internals --
+
+    def _run(self, fill: _Fill) -> None:
+        cfg = self.config()
+        self._running += 1
+        fill.started_at = self.clock.seconds()
+        self.stats.inc("fills_started")
+        d = Deferred.fromCoroutine(self._fetch(fill, cfg))
+        fill.deferred = d
+        d.addTimeout(cfg.total_timeout, self.clock)
+        d.addBoth(self._finished, fill)
+
+    async def _fetch(self, fill: _Fill, cfg: FillConfig) -> FillResult:
+        headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
+        request = self.agent.request(b"GET", fill.url, headers)
+        request.addTimeout(cfg.header_timeout, self.clock)
+        response = await request
+        if response.length is not UNKNOWN_LENGTH:
+            fill.expected = response.length
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            raise FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
+        if fill.expected is not None and fill.expected > cfg.max_object_size:
+            response.deliverBody(_Discard())
+            raise FillFailed("too-large", f"Content-Length over the {cfg.max_object_size}-byte limit")
+        meta = _kept_headers(response)
+        pending = fill.pending = self.store.begin(fill.bucket, fill.segments)
+        try:
+            body = _BodyWriter(pending, cfg.max_object_size, self.clock, cfg.idle_timeout)
+            response.deliverBody(body)
+            await body.done
+            if fill.expected is not None and pending.size != fill.expected:
+                raise FillFailed("length-mismatch")
+            pending.commit(meta, _mtime(meta))
+        except BaseException:
+            pending.abort()
+            raise
+        return FillResult(fill.bucket, fill.key, True, "stored", pending.size)
+
+    def _finished(self, result: FillResult | Failure, fill: _Fill) -> None:
+        self._running -= 1
+        del self._fills[(fill.bucket, fill.segments)]
+        now = self.clock.seconds()
+        duration = now - (fill.started_at or now)
+        key = (fill.bucket, fill.segments)
+        log_fields = dict(
+            bucket=fill.bucket, key=fill.key, url=fill.url.decode(),
+            expected=fill.expected, received=fill.received, seconds=round(duration, 3),
+        )
+        if isinstance(result, Failure):
+            reason, detail = _reason(result)
+            if reason == "error":
+                _log.failure("fill {bucket}/{key} failed unexpectedly from {url}", result, **log_fields)
+            else:
+                _log.warn(
+                    "fill {bucket}/{key} failed: {reason} ({detail}); expected {expected} bytes,"
+                    " received {received} from {url}",
+                    reason=reason, detail=detail, **log_fields,
+                )
+            self.stats.fill_failed(reason)
+            cfg = self.config()
+            if reason == "http-404":
+                _remember(self._not_found, key, now + cfg.not_found_ttl)
+            elif reason != "cancelled":
+                _remember(self._backoff, key, now + cfg.retry_backoff)
+            result = FillResult(fill.bucket, fill.key, False, reason, fill.received)
+        else:
+            _log.info("fill {bucket}/{key} stored: {received} bytes in {seconds}s from {url}", **log_fields)
+            self.stats.inc("fills_stored")
+            self.stats.inc("bytes_pulled", result.size)
+            self.stats.observe_fill(duration)
+            self.forget(*key)
+        self._notify(fill, result)
+        self._next()
+
+    def _next(self) -> None:
+        cfg = self.config()
+        while self._queue and not self._stopping and self._running < cfg.max_concurrent:
+            self._run(self._queue.popleft())
+
+    @staticmethod
+    def _notify(fill: _Fill, result: FillResult) -> None:
+        waiters, fill.waiters = fill.waiters, []
+        for waiter in waiters:
+            waiter.callback(result)
+

@@ -1,0 +1,114 @@
+"""
+The cosedge service: one object that owns the configuration, the store, the
+filler, the HTTP client pool and the listeners, and starts and stops them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgent
+
+from .config import Config
+from .fill import Filler
+from .stats import Stats
+from .store import DiskStore, IObjectStore
+from .web import EdgeResource, EdgeSite
+
+__all__ = ["EdgeService", "build_service"]
+
+_log = Logger()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """A connection pool that does not log every origin connection."""
+
+    _factory = _QuietClientFactory
+
+
+class EdgeService(MultiService):
+    """
+    The running daemon.  ``config`` is replaced whole by
+    :meth:`replace_config`; every request and fill reads the current value,
+    so a change applies to the very next request.
+    """
+
+    def __init__(self, config: Config, reactor: Any, store: IObjectStore, agent: IAgent, pool: HTTPConnectionPool | None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store = store
+        self.stats = Stats()
+        self._pool = pool
+        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats)
+        self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
+        self.site = EdgeSite(self.resource, self.stats, config.server.access_log, reactor, config.server.request_timeout)
+        for description in config.server.listen:
+            strports.service(description, self.site, reactor=reactor).setServiceParent(self)
+
+    def replace_config(self, config: Config) -> Config:
+        """Swap in a new configuration; returns the old one."""
+        if not isinstance(config, Config):
+            raise TypeError(f"expected a Config, not {config!r}")
+        old, self.config = self.config, config
+        return old
+
+    def startService(self) -> None:
+        swept = self.store.sweep()
+        if swept:
+            _log.info("removed {count} leftover temporary file(s) from an earlier run", count=swept)
+        super().startService()
+        _log.info(
+            "cosedge serving {buckets} bucket(s) for {domains} from {data_dir}",
+            buckets=len(self.config.buckets),
+            domains=", ".join(self.config.server.domains),
+            data_dir=self.config.server.data_dir,
+        )
+
+    def stopService(self) -> Deferred[object]:
+        listeners = super().stopService()
+        fills = self.filler.stop()
+        steps: list[Deferred[Any]] = [d for d in (listeners, fills) if d is not None]
+
+        def close_pool(_: object) -> object:
+            self.sweep_after_stop()
+            if self._pool is not None:
+                return self._pool.closeCachedConnections()
+            return None
+
+        return DeferredList(steps, consumeErrors=True).addCallback(close_pool)
+
+    def sweep_after_stop(self) -> None:
+        """Remove any temporary file a cancelled fill could not remove."""
+        self.store.sweep()
+
+
+def build_service(config: Config, reactor: Any, *, _agent: IAgent | None = None, _store: IObjectStore | None = None) -> EdgeService:
+    """
+    Build the whole daemon from a configuration and a reactor.  Tests pass a
+    ``MemoryReactorClock`` and, through the private keywords, an in-memory
+    agent and store.
+    """
+    pool = None
+    if _agent is None:
+        pool = _QuietPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = config.fill.max_concurrent
+        _agent = Agent(reactor, connectTimeout=config.fill.connect_timeout, pool=pool)
+    store = _store if _store is not None else DiskStore(config.server.data_dir)
+    service = EdgeService(config, reactor, store, _agent, pool)
+    # Optional features configured by their own TOML sections; each adds its
+    # child services (and checks its section) in its own module.
+    from . import admin, ops
+
+    admin.attach(service)
+    ops.attach(service)
+    return service

@@ -1,0 +1,427 @@
+"""
+The bucket listener: one leaf resource that routes by Host, validates the key
+before any file-system call, serves hits from one open descriptor (ranges and
+conditionals included), answers misses with a 302 to the origin and starts the
+background fill, and answers everything else with a COS-style XML error.
+
+``twisted.web.static.File`` is deliberately not used: it renders directory
+listings, answers 500 on NUL bytes and amplifies multi-range requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mimetypes
+import os
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+from xml.sax.saxutils import escape
+
+from twisted.internet.interfaces import IPullProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import datetimeToString
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from .config import Config
+from .fill import Filler
+from .keys import BadKey, encode_key, encode_query, parse_target
+from .stats import Stats
+from .store import IObjectStore, IStoredObject, StoreError
+
+__all__ = ["EdgeResource", "EdgeSite", "error_body", "parse_ranges"]
+
+_log = Logger()
+
+_STATUS = {
+    "AccessDenied": 403,
+    "InternalError": 500,
+    "InvalidArgument": 400,
+    "InvalidRange": 416,
+    "InvalidURI": 400,
+    "KeyTooLong": 400,
+    "MethodNotAllowed": 405,
+    "NoSuchBucket": 404,
+    "NoSuchKey": 404,
+    "PreconditionFailed": 412,
+}
+_SERVED_METHODS = (b"GET", b"HEAD")
+_CHUNK = 64 * 1024
+#: More ranges than this (before merging) and the Range header is ignored.
+_MAX_RANGE_SPECS = 1000
+#: More disjoint ranges than this (after merging) and the whole object is sent.
+_MAX_RANGES = 64
+_SERVER = b"cosedge"
+_PASSED_META = ("content-encoding", "content-disposition", "cache-control", "expires")
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    """A COS-style XML error document."""
+    return (
+        "<?xml version='1.0' encoding='utf-8' ?>\n"
+        f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>"
+        f"<RequestId>{request_id}</RequestId></Error>\n"
+    ).encode("utf-8")
+
+
+def parse_ranges(header: bytes, size: int) -> list[tuple[int, int]] | None:
+    """
+    Parse a ``Range`` header against an object of ``size`` bytes.
+
+    Returns None when the header is to be ignored (another unit, a syntax
+    error, too many ranges: the whole object is sent), an empty list when no
+    range is satisfiable (416), else the satisfiable ranges as sorted,
+    merged, inclusive ``(first, last)`` pairs — never more bytes than the
+    object holds.
+    """
+    unit, eq, spec = header.partition(b"=")
+    if not eq or unit.strip().lower() != b"bytes":
+        return None
+    specs = [s.strip() for s in spec.split(b",")]
+    if len(specs) > _MAX_RANGE_SPECS:
+        return None
+    ranges = []
+    for s in specs:
+        if not s:
+            continue
+        first, dash, last = s.partition(b"-")
+        first, last = first.strip(), last.strip()
+        if not dash or len(first) > 20 or len(last) > 20:
+            return None
+        if not first:  # suffix: the last N bytes
+            if not last.isdigit():
+                return None
+            n = int(last)
+            if n > 0 and size > 0:
+                ranges.append((max(0, size - n), size - 1))
+            continue
+        if not first.isdigit() or (last and not last.isdigit()):
+            return None
+        start = int(first)
+        end = int(last) if last else size - 1
+        if end < start:
+            return None
+        if start < size:
+            ranges.append((start, min(end, size - 1)))
+    if not ranges:
+        return [] if any(specs) else None
+    ranges.sort()
+    merged = [ranges[0]]
+    for start, end in ranges[1:]:
+        last_start, last_end = merged[-1]
+        if start <= last_end + 1:
+            merged[-1] = (last_start, max(last_end, end))
+        else:
+            merged.append((start, end))
+    if len(merged) > _MAX_RANGES:
+        return None
+    return merged
+
+
+def _http_date(value: bytes | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _etag_list(value: bytes) -> list[bytes]:
+    return [t.strip() for t in value.split(b",") if t.strip()]
+
+
+def _weak_match(a: bytes, b: bytes) -> bool:
+    return a.removeprefix(b"W/") == b.removeprefix(b"W/")
+
+
+@implementer(IPullProducer)
+class _Sender:
+    """
+    Sends byte ranges of an open object, one chunk each time the transport
+    asks for more, so memory stays bounded for any object size or client
+    speed.  Never sends more than the ranges say; if the file turns out
+    shorter than its ``fstat`` length, the connection is dropped so the
+    client cannot mistake a short body for a whole one.
+    """
+
+    def __init__(self, request: Request, obj: IStoredObject, parts: list[tuple[bytes, int, int]], trailer: bytes, stats: Stats) -> None:
+        self._request: Request | None = request
+        self._obj = obj
+        self._parts = parts
+        self._trailer = trailer
+        self._stats = stats
+        self._index = 0
+        self._offset = parts[0][1] if parts else 0
+        self._prefix_sent = False
+
+    def start(self) -> None:
+        assert self._request is not None
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self._request
+        if request is None:
+            return
+        if self._index == len(self._parts):
+            if self._trailer:
+                request.write(self._trailer)
+            self._done(request)
+            request.finish()
+            return
+        prefix, _start, end = self._parts[self._index]
+        out = b""
+        if not self._prefix_sent:
+            out, self._prefix_sent = prefix, True
+        want = min(_CHUNK, end - self._offset)
+        data = self._obj.read(self._offset, want) if want else b""
+        if len(data) < want:
+            _log.warn("object shrank while being served; dropping the connection")
+            self._done(request)
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._offset += len(data)
+        self._stats.inc("bytes_served", len(data))
+        if self._offset >= end:
+            self._index += 1
+            self._prefix_sent = False
+            if self._index < len(self._parts):
+                self._offset = self._parts[self._index][1]
+        request.write(out + data)
+
+    def stopProducing(self) -> None:
+        if self._request is not None:
+            self._request = None
+            self._obj.close()
+
+    def _done(self, request: Request) -> None:
+        self._request = None
+        self._obj.close()
+        request.unregisterProducer()
+
+
+class EdgeResource(Resource):
+    """The whole bucket listener, as one leaf resource."""
+
+    isLeaf = True
+
+    def __init__(self, config: Callable[[], Config], store: IObjectStore, filler: Filler, stats: Stats) -> None:
+        super().__init__()
+        self._config = config
+        self._store = store
+        self._filler = filler
+        self._stats = stats
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(6).hex()
+
+    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+        request_id = f"{self._id_prefix}-{next(self._ids):x}"
+        request.setHeader(b"server", _SERVER)
+        request.setHeader(b"x-cos-request-id", request_id)
+        try:
+            return self._render(request, request_id)
+        except Exception:
+            _log.failure("internal error serving {uri!r}", uri=request.uri)
+            return self._error(request, request_id, "InternalError", "We encountered an internal error. Please try again.")
+
+    def _error(self, request: Request, request_id: str, code: str, message: str) -> bytes:
+        request.setResponseCode(_STATUS[code])
+        request.setHeader(b"content-type", b"application/xml")
+        return error_body(code, message, request_id)
+
+    def _render(self, request: Request, request_id: str) -> bytes | int:
+        try:
+            target = parse_target(request.uri)
+        except BadKey as e:
+            return self._error(request, request_id, e.code, e.message)
+        bucket_name = self._bucket_for(request, target.authority)
+        config = self._config()
+        bucket = config.buckets.get(bucket_name) if bucket_name else None
+        if bucket is None or bucket_name is None:
+            return self._error(request, request_id, "NoSuchBucket", "The specified bucket does not exist.")
+        if request.method not in _SERVED_METHODS:
+            request.setHeader(b"allow", b"GET, HEAD")
+            return self._error(request, request_id, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+        if not target.segments:
+            return self._error(request, request_id, "AccessDenied", "Listing a bucket is not served here; request an object key.")
+        try:
+            obj = self._store.open(bucket_name, target.segments)
+        except StoreError as e:
+            _log.warn("cannot open {bucket}/{key}: {error}", bucket=bucket_name, key=target.key, error=e)
+            return self._error(request, request_id, "AccessDenied", "The object cannot be read.")
+        if obj is not None:
+            self._stats.inc("hits")
+            return self._serve(request, request_id, obj, target.segments[-1])
+        self._stats.inc("misses")
+        if not bucket.origin_pull or bucket.origin is None:
+            return self._error(request, request_id, "NoSuchKey", "The specified key does not exist.")
+        location = b"http://" + bucket.origin.netloc + b"/" + encode_key(target.segments)
+        if target.query is not None:
+            location += b"?" + encode_query(target.query)
+        request.setResponseCode(302)
+        request.setHeader(b"location", location)
+        request.setHeader(b"cache-control", b"no-store")
+        self._stats.inc("redirects")
+        if request.method == b"GET":
+            self._filler.start(bucket_name, target.segments, bucket.origin)
+        return b""
+
+    def _bucket_for(self, request: Request, authority: bytes | None) -> str | None:
+        if authority is not None:
+            host = authority
+        else:
+            hosts = request.requestHeaders.getRawHeaders(b"host") or []
+            if len(hosts) != 1:
+                return None
+            host = hosts[0]
+        name, _, port = host.rpartition(b":")
+        if name and port.isdigit():
+            host = name
+        try:
+            text = host.decode("ascii").lower().rstrip(".")
+        except UnicodeDecodeError:
+            return None
+        for domain in self._config().server.domains:
+            bucket, dot, rest = text.partition(".")
+            if dot and rest == domain:
+                return bucket
+        return None
+
+    def _serve(self, request: Request, request_id: str, obj: IStoredObject, name: str) -> bytes | int:
+        try:
+            result = self._serve_open(request, request_id, obj, name)
+        except BaseException:
+            obj.close()
+            raise
+        if result is not NOT_DONE_YET:  # else the sender owns and closes it
+            obj.close()
+        return result
+
+    def _serve_open(self, request: Request, request_id: str, obj: IStoredObject, name: str) -> bytes | int:
+        meta = obj.meta
+        size: int = obj.size
+        etag = meta.get("etag", f'"{obj.identity}"').encode("latin-1")
+        last_modified = int(obj.mtime)
+        content_type = meta.get("content-type") or mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+        request.setHeader(b"etag", etag)
+        request.setHeader(b"last-modified", datetimeToString(last_modified))
+        request.setHeader(b"accept-ranges", b"bytes")
+        for header in _PASSED_META:
+            if header in meta:
+                request.setHeader(header, meta[header])
+        for header, value in meta.items():
+            if header.startswith("x-cos-meta-"):
+                request.setHeader(header, value)
+
+        status = self._preconditions(request, etag, last_modified)
+        if status == 412:
+            return self._error(request, request_id, "PreconditionFailed", "At least one of the preconditions you specified did not hold.")
+        if status == 304:
+            request.setResponseCode(304)
+            return b""
+
+        ranges = None
+        range_header = request.getHeader(b"range")
+        if range_header is not None and self._if_range(request, etag, last_modified):
+            ranges = parse_ranges(range_header, size)
+        if ranges == []:
+            request.setHeader(b"content-range", f"bytes */{size}")
+            return self._error(request, request_id, "InvalidRange", "The requested range is not satisfiable.")
+
+        parts: list[tuple[bytes, int, int]]
+        trailer = b""
+        if ranges is None:
+            request.setHeader(b"content-type", content_type)
+            parts = [(b"", 0, size)]
+            length = size
+        elif len(ranges) == 1:
+            first, last = ranges[0]
+            request.setResponseCode(206)
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-range", f"bytes {first}-{last}/{size}")
+            parts = [(b"", first, last + 1)]
+            length = last + 1 - first
+        else:
+            boundary = os.urandom(12).hex()
+            request.setResponseCode(206)
+            request.setHeader(b"content-type", f"multipart/byteranges; boundary={boundary}")
+            parts = [
+                (
+                    (
+                        f"\r\n--{boundary}\r\nContent-Type: {content_type}\r\n"
+                        f"Content-Range: bytes {first}-{last}/{size}\r\n\r\n"
+                    ).encode("latin-1"),
+                    first,
+                    last + 1,
+                )
+                for first, last in ranges
+            ]
+            trailer = f"\r\n--{boundary}--\r\n".encode("latin-1")
+            length = sum(len(p) + end - start for p, start, end in parts) + len(trailer)
+        request.setHeader(b"content-length", b"%d" % length)
+        if request.method == b"HEAD" or length == 0:
+            return b""
+        _Sender(request, obj, parts, trailer, self._stats).start()
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _preconditions(request: Request, etag: bytes, last_modified: int) -> int | None:
+        """RFC 9110 section 13.2.2 evaluation order; 412, 304 or None."""
+        if_match = request.getHeader(b"if-match")
+        if if_match is not None:
+            tags = _etag_list(if_match)
+            if b"*" not in tags and (etag.startswith(b"W/") or etag not in tags):
+                return 412
+        else:
+            since = _http_date(request.getHeader(b"if-unmodified-since"))
+            if since is not None and last_modified > since:
+                return 412
+        if_none_match = request.getHeader(b"if-none-match")
+        if if_none_match is not None:
+            tags = _etag_list(if_none_match)
+            if b"*" in tags or any(_weak_match(etag, t) for t in tags):
+                return 304
+        else:
+            since = _http_date(request.getHeader(b"if-modified-since"))
+            if since is not None and last_modified <= since:
+                return 304
+        return None
+
+    @staticmethod
+    def _if_range(request: Request, etag: bytes, last_modified: int) -> bool:
+        value = request.getHeader(b"if-range")
+        if value is None:
+            return True
+        if value.startswith(b'"') or value.startswith(b"W/"):
+            return value == etag and not etag.startswith(b"W/")
+        return _http_date(value) == last_modified
+
+
+class EdgeSite(Site):
+    """
+    The bucket listener's factory: counts responses by status and writes the
+    access log in combined log format to standard output, a file, or nowhere.
+    """
+
+    displayTracebacks = False
+
+    def __init__(self, resource: Resource, stats: Stats, access_log: str, reactor: IReactorTime, timeout: float) -> None:
+        super().__init__(resource, timeout=timeout, reactor=reactor)
+        self._stats = stats
+        self._access_log = access_log
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self._access_log == "-":
+            self._logFile = open(os.dup(1), "w", 1, encoding="utf-8", newline="\n")
+        elif self._access_log:
+            self._logFile = self._openLogFile(os.path.abspath(self._access_log))
+        else:
+            self._logFile = None
+
+    def log(self, request: Any) -> None:
+        self._stats.statuses[request.code] += 1
+        super().log(request)
