@@ -45,6 +45,8 @@ class EdgeService(MultiService):
     def __init__(self, config: Config, reactor: Any, store: IObjectStore, agent: IAgent, pool: HTTPConnectionPool | None) -> None:
         super().__init__()
         self.config = config
+        #: The TOML file the configuration came from (None: the embedded default).
+        self.config_path: str | None = None
         self.reactor = reactor
         self.store = store
         self.stats = Stats()
@@ -92,7 +94,14 @@ class EdgeService(MultiService):
         self.store.sweep()
 
 
-def build_service(config: Config, reactor: Any, *, _agent: IAgent | None = None, _store: IObjectStore | None = None) -> EdgeService:
+def build_service(
+    config: Config,
+    reactor: Any,
+    *,
+    config_path: str | None = None,
+    _agent: IAgent | None = None,
+    _store: IObjectStore | None = None,
+) -> EdgeService:
     """
     Build the whole daemon from a configuration and a reactor.  Tests pass a
     ``MemoryReactorClock`` and, through the private keywords, an in-memory
@@ -105,6 +114,7 @@ def build_service(config: Config, reactor: Any, *, _agent: IAgent | None = None,
         _agent = Agent(reactor, connectTimeout=config.fill.connect_timeout, pool=pool)
     store = _store if _store is not None else DiskStore(config.server.data_dir)
     service = EdgeService(config, reactor, store, _agent, pool)
+    service.config_path = config_path
     # Optional features configured by their own TOML sections; each adds its
     # child services (and checks its section) in its own module.
     from . import admin, ops

@@ -54,4 +54,4 @@ def makeService(options: Options) -> IService:
 
     from .service import build_service
 
-    return build_service(options["parsed"], reactor)
+    return build_service(options["parsed"], reactor, config_path=options["config"])
