@@ -144,9 +144,7 @@ def validate_bucket_name(name: object) -> str:
 
 def _check_origin_pull(instance: BucketConfig, attribute: object, value: bool) -> None:
     if value and instance.origin is None:
-        raise ConfigError(
-            "origin_pull cannot be enabled without an origin address; set 'origin' first"
-        )
+        raise ConfigError("origin_pull cannot be enabled without an origin address; set 'origin' first")
 
 
 @frozen
@@ -296,7 +294,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     sections = {name: _build(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
     raw_buckets = data.get("buckets", {})
     if not isinstance(raw_buckets, Mapping):
-        raise ConfigError("[buckets] must be a table of [buckets.\"<name>-<appid>\"] sections")
+        raise ConfigError('[buckets] must be a table of [buckets."<name>-<appid>"] sections')
     buckets = {}
     for name, table in raw_buckets.items():
         try:

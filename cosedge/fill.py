@@ -28,7 +28,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseNeverReceived
@@ -135,7 +135,7 @@ class _BodyWriter(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         if self.done.called:
             return
@@ -171,7 +171,7 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         self.transport.stopProducing()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         pass
 
 
@@ -278,12 +278,17 @@ class Filler:
             self.stats.fill_failed("queue-full")
             _log.warn(
                 "fill {bucket}/{key} not started: queue-full ({queued} waiting) from {url}",
-                bucket=bucket, key=fill.key, queued=len(self._queue), url=fill.url.decode(),
+                bucket=bucket,
+                key=fill.key,
+                queued=len(self._queue),
+                url=fill.url.decode(),
             )
             return False
         return True
 
-    def fill(self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False) -> Deferred[FillResult]:
+    def fill(
+        self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False
+    ) -> Deferred[FillResult]:
         """
         Like :meth:`start`, and return a Deferred that fires with the
         :class:`FillResult` (it never fails; cancelling it does not cancel the
@@ -326,7 +331,7 @@ class Filler:
         self._not_found.pop((bucket, segments), None)
         self._backoff.pop((bucket, segments), None)
 
-    def stop(self) -> Deferred[object]:
+    def stop(self) -> Deferred[Any]:
         """Cancel queued and running fills; fires once all have cleaned up."""
         self._stopping = True
         while self._queue:
@@ -336,7 +341,7 @@ class Filler:
         running = [f.deferred for f in self._fills.values() if f.deferred is not None]
         for d in running:
             d.cancel()
-        return DeferredList(running, consumeErrors=True)  # type: ignore[arg-type]
+        return DeferredList(running, consumeErrors=True)
 
     # -- internals --
 
@@ -383,9 +388,13 @@ class Filler:
         now = self.clock.seconds()
         duration = now - (fill.started_at or now)
         key = (fill.bucket, fill.segments)
-        log_fields = dict(
-            bucket=fill.bucket, key=fill.key, url=fill.url.decode(),
-            expected=fill.expected, received=fill.received, seconds=round(duration, 3),
+        log_fields: dict[str, Any] = dict(
+            bucket=fill.bucket,
+            key=fill.key,
+            url=fill.url.decode(),
+            expected=fill.expected,
+            received=fill.received,
+            seconds=round(duration, 3),
         )
         if isinstance(result, Failure):
             reason, detail = _reason(result)
@@ -395,7 +404,9 @@ class Filler:
                 _log.warn(
                     "fill {bucket}/{key} failed: {reason} ({detail}); expected {expected} bytes,"
                     " received {received} from {url}",
-                    reason=reason, detail=detail, **log_fields,
+                    reason=reason,
+                    detail=detail,
+                    **log_fields,
                 )
             self.stats.fill_failed(reason)
             cfg = self.config()
@@ -423,4 +434,3 @@ class Filler:
         waiters, fill.waiters = fill.waiters, []
         for waiter in waiters:
             waiter.callback(result)
-

@@ -42,7 +42,9 @@ class EdgeService(MultiService):
     so a change applies to the very next request.
     """
 
-    def __init__(self, config: Config, reactor: Any, store: IObjectStore, agent: IAgent, pool: HTTPConnectionPool | None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, store: IObjectStore, agent: IAgent, pool: HTTPConnectionPool | None
+    ) -> None:
         super().__init__()
         self.config = config
         #: The TOML file the configuration came from (None: the embedded default).
@@ -53,7 +55,9 @@ class EdgeService(MultiService):
         self._pool = pool
         self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats)
         self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
-        self.site = EdgeSite(self.resource, self.stats, config.server.access_log, reactor, config.server.request_timeout)
+        self.site = EdgeSite(
+            self.resource, self.stats, config.server.access_log, reactor, config.server.request_timeout
+        )
         for description in config.server.listen:
             strports.service(description, self.site, reactor=reactor).setServiceParent(self)
 

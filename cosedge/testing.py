@@ -92,7 +92,14 @@ class MemoryStore:
     def used(self) -> int:
         return sum(o.size for o in self.objects.values())
 
-    def put(self, bucket: str, segments: tuple[str, ...], data: bytes, meta: Mapping[str, str] | None = None, mtime: float = 0.0) -> None:
+    def put(
+        self,
+        bucket: str,
+        segments: tuple[str, ...],
+        data: bytes,
+        meta: Mapping[str, str] | None = None,
+        mtime: float = 0.0,
+    ) -> None:
         """Store an object directly."""
         self._version += 1
         self.objects[(bucket, segments)] = _MemoryObject(data, mtime, f"m{self._version}", dict(meta or {}))
@@ -178,7 +185,8 @@ class FakeOrigin(Resource):
         from urllib.parse import unquote
 
         assert request.method is not None and request.path is not None
-        self.requests.append((request.method, request.path, dict(request.requestHeaders.getAllRawHeaders())))
+        headers = {name: list(values) for name, values in request.requestHeaders.getAllRawHeaders()}
+        self.requests.append((request.method, request.path, headers))
         obj = self.objects.get(unquote(request.path.decode("ascii"))[1:])
         if obj is None:
             request.setResponseCode(404)

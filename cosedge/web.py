@@ -63,7 +63,7 @@ def error_body(code: str, message: str, request_id: str) -> bytes:
         "<?xml version='1.0' encoding='utf-8' ?>\n"
         f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>"
         f"<RequestId>{request_id}</RequestId></Error>\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def parse_ranges(header: bytes, size: int) -> list[tuple[int, int]] | None:
@@ -147,7 +147,9 @@ class _Sender:
     client cannot mistake a short body for a whole one.
     """
 
-    def __init__(self, request: Request, obj: IStoredObject, parts: list[tuple[bytes, int, int]], trailer: bytes, stats: Stats) -> None:
+    def __init__(
+        self, request: Request, obj: IStoredObject, parts: list[tuple[bytes, int, int]], trailer: bytes, stats: Stats
+    ) -> None:
         self._request: Request | None = request
         self._obj = obj
         self._parts = parts
@@ -225,7 +227,9 @@ class EdgeResource(Resource):
             return self._render(request, request_id)
         except Exception:
             _log.failure("internal error serving {uri!r}", uri=request.uri)
-            return self._error(request, request_id, "InternalError", "We encountered an internal error. Please try again.")
+            return self._error(
+                request, request_id, "InternalError", "We encountered an internal error. Please try again."
+            )
 
     def _error(self, request: Request, request_id: str, code: str, message: str) -> bytes:
         request.setResponseCode(_STATUS[code])
@@ -244,9 +248,13 @@ class EdgeResource(Resource):
             return self._error(request, request_id, "NoSuchBucket", "The specified bucket does not exist.")
         if request.method not in _SERVED_METHODS:
             request.setHeader(b"allow", b"GET, HEAD")
-            return self._error(request, request_id, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+            return self._error(
+                request, request_id, "MethodNotAllowed", "The specified method is not allowed against this resource."
+            )
         if not target.segments:
-            return self._error(request, request_id, "AccessDenied", "Listing a bucket is not served here; request an object key.")
+            return self._error(
+                request, request_id, "AccessDenied", "Listing a bucket is not served here; request an object key."
+            )
         try:
             obj = self._store.open(bucket_name, target.segments)
         except StoreError as e:
@@ -305,7 +313,9 @@ class EdgeResource(Resource):
         size: int = obj.size
         etag = meta.get("etag", f'"{obj.identity}"').encode("latin-1")
         last_modified = int(obj.mtime)
-        content_type = meta.get("content-type") or mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+        content_type = (
+            meta.get("content-type") or mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+        )
         request.setHeader(b"etag", etag)
         request.setHeader(b"last-modified", datetimeToString(last_modified))
         request.setHeader(b"accept-ranges", b"bytes")
@@ -318,7 +328,12 @@ class EdgeResource(Resource):
 
         status = self._preconditions(request, etag, last_modified)
         if status == 412:
-            return self._error(request, request_id, "PreconditionFailed", "At least one of the preconditions you specified did not hold.")
+            return self._error(
+                request,
+                request_id,
+                "PreconditionFailed",
+                "At least one of the preconditions you specified did not hold.",
+            )
         if status == 304:
             request.setResponseCode(304)
             return b""
@@ -408,7 +423,9 @@ class EdgeSite(Site):
 
     displayTracebacks = False
 
-    def __init__(self, resource: Resource, stats: Stats, access_log: str, reactor: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self, resource: Resource, stats: Stats, access_log: str, reactor: IReactorTime, timeout: float
+    ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self._stats = stats
         self._access_log = access_log
