@@ -15,7 +15,11 @@ from twisted.web.resource import Resource
 
 from .testing import FakeOrigin
 
-__all__ = ["demo_objects", "main"]
+__all__ = ["DEMO_ORIGIN_ENDPOINT", "demo_objects", "demo_resource", "main"]
+
+#: Where ``twistd cosedge --demo-origin`` runs the demo origin: the origin of
+#: the example bucket in the embedded default configuration.
+DEMO_ORIGIN_ENDPOINT = "tcp:8081:interface=127.0.0.1"
 
 
 def demo_objects() -> dict[str, tuple[bytes, str]]:
@@ -28,6 +32,14 @@ def demo_objects() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def demo_resource() -> Resource:
+    """A fake origin serving :func:`demo_objects`."""
+    origin = FakeOrigin()
+    for key, (body, content_type) in demo_objects().items():
+        origin.add(key, body, content_type=content_type)
+    return origin
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cosedge.demo", description=__doc__)
     parser.add_argument("--port", type=int, default=8081, help="port on 127.0.0.1 (default 8081)")
@@ -37,13 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.web.server import Site
 
-    origin = FakeOrigin()
-    for key, (body, content_type) in demo_objects().items():
-        origin.add(key, body, content_type=content_type)
-    root: Resource = origin
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     endpoint = endpoints.TCP4ServerEndpoint(reactor, args.port, interface="127.0.0.1")
-    endpoint.listen(Site(root))
+    endpoint.listen(Site(demo_resource()))
     print(f"demo origin on http://127.0.0.1:{args.port}/ serving: {', '.join(demo_objects())}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
     return 0

@@ -25,6 +25,13 @@ class Options(usage.Options):
         "the bucket in the background.  Without --config the embedded example "
         "configuration is used."
     )
+    optFlags = [
+        [
+            "demo-origin",
+            None,
+            "Also run a demo origin on 127.0.0.1:8081 (the example bucket's origin) for trying cosedge.",
+        ],
+    ]
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file (default: the embedded example)."],
     ]
@@ -54,4 +61,12 @@ def makeService(options: Options) -> IService:
 
     from .service import build_service
 
-    return build_service(options["parsed"], reactor, config_path=options["config"])
+    service = build_service(options["parsed"], reactor, config_path=options["config"])
+    if options["demo-origin"]:
+        from twisted.application import strports
+        from twisted.web.server import Site
+
+        from .demo import DEMO_ORIGIN_ENDPOINT, demo_resource
+
+        strports.service(DEMO_ORIGIN_ENDPOINT, Site(demo_resource()), reactor=reactor).setServiceParent(service)
+    return service
