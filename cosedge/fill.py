@@ -25,7 +25,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -96,6 +96,7 @@ class _Fill:
     pending: IPendingObject | None = None
     deferred: Deferred[FillResult] | None = None
     waiters: list[Deferred[FillResult]] = field(factory=list)
+    result: FillResult | None = None
 
     @property
     def key(self) -> str:
@@ -239,6 +240,10 @@ class Filler:
     clock: IReactorTime
     config: Callable[[], FillConfig]
     stats: Stats
+    #: Runs a blocking call (the fsync-and-rename commit) and returns a
+    #: Deferred of its result; the service passes the reactor's thread pool,
+    #: tests the default, which runs it at once.
+    run_blocking: Callable[[Callable[[], None]], Deferred[None]] = field(default=maybeDeferred)
     _fills: dict[tuple[str, tuple[str, ...]], _Fill] = field(factory=dict, init=False)
     _queue: deque[_Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
@@ -253,19 +258,22 @@ class Filler:
         failure is remembered (unless ``force``), the queue is full, or the
         filler is stopping.
         """
+        return self._start(bucket, segments, origin, force) is not None
+
+    def _start(self, bucket: str, segments: tuple[str, ...], origin: Origin, force: bool) -> _Fill | None:
         key = (bucket, segments)
         if key in self._fills:
-            return True
+            return self._fills[key]
         if self._stopping:
-            return False
+            return None
         now = self.clock.seconds()
         if not force:
             if _remembered(self._not_found, key, now):
                 self.stats.inc("fills_skipped_not_found")
-                return False
+                return None
             if _remembered(self._backoff, key, now):
                 self.stats.inc("fills_skipped_backoff")
-                return False
+                return None
         cfg = self.config()
         fill = _Fill(bucket, segments, origin_url(origin, segments), now)
         if self._running < cfg.max_concurrent:
@@ -283,8 +291,8 @@ class Filler:
                 queued=len(self._queue),
                 url=fill.url.decode(),
             )
-            return False
-        return True
+            return None
+        return fill
 
     def fill(
         self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False
@@ -294,12 +302,14 @@ class Filler:
         :class:`FillResult` (it never fails; cancelling it does not cancel the
         shared fill).
         """
-        key = "/".join(segments)
-        if not self.start(bucket, segments, origin, force=force):
+        fill = self._start(bucket, segments, origin, force)
+        if fill is None:
             reason = "stopping" if self._stopping else "not-started"
-            return succeed(FillResult(bucket, key, False, reason))
+            return succeed(FillResult(bucket, "/".join(segments), False, reason))
+        if fill.result is not None:  # it finished synchronously
+            return succeed(fill.result)
         waiter: Deferred[FillResult] = Deferred()
-        self._fills[(bucket, segments)].waiters.append(waiter)
+        fill.waiters.append(waiter)
         return waiter
 
     def in_flight(self) -> list[dict[str, object]]:
@@ -376,7 +386,7 @@ class Filler:
             await body.done
             if fill.expected is not None and pending.size != fill.expected:
                 raise FillFailed("length-mismatch")
-            pending.commit(meta, _mtime(meta))
+            await self.run_blocking(lambda: pending.commit(meta, _mtime(meta)))
         except BaseException:
             pending.abort()
             raise
@@ -431,6 +441,7 @@ class Filler:
 
     @staticmethod
     def _notify(fill: _Fill, result: FillResult) -> None:
+        fill.result = result
         waiters, fill.waiters = fill.waiters, []
         for waiter in waiters:
             waiter.callback(result)

@@ -5,11 +5,14 @@ filler, the HTTP client pool and the listeners, and starts and stops them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent
@@ -43,7 +46,13 @@ class EdgeService(MultiService):
     """
 
     def __init__(
-        self, config: Config, reactor: Any, store: IObjectStore, agent: IAgent, pool: HTTPConnectionPool | None
+        self,
+        config: Config,
+        reactor: Any,
+        store: IObjectStore,
+        agent: IAgent,
+        pool: HTTPConnectionPool | None,
+        run_blocking: Callable[[Callable[[], None]], Deferred[None]] = maybeDeferred,
     ) -> None:
         super().__init__()
         self.config = config
@@ -53,7 +62,7 @@ class EdgeService(MultiService):
         self.store = store
         self.stats = Stats()
         self._pool = pool
-        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats)
+        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, run_blocking)
         self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
         self.site = EdgeSite(
             self.resource, self.stats, config.server.access_log, reactor, config.server.request_timeout
@@ -112,12 +121,16 @@ def build_service(
     agent and store.
     """
     pool = None
+    run_blocking: Callable[[Callable[[], None]], Deferred[None]] = maybeDeferred
     if _agent is None:
+        # A real reactor: commits (fsync + rename) go to its thread pool so
+        # the event loop never waits on the disk.
+        run_blocking = partial(deferToThreadPool, reactor, reactor.getThreadPool())
         pool = _QuietPool(reactor, persistent=True)
         pool.maxPersistentPerHost = config.fill.max_concurrent
         _agent = Agent(reactor, connectTimeout=config.fill.connect_timeout, pool=pool)
     store = _store if _store is not None else DiskStore(config.server.data_dir)
-    service = EdgeService(config, reactor, store, _agent, pool)
+    service = EdgeService(config, reactor, store, _agent, pool, run_blocking)
     service.config_path = config_path
     # Optional features configured by their own TOML sections; each adds its
     # child services (and checks its section) in its own module.
