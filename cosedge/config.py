@@ -41,9 +41,10 @@ class ConfigError(ValueError):
 
 
 # A DNS label: letters, digits and hyphens, not starting or ending with a hyphen.
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# (``\Z``, not ``$``, which also matches before a trailing newline.)
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _IPV4ISH = re.compile(r"^[0-9.]+$")
-_BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?-[0-9]{1,20}$")
+_BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?-[0-9]{1,20}\Z")
 
 
 def _valid_hostname(host: str) -> bool:
@@ -99,6 +100,8 @@ def parse_origin(value: object) -> Origin:
             raise ConfigError(f"{text!r} contains {what}; " + hint)
     if any(c.isspace() for c in text):
         raise ConfigError(f"{text!r} contains whitespace; " + hint)
+    if text.startswith("[") or text.count(":") > 1:
+        raise ConfigError(f"{text!r} looks like an IPv6 address, which is not supported; " + hint)
     host, sep, port_text = text.partition(":")
     port = 80
     if sep:
