@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
@@ -202,11 +202,25 @@ def _reason(failure: Failure) -> tuple[str, str]:
         return "timeout", "deadline passed"
     if failure.check(CancelledError):
         return "cancelled", "stopped"
+    # Cancelling an agent request while it waits for the response fails it
+    # with ResponseFailed / ResponseNeverReceived wrapping the CancelledError.
+    if isinstance(failure.value, ResponseFailed) and any(r.check(CancelledError) for r in failure.value.reasons):
+        return "cancelled", "stopped"
     if failure.check(ConnectError, ConnectingCancelledError, ResponseNeverReceived):
         return "connect-failed", failure.getErrorMessage()
+    if failure.check(ResponseFailed):
+        # The origin's status line or headers were cut short or malformed.
+        return "bad-response", failure.getErrorMessage()
     if failure.check(OSError):
         return "disk-error", failure.getErrorMessage()
     return "error", failure.getErrorMessage()
+
+
+def _headers_timed_out(result: object, timeout: float | None) -> Failure:
+    # The agent fails a request cancelled while it waits for the response
+    # with ResponseFailed / ResponseNeverReceived, not CancelledError, so the
+    # default conversion to TimeoutError would not apply.
+    return Failure(FillFailed("timeout", f"no response headers within {timeout}s"))
 
 
 def _remember(memory: dict[Any, float], key: Any, until: float) -> None:
@@ -369,7 +383,7 @@ class Filler:
     async def _fetch(self, fill: _Fill, cfg: FillConfig) -> FillResult:
         headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
         request = self.agent.request(b"GET", fill.url, headers)
-        request.addTimeout(cfg.header_timeout, self.clock)
+        request.addTimeout(cfg.header_timeout, self.clock, onTimeoutCancel=_headers_timed_out)
         response = await request
         if response.length is not UNKNOWN_LENGTH:
             fill.expected = response.length
