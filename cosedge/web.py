@@ -101,7 +101,7 @@ def parse_ranges(header: bytes, size: int) -> list[tuple[int, int]] | None:
             return None
         start = int(first)
         end = int(last) if last else size - 1
-        if end < start:
+        if last and end < start:  # "N-" past the end is unsatisfiable (416), not a syntax error
             return None
         if start < size:
             ranges.append((start, min(end, size - 1)))
