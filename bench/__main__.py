@@ -1,0 +1,444 @@
+"""
+``python -m bench``: run every workload against every server in one run,
+print the table and write it into BENCHMARKS.md.  ``bash bench/run`` installs
+nginx and wrk first if they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from . import load, servers
+from .servers import BUCKET, REPO
+
+MiB = 1024 * 1024
+PACE_MS = 100  # wrk delay between requests on each connection, paced miss run
+SERVERS = ("cosedge", "nginx", "static")
+_START = "<!-- bench:results:start -->"
+_END = "<!-- bench:results:end -->"
+
+
+@attrs.define
+class Row:
+    workload: str
+    metric: str
+    values: dict[str, float | None]
+    fmt: str = "{:.0f}"
+    higher_is_better: bool = True
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    def cell(self, server: str) -> str:
+        v = self.values.get(server)
+        return "–" if v is None else self.fmt.format(v)
+
+    def ratio(self, peer: str) -> str:
+        a, b = self.values.get("cosedge"), self.values.get(peer)
+        if a is None or b is None or b == 0:
+            return "–"
+        return f"{a / b:.2f}×"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def generate(gen: Path, with_gib: bool) -> None:
+    """The objects: hit/{1k,100k,256m,1g}.bin, obj16k.bin, obj1m.bin (incompressible bytes)."""
+    (gen / "hit").mkdir(parents=True)
+    block = os.urandom(MiB)
+
+    def write(path: Path, size: int) -> None:
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, len(block))
+                f.write(block[:n])
+                left -= n
+
+    write(gen / "hit" / "1k.bin", 1024)
+    write(gen / "hit" / "100k.bin", 100 * 1024)
+    write(gen / "hit" / "256m.bin", 256 * MiB)
+    write(gen / "hit" / "1g.bin", 1024 * MiB if with_gib else 64 * MiB)
+    write(gen / "obj16k.bin", 16 * 1024)
+    write(gen / "obj1m.bin", MiB)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link the files of ``src`` into ``dst`` (same inodes, same page cache)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        os.link(entry, dst / entry.name)
+
+
+def best_wrk(rounds: int, run: Callable[[], load.WrkResult], label: str) -> load.WrkResult:
+    results = []
+    for i in range(rounds):
+        r = run()
+        log(f"  {label} round {i + 1}: {r.rps:,.0f} req/s p99 {r.p99_ms:.2f} ms errors {r.errors}")
+        results.append(r)
+    return max(results, key=lambda r: r.rps)
+
+
+def versions() -> dict[str, str]:
+    def cmd(argv: list[str]) -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (p.stdout + p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    import twisted
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": f"{os.cpu_count()} × {cpu}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "nginx": cmd(["nginx", "-v"]).replace("nginx version: ", ""),
+        "wrk": cmd(["wrk", "-v"]).split(" [")[0],
+        "curl": cmd(["curl", "--version"]).split(" (")[0],
+        "loadavg": Path("/proc/loadavg").read_text().split(" ")[0],
+    }
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    secs = args.seconds
+    rounds = args.rounds
+    n_fill = args.fill_objects
+    work = Path(tempfile.mkdtemp(prefix="cosedge-bench-"))
+    if not args.keep:
+        import atexit
+
+        atexit.register(shutil.rmtree, work, True)
+    log(f"work dir {work}")
+    gen = work / "gen"
+    generate(gen, with_gib=not args.quick)
+    data = work / "data"
+    link_tree(gen / "hit", data / BUCKET / "hit")
+    peer_root = work / "peer-root"
+    link_tree(gen / "hit", peer_root / "hit")
+
+    ports = {name: servers.free_port() for name in ("origin", "cosedge", "nginx", "static")}
+    origin, access = servers.start_origin(work, gen, ports["origin"])
+    servers.start_peer(work, peer_root, ports["nginx"], ports["origin"])
+    servers.start_static(work, gen, ports["static"])
+    cosedge = servers.start_cosedge(work, data, ports["cosedge"], ports["origin"], fills=args.fills)
+    log(f"servers up: {ports}")
+
+    for server in SERVERS:
+        for path in ("/hit/1k.bin", "/hit/100k.bin"):
+            size, _ = load.stream(ports[server], path)
+            assert size in (1024, 100 * 1024), (server, path, size)
+
+    rows: list[Row] = []
+
+    # 1 and 2: hits, keep-alive, 32 connections.
+    for label, path, size in (("1 KiB hits", "/hit/1k.bin", "1k"), ("100 KiB hits", "/hit/100k.bin", "100k")):
+        log(f"{label}: {rounds} round(s) of {secs}s per server")
+        res = {
+            s: best_wrk(rounds, lambda s=s, path=path: load.wrk(work, ports[s], path, secs), f"{s:8s}")  # type: ignore[misc]
+            for s in SERVERS
+        }
+        errors = sum(r.errors for r in res.values())
+        note = f"{errors} errors" if errors else ""
+        if size == "1k":
+            rps = {s: r.rps for s, r in res.items()}
+            met = rps["cosedge"] >= 1.5 * rps["static"] and rps["cosedge"] >= 0.25 * rps["nginx"]
+            rows.append(Row(label, "req/s", rps, target="≥ 1.5× static, ≥ 0.25× nginx", met=met, note=note))
+            rows.append(
+                Row(label, "p99 ms", {s: r.p99_ms for s, r in res.items()}, fmt="{:.2f}", higher_is_better=False)
+            )
+        else:
+            rows.append(Row(label, "req/s", {s: r.rps for s, r in res.items()}, note=note))
+            rows.append(Row(label, "GB/s", {s: r.rps * 100 * 1024 / 1e9 for s, r in res.items()}, fmt="{:.2f}"))
+
+    # 3: one 256 MiB object, one stream.
+    log("256 MiB single stream: best of 3 per server")
+    gbps: dict[str, float | None] = {}
+    for s in SERVERS:
+        best = 0.0
+        for _ in range(3):
+            size, seconds = load.stream(ports[s], "/hit/256m.bin")
+            assert size == 256 * MiB, (s, size)
+            best = max(best, size / seconds / 1e9)
+        gbps[s] = best
+        log(f"  {s:8s} {best:.2f} GB/s")
+    assert gbps["cosedge"] is not None and gbps["nginx"] is not None
+    rows.append(
+        Row(
+            "256 MiB, 1 stream",
+            "GB/s",
+            gbps,
+            fmt="{:.2f}",
+            target="≥ 0.8× nginx",
+            met=gbps["cosedge"] >= 0.8 * gbps["nginx"],
+        )
+    )
+
+    # 4a: misses on distinct keys (cosedge: 302 + fill starts; nginx: proxied and stored).
+    # Each cosedge run gets a fresh daemon, so no fill backlog of an earlier
+    # run takes CPU from the next measurement.
+    log(f"misses on distinct keys: {secs}s per server")
+    servers.stop(cosedge, grace=15)
+    miss: dict[str, load.WrkResult] = {}
+    for name, delay in (("cosedge", 0), ("paced", PACE_MS)):
+        ports["cosedge"] = servers.free_port()
+        cosedge = servers.start_cosedge(
+            work, data, ports["cosedge"], ports["origin"], fills=args.fills, name=f"cosedge-{name}"
+        )
+        miss[name] = load.wrk(work, ports["cosedge"], "/", secs, distinct_prefix=f"/miss/{name}-", delay_ms=delay)
+        servers.stop(cosedge, grace=15)
+    miss["nginx"] = load.wrk(work, ports["nginx"], "/", secs, distinct_prefix="/miss/nginx-")
+    for s, r in miss.items():
+        log(f"  {s:8s} {r.rps:,.0f} req/s p99 {r.p99_ms:.2f} ms errors {r.errors}")
+    rows.append(
+        Row(
+            "misses, distinct keys",
+            "answers/s",
+            {s: miss[s].rps for s in ("cosedge", "nginx")},
+            note="cosedge 302 + fill, nginx 200 via origin",
+        )
+    )
+    rows.append(
+        Row(
+            "misses, distinct keys",
+            "p99 ms",
+            {s: miss[s].p99_ms for s in ("cosedge", "nginx")},
+            fmt="{:.2f}",
+            higher_is_better=False,
+            target="cosedge ≤ 2 ms",
+            met=miss["cosedge"].p99_ms <= 2.0,
+        )
+    )
+    # The same 302s at a fixed pace over 32 connections: the latency a request
+    # sees when cosedge is not saturated.
+    paced = miss["paced"]
+    rows.append(
+        Row(
+            f"misses, paced ({PACE_MS} ms/conn)",
+            "p99 ms",
+            {"cosedge": paced.p99_ms},
+            fmt="{:.2f}",
+            higher_is_better=False,
+            target="≤ 2 ms",
+            met=paced.p99_ms <= 2.0,
+            note=f"{paced.rps:,.0f} req/s over 32 connections",
+        )
+    )
+
+    # A fresh cosedge (empty fill queue) for fills and memory.
+    ports["cosedge"] = servers.free_port()
+    cosedge = servers.start_cosedge(
+        work, data, ports["cosedge"], ports["origin"], fills=args.fills, name="cosedge-fill"
+    )
+    for _ in range(200):
+        load.stream(ports["cosedge"], "/hit/100k.bin")
+    idle_kib = load.rss_kib(cosedge.pid)
+    log(f"cosedge idle RSS {idle_kib / 1024:.1f} MiB")
+
+    # 4b: N distinct 16 KiB objects, all stored.
+    log(f"fill {n_fill} distinct 16 KiB objects")
+    fill_s: dict[str, float | None] = {}
+    fill_codes: dict[str, dict[str, int]] = {}
+    with load.RssSampler(cosedge.pid) as fill_rss:
+        t0 = time.monotonic()
+        fill_codes["cosedge"] = load.parallel_get(work, ports["cosedge"], [f"/fill/c/{i}.bin" for i in range(n_fill)])
+        drive = time.monotonic() - t0
+        fill_s["cosedge"] = load.wait_files(data / BUCKET / "fill" / "c", n_fill, t0, timeout=180)
+    log(f"  cosedge answered in {drive:.2f}s {fill_codes['cosedge']}, all stored after {fill_s['cosedge']}s")
+    t0 = time.monotonic()
+    fill_codes["nginx"] = load.parallel_get(work, ports["nginx"], [f"/fill/n/{i}.bin" for i in range(n_fill)])
+    fill_s["nginx"] = load.wait_files(peer_root / "fill" / "n", n_fill, t0, timeout=180)
+    log(f"  nginx   {fill_codes['nginx']}, all stored after {fill_s['nginx']}s")
+    fc, fn = fill_s["cosedge"], fill_s["nginx"]
+    rows.append(
+        Row(
+            f"fill {n_fill} × 16 KiB",
+            "s until all stored",
+            fill_s,
+            fmt="{:.2f}",
+            higher_is_better=False,
+            target="≤ nginx",
+            met=fc is not None and fn is not None and fc <= fn,
+            note=f"cosedge answered all in {drive:.2f}s ({args.fills} parallel fills)",
+        )
+    )
+
+    # 5: 200 simultaneous cold requests for one key.
+    log("200 concurrent cold requests for one key")
+    cold: dict[str, float | None] = {}
+    codes = load.burst(ports["cosedge"], "/cold/one.bin", 200)
+    load.wait_files(data / BUCKET / "cold", 1, time.monotonic(), timeout=30)
+    time.sleep(0.5)
+    cold["cosedge"] = load.origin_gets(access, "/cold/one.bin")
+    log(f"  cosedge {codes} → {cold['cosedge']} origin GET(s)")
+    codes = load.burst(ports["nginx"], "/cold/peer.bin", 200)
+    time.sleep(0.5)
+    cold["nginx"] = load.origin_gets(access, "/cold/peer.bin")
+    log(f"  nginx   {codes} → {cold['nginx']} origin GET(s)")
+    rows.append(
+        Row(
+            "200 cold requests, 1 key",
+            "origin GETs",
+            cold,
+            higher_is_better=False,
+            target="cosedge = 1",
+            met=cold["cosedge"] == 1,
+        )
+    )
+
+    # 6: memory while filling and serving a 1 GiB object.
+    big = "1 GiB" if not args.quick else "64 MiB"
+    log(f"RSS while filling and serving {big}")
+    with load.RssSampler(cosedge.pid) as big_fill_rss:
+        t0 = time.monotonic()
+        load.burst(ports["cosedge"], "/bigfill/1g.bin", 1)
+        big_fill_s = load.wait_files(data / BUCKET / "bigfill", 1, t0, timeout=180)
+    log(f"  fill of {big} stored after {big_fill_s}s, peak RSS {big_fill_rss.peak_kib / 1024:.1f} MiB")
+    with load.RssSampler(cosedge.pid) as serve_rss:
+        size, seconds = load.stream(ports["cosedge"], "/bigfill/1g.bin", timeout=120)
+    log(f"  served {size} bytes in {seconds:.2f}s, peak RSS {serve_rss.peak_kib / 1024:.1f} MiB")
+    limit = 64 * 1024
+    rows.append(
+        Row(
+            "cosedge RSS",
+            "MiB",
+            {"cosedge": idle_kib / 1024},
+            fmt="{:.1f}",
+            higher_is_better=False,
+            note="idle, after warm-up",
+        )
+    )
+    for label, peak in (
+        (f"RSS growth, {n_fill} fills", fill_rss.peak_kib),
+        (f"RSS growth, filling {big}", big_fill_rss.peak_kib),
+        (f"RSS growth, serving {big}", serve_rss.peak_kib),
+    ):
+        growth = (peak - idle_kib) / 1024
+        rows.append(
+            Row(
+                label,
+                "MiB",
+                {"cosedge": growth},
+                fmt="{:.1f}",
+                higher_is_better=False,
+                target="≤ 64 MiB",
+                met=peak - idle_kib <= limit,
+                note=f"peak {peak / 1024:.1f} MiB",
+            )
+        )
+    rows.append(
+        Row(
+            f"{big}, 1 stream (hit)",
+            "GB/s",
+            {"cosedge": size / seconds / 1e9},
+            fmt="{:.2f}",
+        )
+    )
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = "| workload | metric | cosedge | nginx | static.File | cosedge÷nginx | cosedge÷static | target | met |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        met = "" if r.met is None else ("**met**" if r.met else "not met")
+        target = r.target + (f" ({r.note})" if r.note else "")
+        lines.append(
+            f"| {r.workload} | {r.metric} | {r.cell('cosedge')} | {r.cell('nginx')} | {r.cell('static')} "
+            f"| {r.ratio('nginx')} | {r.ratio('static')} | {target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace, elapsed: float) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            f"Run {now} with `bash bench/run{' ' + ' '.join(args.argv) if args.argv else ''}` in {elapsed:.0f} s.",
+            "",
+            f"Machine: {info['cpu']}, Linux {info['kernel']}, load average {info['loadavg']} at the start.  ",
+            f"Versions: Python {info['python']}, Twisted {info['twisted']}, {info['nginx']}, "
+            f"{info['wrk']}, {info['curl']}.  ",
+            f"Settings: {args.seconds:g} s per wrk run, best of {args.rounds} rounds for hits, 32 connections, "
+            f'2 wrk threads; nginx with one worker; cosedge with access_log = "" and {args.fills} parallel fills.',
+            "",
+            table(rows),
+            "",
+        ]
+    )
+
+
+def write_benchmarks(path: Path, section: str) -> None:
+    """Replace the results section of BENCHMARKS.md, keeping everything else."""
+    block = f"{_START}\n{section}\n{_END}"
+    if path.exists():
+        text = path.read_text()
+        if _START in text and _END in text:
+            before, rest = text.split(_START, 1)
+            _, after = rest.split(_END, 1)
+            path.write_text(before + block + after)
+            return
+        path.write_text(text.rstrip() + "\n\n## Latest results\n\n" + block + "\n")
+        return
+    path.write_text("# Benchmarks\n\n## Latest results\n\n" + block + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="bash bench/run", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each wrk run (default 6)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per hit workload; the best counts (default 2)")
+    parser.add_argument("--fill-objects", type=int, default=2000, help="distinct objects to fill (default 2000)")
+    parser.add_argument("--fills", type=int, default=64, help="cosedge's fill.max_concurrent (default 64)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: 64 MiB instead of 1 GiB, 2 s runs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")
+    parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="where to write the results")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.quick:
+        args.seconds, args.rounds, args.fill_objects = min(args.seconds, 2.0), 1, min(args.fill_objects, 500)
+    for tool in ("nginx", "wrk", "curl"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing; run `bash bench/run`, which installs it", file=sys.stderr)
+            return 2
+    servers.install_cleanup()
+    signal.alarm(900)  # the whole run is bounded: 15 minutes at most
+    info = versions()
+    started = time.monotonic()
+    rows = run(args)
+    section = report(rows, info, args, time.monotonic() - started)
+    servers.stop_all()
+    print(section)
+    if not args.no_write:
+        write_benchmarks(Path(args.out), section)
+        log(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

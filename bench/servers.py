@@ -1,0 +1,244 @@
+"""
+Starting and stopping the servers under test, all on 127.0.0.1.
+
+Every process is started in its own session and remembered; :func:`stop_all`
+(run at exit and on SIGINT/SIGTERM) kills each one's process group, so the
+benchmark never leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+HOST = "127.0.0.1"
+BUCKET = "bench-1250000000"
+DOMAIN = "file.myqcloud.com"
+BUCKET_HOST = f"{BUCKET}.{DOMAIN}"
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(argv: Sequence[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a process in its own session, output to ``log``; remembered for stop_all."""
+    out = open(log, "ab")
+    proc = subprocess.Popen(
+        list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True
+    )
+    out.close()
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(2)
+    except subprocess.TimeoutExpired:
+        pass
+    if proc in _started:
+        _started.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(_started):
+        stop(proc, grace=2.0)
+
+
+def install_cleanup() -> None:
+    """Kill every started process at exit, on SIGINT/SIGTERM/SIGHUP, and after a global deadline."""
+    import atexit
+
+    atexit.register(stop_all)
+
+    def bail(signum: int, frame: object) -> None:
+        stop_all()
+        print(f"bench: stopped by signal {signum}", file=sys.stderr)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(sig, bail)
+
+
+def wait_http(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something answers HTTP on ``port``; raise if not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1) as s:
+                s.sendall(b"HEAD / HTTP/1.0\r\nHost: " + BUCKET_HOST.encode() + b"\r\n\r\n")
+                if s.recv(16).startswith(b"HTTP/"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on {HOST}:{port} within {timeout}s")
+
+
+_NGINX_MAIN = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    client_body_temp_path {tmp}/client;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    log_format bench '$request_method $request_uri $status $body_bytes_sent';
+{body}
+}}
+"""
+
+
+def _nginx(name: str, workdir: Path, body: str) -> subprocess.Popen[bytes]:
+    tmp = workdir / name
+    tmp.mkdir(parents=True, exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(_NGINX_MAIN.format(tmp=tmp, body=body))
+    return spawn(["nginx", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")], tmp / "stdout.log")
+
+
+def start_origin(workdir: Path, gen: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """
+    The origin: nginx serving ``gen``.  Any key under /miss/, /fill/ is the
+    16 KiB object, /cold/ is a 1 MiB object sent at 20 MB/s (a remote origin),
+    /bigfill/ is the 1 GiB object.  Its access log counts origin GETs.
+    """
+    access = workdir / "origin" / "access.log"
+    body = f"""
+    server {{
+        listen {HOST}:{port};
+        root {gen};
+        access_log {access} bench;
+        location / {{ }}
+        location /miss/ {{ try_files /obj16k.bin =404; }}
+        location /fill/ {{ try_files /obj16k.bin =404; }}
+        location /cold/ {{ limit_rate 20m; try_files /obj1m.bin =404; }}
+        location /bigfill/ {{ try_files /hit/1g.bin =404; }}
+    }}"""
+    proc = _nginx("origin", workdir, body)
+    wait_http(port, proc=proc)
+    return proc, access
+
+
+def start_peer(workdir: Path, root: Path, port: int, origin_port: int) -> subprocess.Popen[bytes]:
+    """nginx mirror-on-demand: serve from ``root``, else proxy to the origin and store the copy."""
+    body = f"""
+    upstream origin {{ server {HOST}:{origin_port}; keepalive 64; }}
+    server {{
+        listen {HOST}:{port};
+        root {root};
+        access_log off;
+        location / {{ try_files $uri @fetch; }}
+        location @fetch {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host {HOST}:{origin_port};
+            proxy_store on;
+            proxy_store_access user:rw group:rw all:r;
+        }}
+    }}"""
+    proc = _nginx("peer", workdir, body)
+    wait_http(port, proc=proc)
+    return proc
+
+
+def start_static(workdir: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
+    """Bare Twisted static.File (``twistd web --path``), no access log."""
+    log = workdir / "static.log"
+    proc = spawn(
+        [
+            str(VENV_BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "web",
+            "--path",
+            str(root),
+            "--listen",
+            f"tcp:{port}:interface={HOST}",
+        ],
+        log,
+        cwd=workdir,
+    )
+    wait_http(port, proc=proc)
+    return proc
+
+
+_COSEDGE_CONFIG = """\
+[server]
+listen = ["tcp:{port}:interface={host}"]
+domains = ["{domain}"]
+data_dir = "{data}"
+access_log = ""
+request_timeout = 60
+
+[fill]
+max_concurrent = {fills}
+max_queue = 100000
+not_found_ttl = 10
+retry_backoff = 5
+
+[buckets."{bucket}"]
+origin = "{host}:{origin_port}"
+origin_pull = true
+"""
+
+
+def start_cosedge(
+    workdir: Path, data: Path, port: int, origin_port: int, fills: int = 64, name: str = "cosedge"
+) -> subprocess.Popen[bytes]:
+    """cosedge under twistd, no access log, a big fill concurrency."""
+    config = workdir / f"{name}.toml"
+    config.write_text(
+        _COSEDGE_CONFIG.format(
+            port=port, host=HOST, domain=DOMAIN, data=data, fills=fills, bucket=BUCKET, origin_port=origin_port
+        )
+    )
+    proc = spawn(
+        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "cosedge", "--config", str(config)],
+        workdir / f"{name}.log",
+        cwd=workdir,
+    )
+    wait_http(port, proc=proc)
+    return proc
