@@ -1,0 +1,328 @@
+"""
+End-to-end: the real ``twistd -n --pidfile= cosedge`` daemon against a real
+misbehaving origin, over loopback sockets.
+
+Run with ``.venv/bin/python -m pytest tests/e2e -q`` (or ``-m e2e``).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import BUCKET, Daemon, Reply, tmp_files
+from .origin import MisbehavingOrigin, body_for, content_type_for
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def assert_redirect(reply: Reply, origin: MisbehavingOrigin, key: str) -> None:
+    assert reply.status == 302, (reply.status, reply.body)
+    assert reply.headers.get_all("Location") == [f"http://{origin.netloc}/{key}"]
+    assert reply.header("Cache-Control") == "no-store"
+    assert reply.header("x-cos-request-id")
+
+
+def assert_served(daemon: Daemon, key: str) -> Reply:
+    """The object is a hit whose bytes and type are exactly the origin's."""
+    reply = daemon.request(f"/{key}")
+    expected = body_for(f"/{key}")
+    assert reply.status == 200, (reply.status, reply.body[:300])
+    assert reply.header("Content-Length") == str(len(expected))
+    assert reply.body == expected
+    assert reply.header("Content-Type") == content_type_for(f"/{key}")
+    return reply
+
+
+def test_seed_example_redirects_then_serves_the_copy(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    The seed document's walk-through: the first GET for a missing /1.jpg is
+    sent to the origin with a 302 and the file is copied into the bucket
+    root in the background; the second GET is served from the bucket with
+    the origin's exact bytes and Content-Type, and the origin was asked once.
+    """
+    reply = edge.request("/1.jpg")
+    assert_redirect(reply, origin, "1.jpg")
+
+    stored = edge.object_path("1.jpg")
+    wait_for(stored.exists, 10, f"{stored} to appear")
+    assert stored.read_bytes() == body_for("/1.jpg")
+
+    reply = assert_served(edge, "1.jpg")
+    assert reply.header("Content-Type") == "image/jpeg"
+    assert reply.header("Cache-Control") == "max-age=60"
+    assert reply.header("x-cos-meta-origin") == "e2e"
+    assert reply.header("x-cos-request-id")
+    assert origin.gets("/1.jpg") == 1
+    assert tmp_files(edge) == []
+
+    access = edge.access_log.read_text()
+    assert '"GET /1.jpg HTTP/1.1" 302' in access
+    assert '"GET /1.jpg HTTP/1.1" 200' in access
+
+
+def test_concurrent_misses_make_one_origin_request(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    200 clients asking for the same missing object at the same moment all
+    get the 302, and the origin is asked for it exactly once.
+    """
+    key = "slow/concurrent.bin"
+    clients = 200
+    barrier = threading.Barrier(clients, timeout=20)
+
+    def one(_: int) -> Reply:
+        barrier.wait()
+        return edge.request(f"/{key}")
+
+    try:
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            replies = list(pool.map(one, range(clients), timeout=60))
+    finally:
+        origin.release(f"/{key}")  # the fill is held in flight until every client is answered
+    for reply in replies:
+        assert_redirect(reply, origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    assert origin.gets(f"/{key}") == 1
+    assert_served(edge, key)
+
+
+FAULTS = [
+    pytest.param("truncated/f1.bin", "truncated", id="F1-short-body"),
+    pytest.param("chunked-cut/f2.bin", "truncated", id="F2-chunked-without-end"),
+    pytest.param("unframed/f3.bin", "unframed", id="F3-no-length-no-chunking"),
+    pytest.param("cut-headers/h1.bin", "bad-response", id="headers-cut-short"),
+    pytest.param("garbage/h2.bin", "bad-response", id="not-http"),
+    pytest.param("stall-headers/f4a.bin", "timeout", id="F4-stall-in-headers"),
+    pytest.param("stall-after-headers/f4b.bin", "idle-timeout", id="F4-stall-after-headers"),
+    pytest.param("stall-mid-body/f4c.bin", "idle-timeout", id="F4-stall-mid-body"),
+    pytest.param("status/404/f5a.bin", "http-404", id="F5-404"),
+    pytest.param("status/403/f5b.bin", "http-403", id="F5-403"),
+    pytest.param("status/500/f5c.bin", "http-500", id="F5-500"),
+    pytest.param("status/503/f5d.bin", "http-503", id="F5-503"),
+    pytest.param("status/206/f5e.bin", "http-206", id="F5-206"),
+    pytest.param("status/302/f6a.bin", "http-302", id="F6-302-to-loopback"),
+    pytest.param("status/301/f6b.bin", "http-301", id="F6-301"),
+]
+
+
+@pytest.mark.parametrize(("key", "reason"), FAULTS)
+def test_a_bad_origin_answer_stores_nothing(edge: Daemon, origin: MisbehavingOrigin, key: str, reason: str) -> None:
+    """
+    When the origin's answer is not provably the whole object (cut short,
+    unframed, stalled, an error or a redirect), nothing appears under the
+    key, no temporary file is left, the failure is logged with its reason,
+    and the next request is again an ordinary 302 to the origin.
+    """
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == reason
+    assert not edge.object_path(key).exists()
+    assert tmp_files(edge) == []
+    assert origin.gets(f"/{key}") == 1
+    assert origin.gets("/ok/redirected") == 0, "an origin redirect was followed"
+
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert not edge.object_path(key).exists()
+
+
+def test_client_disconnect_does_not_stop_the_fill(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    A client that hangs up right after receiving its 302 does not cut the
+    copy short: the object is still stored whole.
+    """
+    key = "slow/disconnect.bin"
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
+        s.sendall(f"GET /{key} HTTP/1.1\r\nHost: {BUCKET}.file.myqcloud.com\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            piece = s.recv(4096)
+            if not piece:
+                break
+            head += piece
+        assert head.startswith(b"HTTP/1.1 302 "), head
+    assert not edge.object_path(key).exists(), "the fill should still be held by the origin"
+
+    time.sleep(0.3)  # the daemon has seen the disconnect; the fill must go on
+    origin.release(f"/{key}")
+    assert edge.fill_outcome(key) == "stored"
+    assert edge.object_path(key).read_bytes() == body_for(f"/{key}")
+    assert tmp_files(edge) == []
+    assert_served(edge, key)
+
+
+def test_sigkill_mid_fill_leaves_no_partial_object(
+    make_daemon: Callable[[], Daemon], origin: MisbehavingOrigin
+) -> None:
+    """
+    If the daemon is killed outright in the middle of a copy, the half-copied
+    object never becomes visible; on restart the leftover temporary file is
+    swept away, and the next request for the key copies it properly.
+    """
+    daemon = make_daemon()
+    key = "slow/killed.bin"
+    assert_redirect(daemon.request(f"/{key}"), origin, key)
+
+    def partial_written() -> bool:
+        return any((daemon.tmp_dir / name).stat().st_size > 0 for name in tmp_files(daemon))
+
+    wait_for(partial_written, 10, "the fill to write its temporary file")
+    daemon.kill()
+    origin.release(f"/{key}")
+    assert not daemon.object_path(key).exists()
+    assert len(tmp_files(daemon)) == 1  # the kill left the temporary file behind
+
+    daemon.start()
+    assert tmp_files(daemon) == []
+    assert not daemon.object_path(key).exists()
+    daemon.wait_for_log(r"removed 1 leftover temporary file")
+
+    assert_redirect(daemon.request(f"/{key}"), origin, key)
+    assert daemon.fill_outcome(key) == "stored"
+    assert origin.gets(f"/{key}") == 2
+    assert_served(daemon, key)
+
+
+def test_empty_object_is_stored_and_served(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """A 0-byte file at the origin is a valid object: stored, then served with Content-Length: 0."""
+    key = "empty/zero.txt"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    assert edge.object_path(key).read_bytes() == b""
+
+    reply = edge.request(f"/{key}")
+    assert reply.status == 200
+    assert reply.header("Content-Length") == "0"
+    assert reply.body == b""
+    assert origin.gets(f"/{key}") == 1
+
+
+# -- bad input (reliability.md S1-S8), over a raw socket --
+
+LONG_KEY = "/".join(["k" * 200] * 5)  # 1004 bytes, every segment short enough
+BAD_INPUT = [
+    pytest.param("/../etc/passwd", {}, 400, "InvalidURI", id="S1-dotdot"),
+    pytest.param("/%2e%2e/x", {}, 400, "InvalidURI", id="S1-encoded-dotdot"),
+    pytest.param("/a/..%2fb", {}, 400, "InvalidURI", id="S1-dotdot-encoded-slash"),
+    pytest.param("/a%5cb", {}, 400, "InvalidURI", id="S1-backslash"),
+    pytest.param("/%252e%252e/x", {}, 400, "InvalidURI", id="S1-double-encoded"),
+    pytest.param("/a%00b", {}, 400, "InvalidURI", id="S2-nul"),
+    pytest.param("/a%0d%0ab", {}, 400, "InvalidURI", id="S2-crlf"),
+    pytest.param("/a%01b", {}, 400, "InvalidURI", id="S2-control"),
+    pytest.param("/" + LONG_KEY, {}, 400, "KeyTooLong", id="S3-key-too-long"),
+    pytest.param("/" + "s" * 256, {}, 400, "KeyTooLong", id="S3-segment-too-long"),
+    pytest.param("/.cosedge/tmp/x", {}, 400, "InvalidURI", id="S3-internal-dir"),
+    pytest.param("/a/.cosedge", {}, 400, "InvalidURI", id="S3-internal-name"),
+    pytest.param("//evil.example/x", {}, 400, "InvalidURI", id="S5-network-path"),
+    pytest.param("http://evil.example/x", {}, 404, "NoSuchBucket", id="S5-absolute-form"),
+]
+
+
+@pytest.mark.parametrize(("target", "headers", "status", "code"), BAD_INPUT)
+def test_bad_request_targets_get_their_cos_error(
+    edge: Daemon, target: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    """
+    A malicious or malformed request target is refused with its COS error
+    (an XML body with the error Code and an x-cos-request-id header), never
+    a 500 and never a redirect anywhere.
+    """
+    reply = edge.request(target, headers=headers)
+    assert (reply.status, reply.error_code) == (status, code), reply.body
+    assert reply.header("Content-Type") == "application/xml"
+    assert reply.header("x-cos-request-id")
+    assert reply.header("Location") is None
+    assert f"<RequestId>{reply.header('x-cos-request-id')}</RequestId>".encode() in reply.body
+
+
+def test_unknown_host_is_no_such_bucket(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """A request for a Host that is not one of our buckets is 404 NoSuchBucket, not a redirect."""
+    reply = edge.request("/1.jpg", host="evil.example")
+    assert (reply.status, reply.error_code) == (404, "NoSuchBucket")
+    assert reply.header("x-cos-request-id")
+    assert reply.header("Location") is None
+    reply = edge.request("/x", host="other-1250000000.file.myqcloud.com")
+    assert (reply.status, reply.error_code) == (404, "NoSuchBucket")
+    assert origin.gets("/x") == 0
+
+
+def test_redirect_location_stays_on_the_configured_origin(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    Whatever the key and query look like, a miss sends the client to the
+    configured origin only, with exactly one Location header and the key
+    percent-encoded (S4, S5).
+    """
+    reply = edge.request("/status/404/evil.example/a%20b?u=//evil.example/&x=%0d%0aSet-Cookie:1")
+    assert reply.status == 302
+    locations = reply.headers.get_all("Location")
+    assert locations is not None and len(locations) == 1
+    assert locations[0].startswith(f"http://{origin.netloc}/status/404/evil.example/a%20b?")
+    assert "\r" not in locations[0] and "\n" not in locations[0]
+    assert reply.header("Set-Cookie") is None
+    edge.fill_outcome("status/404/evil.example/a b")
+
+
+def test_post_is_method_not_allowed(edge: Daemon) -> None:
+    """A method the bucket does not serve is 405 MethodNotAllowed, and nothing is fetched."""
+    reply = edge.request("/post.bin", method="POST", headers={"Content-Length": "0"})
+    assert (reply.status, reply.error_code) == (405, "MethodNotAllowed")
+    assert reply.header("Allow") == "GET, HEAD"
+    assert reply.header("x-cos-request-id")
+
+
+def test_range_abuse_never_sends_more_than_the_object(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    200 overlapping ``0-`` ranges on a stored object are merged: the client
+    never gets more bytes than the object holds (S6); an unsatisfiable
+    range is 416.
+    """
+    key = "ok/ranged.bin"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    body = body_for(f"/{key}")
+
+    reply = edge.request(f"/{key}", headers={"Range": "bytes=" + ",".join(["0-"] * 200)})
+    assert reply.status in (200, 206)
+    assert len(reply.body) <= len(body)
+    assert reply.body == body
+    assert reply.header("Content-Length") == str(len(body))
+
+    overlapping = "bytes=" + ",".join(f"{i}-{i + 1000}" for i in range(0, 20_000, 100))
+    reply = edge.request(f"/{key}", headers={"Range": overlapping})
+    assert reply.status == 206
+    assert len(reply.body) <= len(body)
+    assert reply.header("Content-Length") == str(len(reply.body))
+
+    reply = edge.request(f"/{key}", headers={"Range": f"bytes={len(body)}-"})
+    assert (reply.status, reply.error_code) == (416, "InvalidRange")
+    assert reply.header("Content-Range") == f"bytes */{len(body)}"
+
+
+def test_symlink_out_of_the_bucket_is_never_followed(edge: Daemon, tmp_path: Path) -> None:
+    """A symlink planted in the bucket that points outside it never serves the outside file (S1)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET-OUTSIDE-THE-BUCKET")
+    bucket = edge.data_dir / BUCKET
+    bucket.mkdir(parents=True, exist_ok=True)
+    (bucket / "link.txt").symlink_to(secret)
+    (bucket / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+
+    for target in ("/link.txt", "/linkdir/secret.txt"):
+        reply = edge.request(target)
+        assert reply.status != 500
+        assert reply.status != 200
+        assert b"TOP-SECRET" not in reply.body
+        assert reply.header("x-cos-request-id")
