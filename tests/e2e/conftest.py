@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from email.message import Message
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -56,6 +56,9 @@ class Daemon:
     root: Path
     origin: str
     fill: dict[str, float] = attrs.field(factory=dict)
+    #: More buckets: name -> (origin, origin_pull).
+    buckets: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
+    request_timeout: float = 10
     port: int = attrs.field(factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -96,7 +99,7 @@ listen = ["tcp:{self.port}:interface=127.0.0.1"]
 domains = ["file.myqcloud.com"]
 data_dir = "{self.data_dir}"
 access_log = "{self.access_log}"
-request_timeout = 10
+request_timeout = {self.request_timeout}
 
 [fill]
 {fill}
@@ -105,6 +108,10 @@ request_timeout = 10
 origin = "{self.origin}"
 origin_pull = true
 """
+            + "".join(
+                f'\n[buckets."{name}"]\norigin = "{origin}"\norigin_pull = {str(pull).lower()}\n'
+                for name, (origin, pull) in self.buckets.items()
+            )
         )
 
     def start(self) -> None:
@@ -164,6 +171,14 @@ origin_pull = true
         out = self.stdout_path.read_text("utf-8", "replace") if self.stdout_path.exists() else ""
         err = self.stderr_path.read_text("utf-8", "replace") if self.stderr_path.exists() else ""
         return out + ("\n--- stderr ---\n" + err if err else "")
+
+    def problems(self, since: int = 0) -> list[str]:
+        """Critical events and tracebacks in the daemon's log after offset ``since``."""
+        return [
+            line
+            for line in self.log()[since:].splitlines()
+            if "#critical]" in line or "#error]" in line or "Traceback (most recent call last)" in line
+        ]
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Poll (bounded) the daemon's log until ``pattern`` matches a line."""
@@ -247,13 +262,15 @@ def raw_request(port: int, data: bytes, *, method: str = "GET", timeout: float =
     return Reply(int(status), headers, body)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if report.failed:
         for daemon in _daemons_in_test:
             report.sections.append((f"cosedge daemon log ({daemon.root})", daemon.log()))
+    return report
 
 
 @pytest.fixture(autouse=True)
@@ -300,11 +317,20 @@ def make_daemon(tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOri
     yield make
     for daemon in daemons:
         daemon.stop()
+    for daemon in daemons:
+        assert daemon.problems() == [], "the daemon logged an unexpected error"
+
+
+#: Extra buckets of the shared daemon: one whose origin refuses connections
+#: (its port is closed), one with origin-pull off.
+DEAD_BUCKET = "dead-1250000000"
+OFF_BUCKET = "off-1250000000"
 
 
 @pytest.fixture(scope="module")
 def _module_daemon(tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path_factory.mktemp("cosedge"), origin.netloc, dict(FAST_FILL))
+    buckets = {DEAD_BUCKET: (f"127.0.0.1:{free_port()}", True), OFF_BUCKET: (origin.netloc, False)}
+    daemon = Daemon(tmp_path_factory.mktemp("cosedge"), origin.netloc, dict(FAST_FILL), buckets, request_timeout=2)
     try:
         daemon.start()
         yield daemon
@@ -313,13 +339,19 @@ def _module_daemon(tmp_path_factory: pytest.TempPathFactory, origin: Misbehaving
 
 
 @pytest.fixture
-def edge(_module_daemon: Daemon) -> Daemon:
-    """The daemon shared by a test module (tests use distinct keys); restarted if a test left it down."""
+def edge(_module_daemon: Daemon) -> Iterator[Daemon]:
+    """
+    The daemon shared by a test module (tests use distinct keys); restarted
+    if a test left it down.  The test fails if the daemon logged an
+    unexpected error or traceback while it ran.
+    """
     if _module_daemon.proc is None or _module_daemon.proc.poll() is not None:
         _module_daemon.proc = None
         _module_daemon.start()
     _daemons_in_test.append(_module_daemon)
-    return _module_daemon
+    since = len(_module_daemon.log())
+    yield _module_daemon
+    assert _module_daemon.problems(since) == [], "the daemon logged an unexpected error"
 
 
 def tmp_files(daemon: Daemon) -> list[str]:
