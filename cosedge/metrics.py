@@ -1,0 +1,296 @@
+"""
+The admin HTTP listener: ``/metrics`` (Prometheus), ``/livez`` and
+``/readyz``.
+
+It is a separate listener from the bucket listener on purpose: on the data
+port these paths would be object keys.  ``/metrics`` reads the daemon's
+counters (:class:`cosedge.stats.Stats`) and its filler at scrape time through
+a custom collector, so the hot paths only bump plain counters.  Only
+``prometheus_client``'s core and text formats are used; its Twisted module
+would install the reactor when imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from .stats import FILL_DURATION_BUCKETS
+
+__all__ = [
+    "AdminResource",
+    "AdminSite",
+    "EdgeCollector",
+    "Readiness",
+    "free_disk_check",
+    "make_registry",
+    "store_writable_check",
+]
+
+_log = Logger()
+
+#: A readiness check: None when fine, else a short reason for the operator.
+Check = Callable[[], str | None]
+
+# (event name in Stats.events, metric name, help)
+_COUNTERS = (
+    ("hits", "cosedge_hits", "Requests answered from a stored object."),
+    ("misses", "cosedge_misses", "Requests for an object the bucket does not hold."),
+    ("redirects", "cosedge_redirects", "Misses answered with a 302 to the origin."),
+    ("fills_started", "cosedge_fills_started", "Background fills started."),
+    ("fills_stored", "cosedge_fills_stored", "Background fills that stored their object."),
+    ("bytes_served", "cosedge_served_bytes", "Object bytes sent to clients."),
+    ("bytes_pulled", "cosedge_pulled_bytes", "Object bytes copied from origins and stored."),
+)
+_SKIPPED_PREFIX = "fills_skipped_"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cosedge")
+    except Exception:  # not installed (a source checkout on sys.path)
+        return "unknown"
+
+
+class EdgeCollector:
+    """
+    Turns an :class:`~cosedge.service.EdgeService`'s counters into metric
+    families at scrape time.  ``service`` needs ``stats``, ``filler``,
+    ``reactor`` and ``config``.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+        self._version = _version()
+
+    def describe(self) -> list[Metric]:
+        # Tell the registry nothing up front: the families are built on
+        # every scrape, and their label values change as the daemon runs.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service
+        stats = service.stats
+        filler = service.filler
+
+        info = InfoMetricFamily("cosedge", "cosedge build information.")
+        info.add_metric([], {"version": self._version})
+        yield info
+
+        responses = CounterMetricFamily(
+            "cosedge_http_responses", "Responses of the bucket listener, by HTTP status code.", labels=["code"]
+        )
+        for code, count in sorted(stats.statuses.items()):
+            responses.add_metric([str(code)], count)
+        yield responses
+
+        for event, name, doc in _COUNTERS:
+            yield CounterMetricFamily(name, doc, value=stats.events[event])
+
+        failed = CounterMetricFamily(
+            "cosedge_fills_failed", "Background fills that stored nothing, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(stats.fill_failures.items()):
+            failed.add_metric([reason], count)
+        yield failed
+
+        skipped = CounterMetricFamily(
+            "cosedge_fills_skipped",
+            "Misses that started no fill: the origin's 404 or a recent failure is remembered.",
+            labels=["reason"],
+        )
+        for event, count in sorted(stats.events.items()):
+            if event.startswith(_SKIPPED_PREFIX):
+                skipped.add_metric([event[len(_SKIPPED_PREFIX) :].replace("_", "-")], count)
+        yield skipped
+
+        yield GaugeMetricFamily("cosedge_fills_in_flight", "Fills running now.", value=filler.running)
+        yield GaugeMetricFamily("cosedge_fills_queued", "Fills waiting for a free slot.", value=filler.queued)
+        yield GaugeMetricFamily(
+            "cosedge_not_found_remembered",
+            "Keys whose origin 404 is remembered, so misses on them start no fill.",
+            value=_remembered_not_found(filler, service.reactor.seconds()),
+        )
+        yield GaugeMetricFamily("cosedge_buckets", "Buckets configured.", value=len(service.config.buckets))
+
+        cumulative = [
+            (_bound(b), float(n)) for b, n in zip(FILL_DURATION_BUCKETS, stats.fill_duration_counts, strict=True)
+        ]
+        cumulative.append(("+Inf", float(stats.fill_duration_count)))
+        yield HistogramMetricFamily(
+            "cosedge_fill_duration_seconds",
+            "Time from start to store of the fills that stored their object.",
+            buckets=cumulative,
+            sum_value=stats.fill_duration_sum,
+        )
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def _remembered_not_found(filler: Any, now: float) -> int:
+    # The filler keeps remembered 404s as {key: until}; expired entries are
+    # only dropped when next looked up, so count the live ones.
+    memory = getattr(filler, "_not_found", None) or {}
+    return sum(1 for until in memory.values() if until > now)
+
+
+def make_registry(service: Any, *, process: bool = True) -> CollectorRegistry:
+    """
+    A registry of its own for ``service`` (not prometheus_client's global
+    one, so several services can live in one process, as in tests): the
+    cosedge collector plus the standard process and platform collectors.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EdgeCollector(service))
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    return registry
+
+
+# -- readiness --
+
+
+def store_writable_check(store: Any) -> Check:
+    """
+    Can a fill write?  Writes a byte through the store's own temporary-file
+    path (``IObjectStore.begin``) and throws it away.
+    """
+
+    def check() -> str | None:
+        try:
+            pending = store.begin(".readyz", ("probe",))
+        except OSError as e:
+            return f"data directory not writable: {e}"
+        try:
+            pending.write(b"ok")
+        except OSError as e:
+            return f"data directory not writable: {e}"
+        finally:
+            pending.abort()
+        return None
+
+    return check
+
+
+def free_disk_check(data_dir: str, minimum: Callable[[], int], *, _free: Callable[[str], int] | None = None) -> Check:
+    """
+    Is there at least ``minimum()`` bytes free (for unprivileged users) on the
+    data directory's file system?
+    """
+
+    def free(path: str) -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+    measure = free if _free is None else _free
+
+    def check() -> str | None:
+        try:
+            available = measure(data_dir)
+        except OSError as e:
+            return f"cannot measure free disk space of {data_dir}: {e}"
+        needed = minimum()
+        if available < needed:
+            return f"free disk space {available} bytes is below the {needed}-byte minimum on {data_dir}"
+        return None
+
+    return check
+
+
+class Readiness:
+    """A list of checks; ready when none reports a problem."""
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        self.checks = list(checks)
+
+    def problems(self) -> list[str]:
+        found = []
+        for check in self.checks:
+            try:
+                problem = check()
+            except Exception as e:  # a broken check means "not ready", never a 500
+                _log.failure("readiness check {check!r} raised", check=check)
+                problem = f"readiness check failed: {e}"
+            if problem:
+                found.append(problem)
+        return found
+
+
+# -- the HTTP side --
+
+
+class AdminResource(Resource):
+    """
+    ``/metrics``, ``/livez`` and ``/readyz``; anything else is 404 and any
+    method but GET and HEAD is 405.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
+        super().__init__()
+        self.registry = registry
+        self.readiness = readiness
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return self._text(request, "method not allowed\n")
+        path = request.path.rstrip(b"/") or b"/"
+        if path == b"/metrics":
+            return self._metrics(request)
+        if path == b"/livez":
+            return self._text(request, "ok\n")
+        if path == b"/readyz":
+            problems = self.readiness.problems()
+            if problems:
+                request.setResponseCode(503)
+                return self._text(request, "not ready\n" + "".join(f"- {p}\n" for p in problems))
+            return self._text(request, "ready\n")
+        request.setResponseCode(404)
+        return self._text(request, "not found; try /metrics, /livez or /readyz\n")
+
+    def _metrics(self, request: Request) -> bytes:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self.registry)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        return body
+
+    @staticmethod
+    def _text(request: Request, text: str) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return text.encode("utf-8")
+
+
+class AdminSite(Site):
+    """The admin listener's factory: no access log (probes would flood it)."""
+
+    displayTracebacks = False
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
