@@ -12,6 +12,7 @@ from attrs import evolve
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .admin import check_config as check_admin_config
 from .config import ConfigError, load_config
 
 __all__ = ["Options", "makeService"]
@@ -51,6 +52,7 @@ class Options(usage.Options):
             config = load_config(self["config"])
             if self["listen"]:
                 config = evolve(config, server=evolve(config.server, listen=tuple(self["listen"])))
+            check_admin_config(config)  # [manhole] and the saved live changes
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
         self["parsed"] = config
