@@ -16,10 +16,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from email.message import Message
 from email.parser import BytesHeaderParser
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import pytest
@@ -59,6 +60,8 @@ class Daemon:
     #: More buckets: name -> (origin, origin_pull).
     buckets: dict[str, tuple[str, bool]] = attrs.field(factory=dict)
     request_timeout: float = 10
+    #: RLIMIT_FSIZE for the daemon (SIGXFSZ ignored): writes past it fail with EFBIG, like a full disk.
+    file_size_limit: int | None = None
     port: int = attrs.field(factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -121,7 +124,7 @@ origin_pull = true
         self.starts += 1
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(
-                [*_twistd(), "-n", "--pidfile=", "cosedge", "--config", str(self.config_path)],
+                [*self._limits(), *_twistd(), "-n", "--pidfile=", "cosedge", "--config", str(self.config_path)],
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -141,6 +144,19 @@ origin_pull = true
                 time.sleep(0.05)
         self.stop()
         pytest.fail(f"twistd cosedge did not listen on {self.port} within {START_TIMEOUT}s:\n{self.log()}")
+
+    def _limits(self) -> list[str]:
+        """A prefix that sets resource limits and then execs the rest of the command line."""
+        if self.file_size_limit is None:
+            return []
+        return [
+            sys.executable,
+            "-c",
+            "import os, resource, signal, sys;"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({self.file_size_limit}, {self.file_size_limit}));"
+            "os.execv(sys.argv[1], sys.argv[1:])",
+        ]
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit code."""
@@ -303,13 +319,18 @@ FAST_FILL = {
 }
 
 
+class MakeDaemon(Protocol):
+    def __call__(self, file_size_limit: int | None = None) -> Daemon: ...
+
+
 @pytest.fixture
-def make_daemon(tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin) -> Iterator[Callable[[], Daemon]]:
+def make_daemon(tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin) -> Iterator[MakeDaemon]:
     """Start a daemon of one's own (stopped at the end of the test)."""
     daemons: list[Daemon] = []
 
-    def make() -> Daemon:
+    def make(file_size_limit: int | None = None) -> Daemon:
         daemon = Daemon(tmp_path_factory.mktemp("cosedge"), origin.netloc, dict(FAST_FILL))
+        daemon.file_size_limit = file_size_limit
         daemons.append(daemon)
         daemon.start()
         return daemon

@@ -9,6 +9,8 @@ first segment of the request path (the rest only names the object):
 ``/1.jpg``                the seed document's example: 200, ``image/jpeg``
 ``/ok/...``               200 with Content-Length (keep-alive)
 ``/empty/...``            200, ``Content-Length: 0`` (F15)
+``/overlong/...``         100 bytes more than the declared Content-Length (F7)
+``/overlong-late/...``    a whole response, then an unasked-for second one
 ``/truncated/...``        half of the declared Content-Length, then close (F1)
 ``/chunked-cut/...``      chunked, two chunks, no final chunk, then close (F2)
 ``/unframed/...``         no length, no chunking, body ends at close (F3)
@@ -193,6 +195,14 @@ class MisbehavingOrigin:
         if path == "/1.jpg" or first in ("ok", "empty"):
             extra = [("Cache-Control", "max-age=60"), ("x-cos-meta-origin", "e2e")]
             send(_head("200 OK", framed + extra) + (b"" if method == "HEAD" else body))
+            return True
+        if first == "overlong":  # F7: more bytes than declared, on a kept-alive connection
+            send(_head("200 OK", framed) + body + b"X" * 100)
+            return True
+        if first == "overlong-late":  # the extra bytes arrive after the response is complete
+            send(_head("200 OK", framed) + body)
+            time.sleep(0.2)
+            send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSMUGG")
             return True
         if first == "truncated":
             send(_head("200 OK", framed + [("Connection", "close")]) + body[: len(body) // 2])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BUCKET, DEAD_BUCKET, HOST, OFF_BUCKET, Daemon, Reply, tmp_files
+from .conftest import BUCKET, DEAD_BUCKET, HOST, OFF_BUCKET, Daemon, MakeDaemon, Reply, tmp_files
 from .origin import MisbehavingOrigin, body_for, content_type_for
 
 pytestmark = pytest.mark.e2e
@@ -140,6 +140,26 @@ def test_a_bad_origin_answer_stores_nothing(edge: Daemon, origin: MisbehavingOri
     assert not edge.object_path(key).exists()
 
 
+@pytest.mark.parametrize("kind", ["overlong", "overlong-late"])
+def test_bytes_beyond_content_length_are_never_stored(edge: Daemon, origin: MisbehavingOrigin, kind: str) -> None:
+    """
+    An origin that sends more than it declared (F7) — in the same packet, or
+    as an unasked-for response on the kept-alive connection — never gets the
+    extra bytes into the bucket: the object is exactly the declared
+    representation, and the next copy over the same origin is not corrupted.
+    """
+    key = f"{kind}/f7.bin"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    assert edge.object_path(key).read_bytes() == body_for(f"/{key}")
+    time.sleep(0.3)  # let any extra bytes reach the daemon's pooled connection
+    after = f"ok/after-{kind}.bin"
+    assert_redirect(edge.request(f"/{after}"), origin, after)
+    assert edge.fill_outcome(after) == "stored"
+    assert edge.object_path(after).read_bytes() == body_for(f"/{after}")
+    assert tmp_files(edge) == []
+
+
 def test_client_disconnect_does_not_stop_the_fill(edge: Daemon, origin: MisbehavingOrigin) -> None:
     """
     A client that hangs up right after receiving its 302 does not cut the
@@ -165,9 +185,7 @@ def test_client_disconnect_does_not_stop_the_fill(edge: Daemon, origin: Misbehav
     assert_served(edge, key)
 
 
-def test_sigkill_mid_fill_leaves_no_partial_object(
-    make_daemon: Callable[[], Daemon], origin: MisbehavingOrigin
-) -> None:
+def test_sigkill_mid_fill_leaves_no_partial_object(make_daemon: MakeDaemon, origin: MisbehavingOrigin) -> None:
     """
     If the daemon is killed outright in the middle of a copy, the half-copied
     object never becomes visible; on restart the leftover temporary file is
@@ -197,9 +215,7 @@ def test_sigkill_mid_fill_leaves_no_partial_object(
     assert_served(daemon, key)
 
 
-def test_graceful_stop_cancels_fills_and_cleans_up(
-    make_daemon: Callable[[], Daemon], origin: MisbehavingOrigin
-) -> None:
+def test_graceful_stop_cancels_fills_and_cleans_up(make_daemon: MakeDaemon, origin: MisbehavingOrigin) -> None:
     """
     SIGTERM while fills are running (one waiting for the origin's headers,
     one half-way through a large body) stops the daemon within a few seconds:
@@ -280,6 +296,29 @@ def test_range_miss_copies_the_whole_object(edge: Daemon, origin: MisbehavingOri
     reply = edge.request(f"/{key}", headers={"Range": "bytes=0-9"})
     assert reply.status == 206
     assert reply.body == body_for(f"/{key}")[:10]
+
+
+def test_write_failure_is_a_clean_miss_and_hits_still_served(
+    make_daemon: MakeDaemon, origin: MisbehavingOrigin
+) -> None:
+    """
+    When the disk refuses a write half-way through a copy (here: the
+    daemon's file-size limit, as a full disk would), nothing is stored, no
+    temporary file is left, and the daemon goes on copying and serving the
+    objects that fit (F12).
+    """
+    daemon = make_daemon(file_size_limit=512 * 1024)
+    big, small = "slow/f12.bin", "ok/f12.bin"
+    origin.release(f"/{big}")
+    assert_redirect(daemon.request(f"/{big}"), origin, big)
+    assert daemon.fill_outcome(big) == "disk-error"
+    assert not daemon.object_path(big).exists()
+    assert tmp_files(daemon) == []
+
+    assert_redirect(daemon.request(f"/{small}"), origin, small)
+    assert daemon.fill_outcome(small) == "stored"
+    assert_served(daemon, small)
+    assert_redirect(daemon.request(f"/{big}"), origin, big)
 
 
 def test_empty_object_is_stored_and_served(edge: Daemon, origin: MisbehavingOrigin) -> None:
