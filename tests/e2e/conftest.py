@@ -320,16 +320,16 @@ FAST_FILL = {
 
 
 class MakeDaemon(Protocol):
-    def __call__(self, file_size_limit: int | None = None) -> Daemon: ...
+    def __call__(self, file_size_limit: int | None = None, **fill: float) -> Daemon: ...
 
 
 @pytest.fixture
 def make_daemon(tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin) -> Iterator[MakeDaemon]:
-    """Start a daemon of one's own (stopped at the end of the test)."""
+    """Start a daemon of one's own, with [fill] settings overridden (stopped at the end of the test)."""
     daemons: list[Daemon] = []
 
-    def make(file_size_limit: int | None = None) -> Daemon:
-        daemon = Daemon(tmp_path_factory.mktemp("cosedge"), origin.netloc, dict(FAST_FILL))
+    def make(file_size_limit: int | None = None, **fill: float) -> Daemon:
+        daemon = Daemon(tmp_path_factory.mktemp("cosedge"), origin.netloc, {**FAST_FILL, **fill})
         daemon.file_size_limit = file_size_limit
         daemons.append(daemon)
         daemon.start()

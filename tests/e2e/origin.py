@@ -9,6 +9,8 @@ first segment of the request path (the rest only names the object):
 ``/1.jpg``                the seed document's example: 200, ``image/jpeg``
 ``/ok/...``               200 with Content-Length (keep-alive)
 ``/empty/...``            200, ``Content-Length: 0`` (F15)
+``/chunked/...``          200, a complete chunked body (keep-alive)
+``/flaky/...``            500 to the first GET, 200 to every later one
 ``/overlong/...``         100 bytes more than the declared Content-Length (F7)
 ``/overlong-late/...``    a whole response, then an unasked-for second one
 ``/truncated/...``        half of the declared Content-Length, then close (F1)
@@ -195,6 +197,19 @@ class MisbehavingOrigin:
         if path == "/1.jpg" or first in ("ok", "empty"):
             extra = [("Cache-Control", "max-age=60"), ("x-cos-meta-origin", "e2e")]
             send(_head("200 OK", framed + extra) + (b"" if method == "HEAD" else body))
+            return True
+        if first == "chunked":
+            send(_head("200 OK", [("Content-Type", ctype), ("Transfer-Encoding", "chunked")]))
+            for start in range(0, len(body), 7000):
+                piece = body[start : start + 7000]
+                send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            send(b"0\r\n\r\n")
+            return True
+        if first == "flaky":
+            if self.gets(path) == 1:
+                send(_head("500 Internal Server Error", [("Content-Length", "0")]))
+            else:
+                send(_head("200 OK", framed) + body)
             return True
         if first == "overlong":  # F7: more bytes than declared, on a kept-alive connection
             send(_head("200 OK", framed) + body + b"X" * 100)

@@ -321,6 +321,46 @@ def test_write_failure_is_a_clean_miss_and_hits_still_served(
     assert_redirect(daemon.request(f"/{big}"), origin, big)
 
 
+def test_complete_chunked_body_is_stored(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """An origin that sends a complete chunked body (no Content-Length) is copied and served normally."""
+    key = "chunked/whole.bin"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    assert_served(edge, key)
+
+
+@pytest.mark.parametrize("key", ["ok/f8.bin", "chunked/f8.bin"], ids=["declared-length", "chunked"])
+def test_object_over_the_size_limit_is_not_copied(make_daemon: MakeDaemon, origin: MisbehavingOrigin, key: str) -> None:
+    """
+    An object larger than max_object_size is not copied (F8), whether the
+    origin declares its length up front or only reveals it while sending.
+    """
+    daemon = make_daemon(max_object_size=10_000)
+    assert_redirect(daemon.request(f"/{key}"), origin, key)
+    assert daemon.fill_outcome(key) == "too-large"
+    assert not daemon.object_path(key).exists()
+    assert tmp_files(daemon) == []
+
+
+def test_failed_copy_is_retried_after_the_back_off(make_daemon: MakeDaemon, origin: MisbehavingOrigin) -> None:
+    """
+    After a failed copy the key is not fetched again at once, but a miss
+    after the back-off copies it (F11).
+    """
+    daemon = make_daemon(retry_backoff=1)
+    key = "flaky/f11.bin"
+    assert_redirect(daemon.request(f"/{key}"), origin, key)
+    assert daemon.fill_outcome(key) == "http-500"
+    assert_redirect(daemon.request(f"/{key}"), origin, key)
+    time.sleep(1.2)
+    assert origin.gets(f"/{key}") == 1, "the failed key was fetched again during its back-off"
+
+    assert_redirect(daemon.request(f"/{key}"), origin, key)
+    assert daemon.wait_for_log(rf"fill {BUCKET}/flaky/f11\.bin stored")
+    assert origin.gets(f"/{key}") == 2
+    assert_served(daemon, key)
+
+
 def test_empty_object_is_stored_and_served(edge: Daemon, origin: MisbehavingOrigin) -> None:
     """A 0-byte file at the origin is a valid object: stored, then served with Content-Length: 0."""
     key = "empty/zero.txt"
