@@ -1,0 +1,634 @@
+"""
+Live administration without a reactor: the ``edge`` façade, persistence of
+live changes, reloads, the ``[manhole]`` section, telnet passwords and the
+shell protocol driven over an in-memory transport.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from treq.testing import RequestTraversalAgent
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+
+from cosedge import admin
+from cosedge.admin import AdminError, Edge, LiveConfig, check_config, parse_manhole
+from cosedge.config import BucketConfig, Config, ConfigError, Origin, ServerConfig, load_config
+from cosedge.service import EdgeService, build_service
+from cosedge.state import State, StateFile, state_path
+from cosedge.store import DiskStore
+from cosedge.testing import FakeOrigin
+
+BUCKET = "example-1250000000"
+NEW = "new-1250000000"
+FILE_ORIGIN = "127.0.0.1:8081"
+
+
+@pytest.fixture
+def audit_lines() -> Iterator[list[dict[str, Any]]]:
+    """The audit events logged during the test."""
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "cosedge.audit":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def toml_for(data_dir: Path, extra: str = "", origin_pull: bool = True) -> str:
+    return f"""
+[server]
+listen = ["tcp:0:interface=127.0.0.1"]
+data_dir = "{data_dir}"
+access_log = ""
+
+[buckets."{BUCKET}"]
+origin = "{FILE_ORIGIN}"
+origin_pull = {str(origin_pull).lower()}
+{extra}
+"""
+
+
+class Harness:
+    """A whole service built as ``twistd cosedge`` builds it, on a MemoryReactorClock."""
+
+    def __init__(self, root: Path, extra: str = "") -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.config_file = root / "cosedge.toml"
+        self.config_file.write_text(toml_for(self.data_dir, extra))
+        self.origin = FakeOrigin()
+        self.agent = RequestTraversalAgent(self.origin)
+        self.service = self.build()
+
+    def build(self) -> EdgeService:
+        config = load_config(self.config_file)
+        return build_service(
+            config,
+            MemoryReactorClock(),
+            config_path=str(self.config_file),
+            _agent=self.agent,
+            _store=DiskStore(str(self.data_dir)),
+        )
+
+    @property
+    def live(self) -> LiveConfig:
+        live: LiveConfig = self.service.getServiceNamed("admin")
+        return live
+
+    def edge(self, channel: str = "test") -> Edge:
+        return self.live.edge(channel)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(state_path(str(self.data_dir)))
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+# -- the façade: buckets and origins --
+
+
+def test_set_origin_applies_at_once_and_is_saved(harness: Harness, audit_lines: list[dict[str, Any]]) -> None:
+    """
+    A valid origin is in the running configuration at once (the next request
+    reads it), saved in the state file, and logged as one audit line with
+    what changed, from what, to what and through which channel.
+    """
+    result = harness.edge("ssh:admin@127.0.0.1").set_origin(BUCKET, "abc.example.com:8080")
+    assert repr(result) == f"origin of {BUCKET}: {FILE_ORIGIN} -> abc.example.com:8080"
+    assert harness.service.config.buckets[BUCKET].origin == Origin("abc.example.com", 8080)
+    assert StateFile(str(harness.state_file)).load().buckets[BUCKET] == {"origin": "abc.example.com:8080"}
+    assert len(audit_lines) == 1
+    event = audit_lines[0]
+    assert (event["what"], event["subject"], event["old"], event["new"], event["channel"]) == (
+        "origin",
+        BUCKET,
+        FILE_ORIGIN,
+        "abc.example.com:8080",
+        "ssh:admin@127.0.0.1",
+    )
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://abc.example.com",
+        "https://abc.example.com",
+        "abc.example.com/images",
+        "abc.example.com?x=1",
+        "user@abc.example.com",
+        "",
+        "   ",
+        "abc example.com",
+        "abc.example.com:",
+        "abc.example.com:0",
+        "abc.example.com:65536",
+        "abc.example.com:http",
+        "10.10.10.256",
+        "-abc.example.com",
+        None,
+        8080,
+    ],
+)
+def test_set_origin_refuses_every_invalid_form_and_changes_nothing(
+    harness: Harness, audit_lines: list[dict[str, Any]], address: Any
+) -> None:
+    """
+    Each form the seed document forbids (a scheme, a path, blanks, a bad port,
+    not a domain or IPv4 address) is refused with a clear message; the
+    running configuration, the state file and the audit log stay untouched.
+    """
+    before = harness.service.config
+    with pytest.raises(AdminError) as e:
+        harness.edge().set_origin(BUCKET, address)
+    assert "nothing changed" in str(e.value)
+    assert "origin" in str(e.value)
+    assert harness.service.config is before
+    assert not harness.state_file.exists()
+    assert audit_lines == []
+
+
+def test_set_origin_on_an_unknown_bucket_names_the_known_ones(harness: Harness) -> None:
+    """A typo in the bucket name is refused and the message lists the real buckets."""
+    with pytest.raises(AdminError, match=f"no bucket named 'exmple-1250000000'.*{BUCKET}"):
+        harness.edge().set_origin("exmple-1250000000", "10.10.10.10")
+
+
+def test_origin_pull_cannot_be_enabled_without_an_origin(harness: Harness) -> None:
+    """As the seed says, enabling origin-pull without an address cannot be saved."""
+    edge = harness.edge()
+    edge.add_bucket(NEW)
+    with pytest.raises(AdminError, match="no origin address"):
+        edge.enable_origin_pull(NEW)
+    assert harness.service.config.buckets[NEW].origin_pull is False
+    edge.set_origin(NEW, "10.10.10.10:8080")
+    assert repr(edge.enable_origin_pull(NEW)) == f"origin_pull of {NEW}: off -> on"
+    assert harness.service.config.buckets[NEW] == BucketConfig(origin="10.10.10.10:8080", origin_pull=True)
+
+
+def test_disable_origin_pull_turns_misses_into_404(harness: Harness) -> None:
+    """Disabling origin-pull is applied at once; doing it twice changes nothing more."""
+    edge = harness.edge()
+    assert repr(edge.disable_origin_pull(BUCKET)) == f"origin_pull of {BUCKET}: on -> off"
+    assert harness.service.config.buckets[BUCKET].origin_pull is False
+    assert repr(edge.disable_origin_pull(BUCKET)) == f"origin_pull of {BUCKET}: unchanged"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "words"),
+    [
+        (("Example-1",), {}, "bucket name"),
+        (("example",), {}, "bucket name"),
+        ((BUCKET,), {}, "already exists"),
+        ((NEW,), {"origin_pull": True}, "without an origin"),
+        ((NEW,), {"origin": "http://x.example.com"}, "scheme"),
+        ((NEW,), {"origin": ""}, "empty"),
+        ((NEW,), {"origin": "x.example.com", "origin_pull": "yes"}, "True or False"),
+    ],
+)
+def test_add_bucket_refuses_invalid_input(
+    harness: Harness, args: tuple[Any, ...], kwargs: dict[str, Any], words: str
+) -> None:
+    """A bad name, an existing bucket, or a bad origin adds nothing."""
+    before = harness.service.config
+    with pytest.raises(AdminError, match=words):
+        harness.edge().add_bucket(*args, **kwargs)
+    assert harness.service.config is before
+
+
+def test_remove_bucket_keeps_the_objects_and_adding_it_back_serves_them(harness: Harness) -> None:
+    """Removing a bucket never deletes its files; adding it again brings it back whole."""
+    stored = harness.data_dir / BUCKET / "1.jpg"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"jpeg")
+    edge = harness.edge()
+    message = edge.remove_bucket(BUCKET)
+    assert "stay in" in repr(message)
+    assert BUCKET not in harness.service.config.buckets
+    assert stored.read_bytes() == b"jpeg"
+    edge.add_bucket(BUCKET, origin="10.0.0.1", origin_pull=True)
+    assert harness.service.config.buckets[BUCKET] == BucketConfig(origin="10.0.0.1", origin_pull=True)
+    assert stored.read_bytes() == b"jpeg"
+
+
+def test_a_restart_keeps_every_live_change(harness: Harness) -> None:
+    """A new daemon built from the same file and data directory starts with the live changes."""
+    edge = harness.edge()
+    edge.set_origin(BUCKET, "10.10.10.10:8080")
+    edge.add_bucket(NEW, origin="abc.example.com", origin_pull=True)
+    restarted = harness.build()
+    assert restarted.config.buckets == harness.service.config.buckets
+    assert restarted.config.buckets[BUCKET].origin == Origin("10.10.10.10", 8080)
+    assert NEW in restarted.config.buckets
+
+
+def test_a_change_that_cannot_be_saved_is_not_applied(
+    harness: Harness, audit_lines: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """If the state file cannot be written the change is refused: never half-applied."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    harness.live.state_file = StateFile(str(blocker / "state.json"))
+    before = harness.service.config
+    with pytest.raises(AdminError, match="could not save"):
+        harness.edge().set_origin(BUCKET, "10.10.10.10")
+    assert harness.service.config is before
+    assert harness.live.state == State()
+    assert audit_lines == []
+
+
+def test_changes_and_revert_show_and_undo_live_changes(harness: Harness) -> None:
+    """An operator can list live changes and hand a bucket back to the configuration file."""
+    edge = harness.edge()
+    assert repr(edge.changes()) == "(none)"
+    edge.set_origin(BUCKET, "10.10.10.10")
+    assert edge.changes() == [{"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10"}]
+    assert repr(edge.revert(BUCKET)) == f"origin of {BUCKET}: 10.10.10.10 -> {FILE_ORIGIN} (the file's settings apply)"
+    assert str(harness.service.config.buckets[BUCKET].origin) == FILE_ORIGIN
+    with pytest.raises(AdminError, match="no live changes"):
+        edge.revert(BUCKET)
+
+
+def test_buckets_lists_origin_pull_and_usage(harness: Harness) -> None:
+    """edge.buckets() shows each bucket; usage=True adds object count and bytes."""
+    (harness.data_dir / BUCKET / "a").mkdir(parents=True)
+    (harness.data_dir / BUCKET / "a" / "b.jpg").write_bytes(b"12345")
+    edge = harness.edge()
+    rows = edge.buckets(usage=True)
+    assert rows == [
+        {"bucket": BUCKET, "origin": FILE_ORIGIN, "origin_pull": True, "live": "", "objects": 1, "bytes": 5}
+    ]
+    text = repr(edge.buckets())
+    assert text.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live"]
+    assert text.splitlines()[1].split() == [BUCKET, FILE_ORIGIN, "on"]
+
+
+def test_stats_and_fills_report_the_counters(harness: Harness) -> None:
+    """edge.stats() shows the service's counters and fills running/queued; fills() is empty at rest."""
+    harness.service.stats.inc("hits", 3)
+    harness.service.stats.fill_failed("http-404")
+    report = harness.edge().stats()
+    assert report["hits"] == 3
+    assert report["fills_failed_by_reason"] == {"http-404": 1}
+    assert report["fills_running"] == 0 and report["fills_queued"] == 0
+    assert "hits" in repr(report)
+    assert repr(harness.edge().fills()) == "(none)"
+
+
+# -- the façade: objects --
+
+
+def test_purge_deletes_one_stored_object(harness: Harness, audit_lines: list[dict[str, Any]]) -> None:
+    """purge removes the stored file (audited); purging again says nothing was stored."""
+    stored = harness.data_dir / BUCKET / "img" / "a b.jpg"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"x")
+    edge = harness.edge()
+    assert repr(edge.purge(BUCKET, "img/a b.jpg")) == f"purged {BUCKET}/img/a b.jpg"
+    assert not stored.exists()
+    assert [e["what"] for e in audit_lines] == ["object"]
+    assert "not stored" in repr(edge.purge(BUCKET, "img/a b.jpg"))
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "a/../../b", ".cosedge/state.json", "a\x00b", "", "/", 7])
+def test_purge_refuses_keys_that_could_leave_the_bucket(harness: Harness, key: Any) -> None:
+    """Keys are validated like request keys: nothing outside the bucket can be deleted."""
+    harness.state_file.parent.mkdir(parents=True, exist_ok=True)
+    harness.state_file.write_text('{"version": 1}')
+    with pytest.raises(AdminError):
+        harness.edge().purge(BUCKET, key)
+    assert harness.state_file.exists()
+
+
+def test_prefetch_copies_an_object_now(harness: Harness) -> None:
+    """prefetch pulls one object from the origin and fires with the outcome."""
+    harness.origin.add("1.jpg", b"jpeg bytes", content_type="image/jpeg")
+    d = harness.edge().prefetch(BUCKET, "1.jpg")
+    results: list[Any] = []
+    d.addBoth(results.append)
+    for _ in range(20):
+        if results:
+            break
+        harness.agent.flush()
+    assert results and results[0].stored, results
+    assert (harness.data_dir / BUCKET / "1.jpg").read_bytes() == b"jpeg bytes"
+
+
+def test_prefetch_needs_an_origin(harness: Harness) -> None:
+    """A bucket without an origin cannot prefetch."""
+    harness.edge().add_bucket(NEW)
+    with pytest.raises(AdminError, match="no origin"):
+        harness.edge().prefetch(NEW, "1.jpg")
+
+
+def test_help_names_every_command(harness: Harness) -> None:
+    """help(edge) documents each command an operator needs."""
+    import pydoc
+
+    text = pydoc.render_doc(harness.edge(), renderer=pydoc.plaintext)
+    for name in [
+        "buckets",
+        "set_origin",
+        "enable_origin_pull",
+        "disable_origin_pull",
+        "add_bucket",
+        "remove_bucket",
+        "fills",
+        "stats",
+        "purge",
+        "prefetch",
+        "reload",
+        "revert",
+    ]:
+        assert f"edge.{name}(" in text
+
+
+# -- reload (SIGHUP) --
+
+
+def test_reload_applies_a_good_file_and_keeps_live_changes(
+    harness: Harness, audit_lines: list[dict[str, Any]]
+) -> None:
+    """
+    A reload reads the edited file; live changes stay on top of it, and every
+    resulting change is audited with the reload's channel.
+    """
+    harness.edge().set_origin(BUCKET, "10.10.10.10")
+    audit_lines.clear()
+    harness.config_file.write_text(
+        toml_for(harness.data_dir, f'[buckets."{NEW}"]\norigin = "10.0.0.2"\norigin_pull = true\n', origin_pull=False)
+    )
+    changes = harness.live.reload("sighup")
+    config = harness.service.config
+    assert config.buckets[BUCKET] == BucketConfig(origin="10.10.10.10", origin_pull=False)
+    assert config.buckets[NEW] == BucketConfig(origin="10.0.0.2", origin_pull=True)
+    assert {(c.what, c.subject) for c in changes} == {("origin_pull", BUCKET), ("bucket", NEW)}
+    assert {e["channel"] for e in audit_lines} == {"sighup"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "this is not toml [",
+        '[buckets."example-1250000000"]\norigin = "http://abc.example.com"\n',
+        '[buckets."example-1250000000"]\norigin_pull = true\n',
+        '[manhole]\ntelnet = "tcp:2323"\n',
+    ],
+)
+def test_reload_rejects_a_bad_file_and_keeps_running(harness: Harness, text: str) -> None:
+    """A broken or invalid file is rejected; the running configuration stays as it was."""
+    before = harness.service.config
+    harness.config_file.write_text(text)
+    with pytest.raises(AdminError, match="reload rejected"):
+        harness.live.reload("sighup")
+    assert harness.service.config is before
+
+
+def test_sighup_reloads_through_the_reactor_and_is_restored_on_stop(harness: Harness) -> None:
+    """
+    The SIGHUP handler hands the reload to the reactor thread (never runs it
+    inside the signal handler) and the previous handler is back after stop.
+    """
+
+    @implementer(IReactorThreads)
+    class ThreadsReactor(MemoryReactorClock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.from_thread: list[Callable[[], None]] = []
+
+        def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            self.from_thread.append(lambda: f(*args, **kwargs))
+
+    reactor = ThreadsReactor()
+    harness.service.reactor = reactor
+    previous = signal.getsignal(signal.SIGHUP)
+    harness.live.startService()
+    try:
+        harness.config_file.write_text(toml_for(harness.data_dir, origin_pull=False))
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while not reactor.from_thread and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert harness.service.config.buckets[BUCKET].origin_pull is True  # not yet: queued for the reactor
+        assert len(reactor.from_thread) == 1
+        reactor.from_thread.pop()()
+        assert harness.service.config.buckets[BUCKET].origin_pull is False
+    finally:
+        harness.live.stopService()
+    assert signal.getsignal(signal.SIGHUP) == previous
+
+
+def test_no_sighup_handler_without_a_threaded_reactor(harness: Harness) -> None:
+    """Unit-test services (MemoryReactorClock) never touch the process's signal handlers."""
+    previous = signal.getsignal(signal.SIGHUP)
+    harness.live.startService()
+    assert signal.getsignal(signal.SIGHUP) == previous
+    harness.live.stopService()
+
+
+def test_start_refuses_live_changes_that_no_longer_fit(harness: Harness) -> None:
+    """A state file at odds with the file stops the start with a clear message, before serving."""
+    harness.edge().set_origin(BUCKET, "10.10.10.10")
+    harness.state_file.write_text('{"version": 1, "buckets": {"example-1250000000": {"origin_pull": true}}}')
+    harness.config_file.write_text(toml_for(harness.data_dir).replace(f'origin = "{FILE_ORIGIN}"', ""))
+    with pytest.raises(ConfigError, match="origin_pull cannot be enabled"):
+        check_config(load_config(harness.config_file))
+    with pytest.raises(ConfigError, match="origin_pull cannot be enabled"):
+        harness.build()
+
+
+# -- the [manhole] section --
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    """An authorized_keys file with one key and a password file with one user."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from twisted.conch.ssh import keys
+
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    authorized = tmp_path / "authorized_keys"
+    authorized.write_bytes(b"# operators\n" + key.public().toString("openssh") + b" op@laptop\n")
+    passwords = tmp_path / "passwd"
+    passwords.write_text("# users\nalice:" + admin.hash_password("s3cret") + "\n")
+    return {"keys": str(authorized), "passwords": str(passwords), "dir": str(tmp_path)}
+
+
+def test_a_good_manhole_section_is_accepted(files: dict[str, str]) -> None:
+    """SSH with keys plus telnet on loopback with passwords is a valid setup."""
+    settings = parse_manhole(
+        {
+            "ssh": "tcp:2222:interface=127.0.0.1",
+            "ssh_authorized_keys": files["keys"],
+            "telnet": "tcp:2323:interface=127.0.0.1",
+            "telnet_passwords": files["passwords"],
+        },
+        "var",
+    )
+    assert settings.ssh_host_key == os.path.join("var", ".cosedge", "ssh_host_ed25519_key")
+    admin.check_manhole_files(settings)
+    unix = parse_manhole({"telnet": "unix:/run/cosedge/manhole.sock"}, "var")
+    assert admin.telnet_endpoint_parts(unix.telnet or "")[0] == "unix"
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ({}, "neither ssh nor telnet"),
+        ({"telnet": "tcp:2323"}, "refusing to listen for telnet on all interfaces"),
+        ({"telnet": "tcp:2323:interface=0.0.0.0", "telnet_passwords": "p"}, "refusing to listen for telnet"),
+        ({"telnet": "tcp:2323:interface=10.1.2.3", "telnet_passwords": "p"}, "interface '10.1.2.3'"),
+        ({"telnet": "tcp:2323:interface=localhost", "telnet_passwords": "p"}, "refusing"),
+        ({"telnet": "tcp:2323:interface=127.0.0.1"}, "telnet on TCP needs telnet_passwords"),
+        ({"telnet": "unix:/tmp/m.sock:mode=666"}, "mode 600"),
+        ({"telnet": "ssl:2323"}, "only 'unix:PATH' or 'tcp:PORT"),
+        ({"telnet": "tcp:notaport:interface=127.0.0.1", "telnet_passwords": "p"}, "not a valid endpoint"),
+        ({"ssh": "tcp:2222"}, "ssh needs ssh_authorized_keys"),
+        ({"ssh": "nonsense:1", "ssh_authorized_keys": "k"}, "ssh 'nonsense:1' is not a valid endpoint"),
+        ({"ssh": 2222, "ssh_authorized_keys": "k"}, "ssh must be a non-empty string"),
+        ({"ssh_authorized_keys": "k", "telnet": "unix:/tmp/m.sock"}, "ssh_authorized_keys is set but ssh is not"),
+        ({"telnet": "unix:/tmp/m.sock", "port": 1}, "unknown setting(s) port"),
+    ],
+)
+def test_a_bad_manhole_section_is_refused_naming_the_field(table: dict[str, Any], words: str) -> None:
+    """Every unsafe or malformed [manhole] setting stops the daemon with a message naming it."""
+    with pytest.raises(ConfigError) as e:
+        parse_manhole(table, "var")
+    assert words in str(e.value)
+    assert str(e.value).startswith("[manhole]")
+
+
+def test_manhole_files_are_checked_before_start(files: dict[str, str], tmp_path: Path) -> None:
+    """Unreadable or unusable key and password files are refused at start, naming the file."""
+    empty = tmp_path / "empty_keys"
+    empty.write_text("# nobody yet\n")
+    bad = tmp_path / "bad_passwd"
+    bad.write_text("alice:plaintext\n")
+    public = tmp_path / "host_key.pub"
+    public.write_text(Path(files["keys"]).read_text().splitlines()[1])
+    cases = [
+        ({"ssh": "tcp:2222", "ssh_authorized_keys": str(tmp_path / "missing")}, "cannot read"),
+        ({"ssh": "tcp:2222", "ssh_authorized_keys": str(empty)}, "no usable public key"),
+        ({"ssh": "tcp:2222", "ssh_authorized_keys": files["keys"], "ssh_host_key": str(public)}, "public key"),
+        ({"telnet": "unix:/tmp/m.sock", "telnet_passwords": str(bad)}, "line 1"),
+    ]
+    for table, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            admin.check_manhole_files(parse_manhole(table, "var"))
+
+
+def test_check_config_validates_the_manhole_section(files: dict[str, str]) -> None:
+    """The twistd options check refuses a config whose [manhole] is unsafe."""
+    config = Config(
+        server=ServerConfig(data_dir=files["dir"]), extra={"manhole": {"telnet": "tcp:2323:interface=0.0.0.0"}}
+    )
+    with pytest.raises(ConfigError, match="refusing"):
+        check_config(config)
+
+
+# -- telnet passwords --
+
+
+def test_password_hashes_verify_only_the_right_password() -> None:
+    """The scrypt line format verifies the right password and nothing else."""
+    encoded = admin.hash_password("correct horse")
+    assert encoded.startswith("scrypt$16384$8$1$")
+    assert admin.verify_password(encoded, "correct horse")
+    assert not admin.verify_password(encoded, "correct horse ")
+    assert not admin.verify_password(encoded, "")
+    assert not admin.verify_password("scrypt$garbage", "correct horse")
+    assert admin.hash_password("x") != admin.hash_password("x")  # salted
+
+
+def test_hash_password_command_prints_a_usable_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`python -m cosedge.admin hash-password alice` prints a line the password file accepts."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret\n"))
+    monkeypatch.setattr(sys, "stdout", out)
+    assert admin.main(["hash-password", "alice"]) == 0
+    line = out.getvalue().strip()
+    path = tmp_path / "passwd"
+    path.write_text(line + "\n")
+    users = admin.read_password_file(str(path))
+    assert list(users) == ["alice"]
+    assert admin.verify_password(users["alice"], "s3cret")
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert admin.main(["hash-password", "bad:name"]) == 2
+    assert admin.main([]) == 2
+
+
+def test_password_checker_accepts_the_right_password_only(files: dict[str, str]) -> None:
+    """The telnet checker reads the file at login, hashes off the reactor thread, and refuses wrong input."""
+    from twisted.cred.credentials import UsernamePassword
+    from twisted.cred.error import UnauthorizedLogin
+
+    from cosedge.manhole import PasswordFileChecker
+
+    class InlinePool:
+        def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
+            on_result(True, f())
+
+    class Reactor:
+        def getThreadPool(self) -> InlinePool:
+            return InlinePool()
+
+        def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+            f(*args)
+
+    checker = PasswordFileChecker(files["passwords"], Reactor())
+
+    def outcome(user: bytes, password: bytes) -> Any:
+        results: list[Any] = []
+        checker.requestAvatarId(UsernamePassword(user, password)).addBoth(results.append)
+        assert results
+        return results[0]
+
+    assert outcome(b"alice", b"s3cret") == b"alice"
+    for user, password in [(b"alice", b"wrong"), (b"bob", b"s3cret"), (b"alice", b"")]:
+        result = outcome(user, password)
+        assert result.check(UnauthorizedLogin), result
+
+
+# -- the shell --
+
+
+def test_shell_runs_edge_commands_and_shows_refusals_as_one_line(harness: Harness) -> None:
+    """
+    Typing into the manhole runs Python with ``edge`` in scope; a refused
+    change prints one ``error:`` line instead of a traceback.
+    """
+    from twisted.conch.insults import insults
+
+    from cosedge.manhole import Shell
+
+    transport = StringTransport()
+    protocol = insults.ServerProtocol(Shell, {"edge": harness.edge("telnet:unix")}, "telnet:unix")
+    protocol.makeConnection(transport)
+    assert b"cosedge manhole (telnet:unix)" in transport.value()
+    transport.clear()
+    protocol.dataReceived(b"edge.set_origin('example-1250000000', 'http://abc.example.com')\r")
+    output = transport.value().decode()
+    assert "error: set_origin(" in output and "has a scheme" in output
+    assert "Traceback" not in output
+    transport.clear()
+    protocol.dataReceived(b"edge.set_origin('example-1250000000', 'abc.example.com')\r")
+    assert f"origin of {BUCKET}: {FILE_ORIGIN} -> abc.example.com" in transport.value().decode()
+    assert str(harness.service.config.buckets[BUCKET].origin) == "abc.example.com"
