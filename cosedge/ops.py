@@ -26,6 +26,7 @@ the service it adds starts after every listener and stops before them.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -218,6 +219,7 @@ class OpsService(Service):
             self._watchdog.stop()
         notify("STOPPING=1\nSTATUS=Stopping: closing listeners, cancelling fills", self._environ)
         _log.info("cosedge stopping")
+        _exit_zero_after_sigterm(self._reactor)
         return None
 
     def listeners_check(self) -> str | None:
@@ -271,6 +273,19 @@ class OpsService(Service):
                 notify("STATUS=Not ready: a listener failed to start", self._environ)
                 _log.error("cosedge not ready: listener(s) failed: {failed}", failed=", ".join(self.failed))
         self.listening.callback(ok)
+
+
+def _exit_zero_after_sigterm(reactor: Any) -> None:
+    """
+    A SIGTERM is how a service manager asks for an ordinary stop, and the
+    shutdown that follows (listeners closed, fills cancelled, temporary files
+    removed) is a success: exit 0.  twistd would otherwise re-raise the
+    signal once the reactor stops and die of it (status 143), which scripts
+    and supervisors other than systemd read as a failure.  SIGINT keeps
+    twistd's behaviour, so a shell still sees an interrupted command.
+    """
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None
 
 
 class JsonLogService(Service):

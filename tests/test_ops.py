@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -458,6 +459,20 @@ def test_watchdog_keepalives_follow_the_interval(
     received(sock)
     service.reactor.advance(5)
     assert received(sock) == []
+
+
+@pytest.mark.parametrize(("signum", "after"), [(signal.SIGTERM, None), (signal.SIGINT, signal.SIGINT)])
+def test_sigterm_stop_is_a_clean_exit(signum: int, after: int | None) -> None:
+    """
+    After SIGTERM (a service manager's ordinary stop) the daemon exits 0
+    instead of re-raising the signal; Ctrl-C (SIGINT) still ends it as
+    interrupted.
+    """
+    service = service_with({})
+    service.startService()
+    service.reactor._exitSignal = signum
+    service.stopService()
+    assert service.reactor._exitSignal == after
 
 
 def test_json_log_service_writes_while_running(tmp_path: Path) -> None:
