@@ -493,21 +493,27 @@ def test_symlink_out_of_the_bucket_is_never_followed(edge: Daemon, tmp_path: Pat
         assert reply.header("x-cos-request-id")
 
 
-def test_oversized_headers_are_refused_and_others_still_served(edge: Daemon) -> None:
+HUGE_HEADERS = [
+    pytest.param(b"X-Pad: " + b"p" * 65536 + b"\r\n", id="one-64KiB-header"),
+    pytest.param(b"".join(b"X-H%d: v\r\n" % i for i in range(600)), id="600-headers"),
+]
+
+
+@pytest.mark.parametrize("extra", HUGE_HEADERS)
+def test_oversized_headers_are_refused_and_others_still_served(edge: Daemon, extra: bytes) -> None:
     """
-    A request with 64 KiB of headers is refused (never a 500) and the
-    daemon goes on serving everyone else (S8).
+    A request with too much header data is refused — a 400 or a closed
+    connection, never a 500 — and the daemon goes on serving everyone else
+    (S8).
     """
-    head = f"GET /x HTTP/1.1\r\nHost: {HOST}\r\n".encode() + b"X-Pad: " + b"p" * 65536 + b"\r\n\r\n"
+    head = f"GET /x HTTP/1.1\r\nHost: {HOST}\r\n".encode() + extra + b"\r\n"
     with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
         try:
             s.sendall(head)
             answer = s.recv(65536)
-        except ConnectionError:  # refused before we finished sending: also fine
+        except ConnectionError:  # refused before we finished sending
             answer = b""
-    assert not answer.startswith(b"HTTP/1.1 5"), answer[:200]
-    if answer:
-        assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), answer[:200]
+    assert answer == b"" or answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), answer[:200]
     reply = edge.request("/../x")
     assert (reply.status, reply.error_code) == (400, "InvalidURI")
 
