@@ -62,6 +62,8 @@ OPS_SERVICE = "cosedge-ops"
 ADMIN_SERVICE = "cosedge-admin-http"
 JSON_LOG_SERVICE = "cosedge-json-log"
 _MiB = 1024 * 1024
+#: Seconds an admin connection may sit idle (Twisted's default is 12 hours).
+_ADMIN_IDLE_TIMEOUT = 60
 
 
 def _endpoints(value: object) -> tuple[str, ...]:
@@ -163,8 +165,8 @@ def _listeners(root: IService) -> Iterator[StreamServerEndpointService]:
             yield from _listeners(child)
 
 
-def _describe(listener: StreamServerEndpointService) -> str:
-    port = getattr(listener, "_cosedge_port", None)
+def _describe(listener: StreamServerEndpointService, port: Any) -> str:
+    """``tcp:8080`` for a listening port, else the endpoint's kind."""
     if port is not None:
         host = port.getHost()
         return f"{getattr(host, 'type', 'socket').lower()}:{getattr(host, 'port', '') or host}"
@@ -189,7 +191,7 @@ class OpsService(Service):
         self.ready = False
         self.stopping = False
         self.failed: list[str] = []
-        self._watched: list[StreamServerEndpointService] = []
+        self._ports: dict[StreamServerEndpointService, Any] = {}
         self._call: IDelayedCall | None = None
         self._watchdog: LoopingCall | None = None
         #: Fires (with True or False) once every listener has started or failed.
@@ -200,6 +202,11 @@ class OpsService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.ready = self.stopping = False
+        self.failed = []
+        self._ports = {}
+        if self.listening.called:
+            self.listening = Deferred()
         interval = watchdog_interval(self._environ)
         if interval:
             self._watchdog = LoopingCall(notify, "WATCHDOG=1", self._environ)
@@ -234,8 +241,7 @@ class OpsService(Service):
 
     def _watch(self) -> None:
         self._call = None
-        self._watched = list(_listeners(self._root))
-        observed = [self._observe(listener) for listener in self._watched]
+        observed = [self._observe(listener) for listener in _listeners(self._root)]
         DeferredList(observed, consumeErrors=True).addCallback(self._all_started)
 
     def _observe(self, listener: StreamServerEndpointService) -> Deferred[bool]:
@@ -245,16 +251,16 @@ class OpsService(Service):
         # untouched; stopService chains on it.
         waiting = listener._waitingForPort
         if waiting is None:
-            self.failed.append(_describe(listener) + " (never started)")
+            self.failed.append(_describe(listener, None) + " (never started)")
             started.callback(False)
             return started
 
         def seen(port: Any) -> Any:
             if port is not None and not isinstance(port, BaseException):
-                listener._cosedge_port = port  # type: ignore[attr-defined]
+                self._ports[listener] = port
                 started.callback(True)
             else:
-                self.failed.append(_describe(listener))
+                self.failed.append(_describe(listener, None))
                 started.callback(False)
             return port
 
@@ -266,7 +272,7 @@ class OpsService(Service):
         if self.running and not self.stopping:
             if ok:
                 self.ready = True
-                where = ", ".join(_describe(listener) for listener in self._watched)
+                where = ", ".join(_describe(listener, port) for listener, port in self._ports.items())
                 notify(f"READY=1\nSTATUS=Serving on {where}", self._environ)
                 _log.info("cosedge ready: listening on {where}", where=where)
             else:
@@ -327,7 +333,7 @@ def attach(service: Any, *, _environ: Mapping[str, str] | None = None) -> None:
         if data_dir is not None:
             # Read at every check, so a live configuration change applies.
             ops.readiness.checks.append(free_disk_check(data_dir, lambda: _min_free(service, admin)))
-        site = AdminSite(ops.resource, reactor=service.reactor)
+        site = AdminSite(ops.resource, reactor=service.reactor, timeout=_ADMIN_IDLE_TIMEOUT)
         listeners = MultiService()
         listeners.setName(ADMIN_SERVICE)
         for description in admin.listen:

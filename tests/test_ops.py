@@ -691,3 +691,25 @@ def test_trailing_slash_is_accepted() -> None:
     resource = ops.AdminResource(make_registry(SimpleNamespace(), process=False), Readiness([]))
     assert scrape(resource, "/readyz/")[0] == 200
     assert scrape(resource, "/livez/")[0] == 200
+
+
+def test_a_restarted_service_reports_ready_again(
+    notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Stopping and starting the notifier again gives a fresh READY=1 and
+    /readyz 200 (with no bucket listener: Twisted's listeners themselves
+    cannot be restarted).
+    """
+    sock, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    service = service_with({})
+    for listener in [c for c in service if isinstance(c, StreamServerEndpointService)]:
+        listener.disownServiceParent()
+    for _ in range(2):
+        service.startService()
+        service.reactor.advance(0)
+        assert received(sock)[0].startswith("READY=1")
+        assert ops_of(service).readiness.problems() == []
+        service.stopService()
+        assert received(sock)[0].startswith("STOPPING=1")
