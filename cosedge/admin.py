@@ -127,6 +127,10 @@ class Change:
     new: object
 
     def __str__(self) -> str:
+        if self.what == "bucket" and self.old is None:
+            return f"bucket {self.subject} added: {self.new}"
+        if self.what == "bucket" and self.new is None:
+            return f"bucket {self.subject} removed (was {self.old})"
         return f"{self.what} of {self.subject}: {_show(self.old)} -> {_show(self.new)}"
 
 
@@ -171,8 +175,9 @@ def diff_configs(old: Config, new: Config) -> list[Change]:
 def audit(channel: str, change: Change) -> None:
     """Log one structured audit line for ``change``."""
     _audit.info(
-        "audit: {what} of {subject} changed from {old} to {new} via {channel}",
+        "audit: {change} via {channel}",
         audit=True,
+        change=str(change),
         what=change.what,
         subject=change.subject,
         old=_show(change.old),
@@ -258,6 +263,12 @@ class LiveConfig(Service):
         changes = diff_configs(old, effective)
         for change in changes:
             audit(channel, change)
+        if not changes:
+            _audit.info(
+                "audit: live changes saved via {channel}; the running configuration is the same",
+                audit=True,
+                channel=channel,
+            )
         return changes
 
     def reload(self, channel: str) -> list[Change]:
@@ -415,7 +426,7 @@ class Edge:
         ``'10.10.10.10:8080'``).  No ``http://``, path, query or blanks.
         """
         name = self._bucket(bucket)
-        origin = self._origin(address, f"set_origin({bucket!r}, {address!r})")
+        origin = self._origin(address, "set_origin")
         return self._change(self._live.state.with_fields(name, origin=str(origin)), f"origin of {name}")
 
     def enable_origin_pull(self, bucket: str) -> Message:
@@ -450,7 +461,7 @@ class Edge:
             raise AdminError(f"bucket {name} already exists; nothing changed")
         if not isinstance(origin_pull, bool):
             raise AdminError(f"add_bucket: origin_pull must be True or False, not {origin_pull!r}; nothing changed")
-        parsed = None if origin is None else self._origin(origin, f"add_bucket({name!r}, origin={origin!r})")
+        parsed = None if origin is None else self._origin(origin, "add_bucket")
         if origin_pull and parsed is None:
             raise AdminError(
                 "add_bucket: origin_pull cannot be enabled without an origin address; give origin=...; nothing changed"
@@ -473,9 +484,13 @@ class Edge:
         rows = Table()
         for name, entry in self._live.state.buckets.items():
             row = {"bucket": name, "change": "added" if entry.get("added") else "changed"}
-            row.update({k: _show(v) for k, v in entry.items() if k != "added"})
+            for key in ("origin", "origin_pull"):
+                row[key] = _show(entry[key]) if key in entry else "(file)"
             rows.append(row)
-        rows += [{"bucket": name, "change": "removed"} for name in sorted(self._live.state.removed)]
+        rows += [
+            {"bucket": name, "change": "removed", "origin": "", "origin_pull": ""}
+            for name in sorted(self._live.state.removed)
+        ]
         return rows
 
     def revert(self, bucket: str) -> Message:
@@ -557,7 +572,7 @@ class Edge:
         try:
             return parse_origin(address)
         except ConfigError as e:
-            raise AdminError(f"{call} refused: origin {e}; nothing changed") from None
+            raise AdminError(f"{call} refused: origin address {e}; nothing changed") from None
 
     @staticmethod
     def _key(key: object) -> tuple[str, ...]:

@@ -260,7 +260,9 @@ def test_changes_and_revert_show_and_undo_live_changes(harness: Harness) -> None
     edge = harness.edge()
     assert repr(edge.changes()) == "(none)"
     edge.set_origin(BUCKET, "10.10.10.10")
-    assert edge.changes() == [{"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10"}]
+    assert edge.changes() == [
+        {"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10", "origin_pull": "(file)"}
+    ]
     assert repr(edge.revert(BUCKET)) == f"origin of {BUCKET}: 10.10.10.10 -> {FILE_ORIGIN} (the file's settings apply)"
     assert str(harness.service.config.buckets[BUCKET].origin) == FILE_ORIGIN
     with pytest.raises(AdminError, match="no live changes"):
@@ -382,6 +384,29 @@ def test_reload_applies_a_good_file_and_keeps_live_changes(
     assert config.buckets[NEW] == BucketConfig(origin="10.0.0.2", origin_pull=True)
     assert {(c.what, c.subject) for c in changes} == {("origin_pull", BUCKET), ("bucket", NEW)}
     assert {e["channel"] for e in audit_lines} == {"sighup"}
+
+
+def test_reload_keeps_listeners_and_says_a_restart_is_needed(harness: Harness) -> None:
+    """
+    Listeners and the data directory are bound at start: a reload keeps the
+    running values and logs that the edited setting needs a restart.
+    """
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "cosedge.admin" and "restart" in event.get("log_format", ""):
+            warnings.append(event["settings"])
+
+    harness.config_file.write_text(
+        toml_for(harness.data_dir).replace("tcp:0:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1")
+    )
+    globalLogPublisher.addObserver(observe)
+    try:
+        harness.live.reload("sighup")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert harness.service.config.server.listen == ("tcp:0:interface=127.0.0.1",)
+    assert warnings == ["listen"]
 
 
 @pytest.mark.parametrize(
@@ -626,7 +651,7 @@ def test_shell_runs_edge_commands_and_shows_refusals_as_one_line(harness: Harnes
     transport.clear()
     protocol.dataReceived(b"edge.set_origin('example-1250000000', 'http://abc.example.com')\r")
     output = transport.value().decode()
-    assert "error: set_origin(" in output and "has a scheme" in output
+    assert "error: set_origin refused: origin address" in output and "has a scheme" in output
     assert "Traceback" not in output
     transport.clear()
     protocol.dataReceived(b"edge.set_origin('example-1250000000', 'abc.example.com')\r")
