@@ -7,6 +7,7 @@ Run with ``.venv/bin/python -m pytest tests/e2e -q`` (or ``-m e2e``).
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -556,3 +557,64 @@ def test_slow_header_trickle_is_cut_off(edge: Daemon) -> None:
             except TimeoutError:
                 pass
     assert closed, f"a header trickle kept the connection open for {budget}s"
+
+
+def _read_slowly(sock: socket.socket, limit: int, timeout: float = 20) -> bytes:
+    """Read until the server closes or resets (bounded), a little at a time."""
+    chunks: list[bytes] = []
+    total = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and total <= limit:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not piece:
+            break
+        chunks.append(piece)
+        total += len(piece)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("change", ["replaced", "truncated"])
+def test_object_changed_while_served_never_sends_more_than_announced(edge: Daemon, change: str) -> None:
+    """
+    A stored object that is replaced (renamed over, as cosedge and rsync
+    do) while a slow client downloads it is still served whole from the
+    file that was opened (S7).  One truncated in place cannot be served
+    whole: the connection is dropped early, so the client sees a short
+    body — never more bytes than Content-Length.
+    """
+    size = 32 * 1024 * 1024
+    key = f"s7/{change}.bin"
+    path = edge.object_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = bytes(range(256)) * (size // 256)
+    path.write_bytes(old)
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", edge.port))
+        s.sendall(f"GET /{key} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        first = s.recv(16 * 1024)
+        head, sep, body = first.partition(b"\r\n\r\n")
+        assert sep and head.startswith(b"HTTP/1.1 200 "), head
+        assert f"Content-Length: {size}".encode() in head
+        time.sleep(0.2)  # the daemon is now blocked on our full receive window
+        if change == "replaced":
+            fresh = path.with_name("fresh.tmp")
+            fresh.write_bytes(b"N" * 1000)
+            os.rename(fresh, path)
+        else:
+            os.truncate(path, 1000)
+        body += _read_slowly(s, size)
+
+    assert len(body) <= size
+    if change == "replaced":
+        assert len(body) == size, "the old file is still open and must be served whole"
+        assert body == old
+    else:
+        # What was already in flight may reflect the truncation (sendfile
+        # queues page-cache pages, not copies); only the length is promised.
+        assert len(body) < size, "a truncated file cannot be served whole"
