@@ -9,6 +9,7 @@ first segment of the request path (the rest only names the object):
 ``/1.jpg``                the seed document's example: 200, ``image/jpeg``
 ``/ok/...``               200 with Content-Length (keep-alive)
 ``/empty/...``            200, ``Content-Length: 0`` (F15)
+``/gzip/...``             200, a gzip body with ``Content-Encoding: gzip`` (F7)
 ``/chunked/...``          200, a complete chunked body (keep-alive)
 ``/flaky/...``            500 to the first GET, 200 to every later one
 ``/overlong/...``         100 bytes more than the declared Content-Length (F7)
@@ -33,6 +34,7 @@ per request target, thread-safely.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import random
 import socket
@@ -41,7 +43,7 @@ import threading
 import time
 from collections import Counter
 
-__all__ = ["HOLD_LIMIT", "MisbehavingOrigin", "body_for"]
+__all__ = ["HOLD_LIMIT", "LAST_MODIFIED", "MisbehavingOrigin", "body_for", "content_type_for", "etag_for"]
 
 #: The longest any stall or held body lasts, in seconds.
 HOLD_LIMIT = 30.0
@@ -56,9 +58,20 @@ def body_for(path: str) -> bytes:
     first = path.lstrip("/").partition("/")[0]
     if first == "empty":
         return b""
+    if first == "gzip":
+        return gzip.compress(b"cosedge keeps the origin's exact bytes\n" * 500, mtime=0)
     seed = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big")
     size = _SLOW_SIZE if first == "slow" else 20_000 + seed % 5000
     return random.Random(seed).randbytes(size)
+
+
+#: The Last-Modified date of every normal object.
+LAST_MODIFIED = "Wed, 01 Nov 2017 08:00:00 GMT"
+
+
+def etag_for(path: str) -> str:
+    """The ETag the origin declares for ``path``."""
+    return '"' + hashlib.md5(body_for(path)).hexdigest() + '"'
 
 
 def content_type_for(path: str) -> str:
@@ -194,8 +207,15 @@ class MisbehavingOrigin:
         ctype = content_type_for(path)
         framed = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
         send = sock.sendall
-        if path == "/1.jpg" or first in ("ok", "empty"):
-            extra = [("Cache-Control", "max-age=60"), ("x-cos-meta-origin", "e2e")]
+        if path == "/1.jpg" or first in ("ok", "empty", "gzip"):
+            extra = [
+                ("Cache-Control", "max-age=60"),
+                ("ETag", etag_for(path)),
+                ("Last-Modified", LAST_MODIFIED),
+                ("x-cos-meta-origin", "e2e"),
+            ]
+            if first == "gzip":
+                extra.append(("Content-Encoding", "gzip"))
             send(_head("200 OK", framed + extra) + (b"" if method == "HEAD" else body))
             return True
         if first == "chunked":

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import BUCKET, DEAD_BUCKET, HOST, OFF_BUCKET, Daemon, MakeDaemon, Reply, tmp_files
-from .origin import MisbehavingOrigin, body_for, content_type_for
+from .origin import LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
 
 pytestmark = pytest.mark.e2e
 
@@ -320,6 +320,59 @@ def test_write_failure_is_a_clean_miss_and_hits_still_served(
     assert daemon.fill_outcome(small) == "stored"
     assert_served(daemon, small)
     assert_redirect(daemon.request(f"/{big}"), origin, big)
+
+
+def test_origin_metadata_is_kept_and_conditionals_work(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    The copy keeps the origin's ETag and Last-Modified, so a client's
+    conditional request is answered 304 (unchanged) or 412 (precondition
+    failed) from the bucket without asking the origin again.
+    """
+    key = "ok/conditional.bin"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    reply = assert_served(edge, key)
+    assert reply.header("ETag") == etag_for(f"/{key}")
+    assert reply.header("Last-Modified") == LAST_MODIFIED
+
+    reply = edge.request(f"/{key}", headers={"If-None-Match": etag_for(f"/{key}")})
+    assert (reply.status, reply.body) == (304, b"")
+    reply = edge.request(f"/{key}", headers={"If-Modified-Since": LAST_MODIFIED})
+    assert (reply.status, reply.body) == (304, b"")
+    reply = edge.request(f"/{key}", headers={"If-Match": '"something-else"'})
+    assert (reply.status, reply.error_code) == (412, "PreconditionFailed")
+    assert origin.gets(f"/{key}") == 1
+
+
+def test_gzip_body_is_stored_as_sent(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    A gzip-encoded object is stored and served exactly as the origin sent
+    it, with its Content-Encoding, never transparently decompressed (F7).
+    """
+    key = "gzip/page.html"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "stored"
+    assert edge.object_path(key).read_bytes() == body_for(f"/{key}")
+    reply = assert_served(edge, key)
+    assert reply.header("Content-Encoding") == "gzip"
+
+
+def test_unicode_and_space_keys_become_folders_and_files(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    A key with folders, non-ASCII letters and spaces is redirected with the
+    key percent-encoded, stored as plain folders and a file named by the
+    decoded key, and then served from there (S4).
+    """
+    encoded = "ok/%E5%9B%BE%E7%89%87/a%20b+c.jpg"
+    assert_redirect(edge.request(f"/{encoded}"), origin, encoded)
+    assert edge.fill_outcome("ok/图片/a b+c.jpg") == "stored"
+    path = edge.object_path("ok/图片/a b+c.jpg")
+    assert path.read_bytes() == body_for(f"/{encoded}")
+    for spelling in (encoded, "ok/%e5%9b%be%e7%89%87/a%20b%2Bc.jpg"):  # the same key, spelled differently
+        reply = edge.request(f"/{spelling}")
+        assert reply.status == 200
+        assert reply.body == body_for(f"/{encoded}")
+        assert reply.header("Content-Type") == "image/jpeg"
 
 
 def test_complete_chunked_body_is_stored(edge: Daemon, origin: MisbehavingOrigin) -> None:
