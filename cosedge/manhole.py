@@ -319,6 +319,11 @@ class _Login(telnet.AuthenticatingTelnetProtocol):  # type: ignore[misc]
         transport.wont(telnet.ECHO).addBoth(login)
         return "Discard"
 
+    def _cbLogin(self, ial: tuple[Any, Any, Callable[[], None]]) -> None:
+        transport: Any = self.transport
+        transport.write(b"\r\n")  # the password line was not echoed
+        super()._cbLogin(ial)
+
     def _refused(self, failure: Failure, username: bytes, peer: str) -> None:
         _log.warn(
             "manhole telnet login refused for {user!r} from {peer}",
