@@ -30,7 +30,7 @@ from twisted.conch import manhole, manhole_ssh, telnet
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, transport
 from twisted.cred import credentials as cred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
@@ -118,6 +118,20 @@ def _peer(address: Any) -> str:
 
 # ---------------------------------------------------------------------------
 # SSH.
+
+
+class _ServerTransport(transport.SSHServerTransport):
+    """An operator quitting ``ssh`` is routine and a refused key a warning, not errors."""
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        reason = description.decode("utf-8", "replace")
+        if reasonCode == transport.DISCONNECT_BY_APPLICATION:
+            _log.info("manhole ssh client disconnected: {reason}", reason=reason)
+        elif reasonCode == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+            tcp: Any = self.transport
+            _log.warn("manhole ssh login failed from {peer}: no accepted key", peer=_peer(tcp.getPeer()))
+        else:
+            super().receiveError(reasonCode, description)
 
 
 class _User(manhole_ssh.TerminalUser):  # type: ignore[misc]
@@ -221,6 +235,7 @@ def _ssh_factory(settings: ManholeSettings, make_namespace: NamespaceFactory) ->
     factory.publicKeys = {host_key.sshType(): host_key.public()}
     factory.privateKeys = {host_key.sshType(): host_key}
     factory.noisy = False
+    factory.protocol = _ServerTransport
     _log.info(
         "manhole SSH host key {path}: {fingerprint}",
         path=settings.ssh_host_key,
