@@ -70,11 +70,14 @@ os.execv(sys.argv[2], sys.argv[2:])
 class OpsDaemon(Daemon):
     """
     A daemon started with the systemd unit's ExecStart (paths adjusted to
-    this checkout), with an [admin] listener and an environment of its own.
+    this checkout), with an [admin] listener, an environment of its own and
+    a fake service manager: the datagram socket its NOTIFY_SOCKET names.
     """
 
     unit_file: Path = REPO / "etc" / "cosedge.service"
     admin_port: int = attrs.field(factory=free_port)
+    #: Another [admin] listen endpoint than tcp:<admin_port> ("{root}": the daemon's directory).
+    admin_listen: str | None = None
     extra_config: str = ""
     env: dict[str, str] = attrs.field(factory=dict)
     pass_fds: tuple[int, ...] = ()
@@ -82,11 +85,13 @@ class OpsDaemon(Daemon):
     activate_fd: int | None = None
     #: Another --logger than the unit's.
     logger: str | None = None
+    manager: socket.socket | None = None
 
     def write_config(self) -> None:
         super().write_config()
+        listen = (self.admin_listen or f"tcp:{self.admin_port}:interface=127.0.0.1").replace("{root}", str(self.root))
         with self.config_path.open("a") as f:
-            f.write(f'\n[admin]\nlisten = "tcp:{self.admin_port}:interface=127.0.0.1"\nmin_free_bytes = 0\n')
+            f.write(f'\n[admin]\nlisten = "{listen}"\nmin_free_bytes = 0\n')
             f.write(self.extra_config)
 
     def command(self) -> list[str]:
@@ -101,11 +106,15 @@ class OpsDaemon(Daemon):
         return argv
 
     def launch(self) -> None:
-        """Start the process and return at once (no waiting for the port)."""
+        """Start the process and return at once."""
         assert self.proc is None, "already running"
+        if self.manager is None:
+            self.manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.manager.bind(str(self.root / "notify.sock"))
         self.write_config()
         self.starts += 1
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}
+        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "WATCHDOG_USEC", "LISTEN_FDS")}
+        env["NOTIFY_SOCKET"] = str(self.root / "notify.sock")
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             st = os.fstat(out.fileno())
             env.update({k: v.replace("{stdout}", f"{st.st_dev}:{st.st_ino}") for k, v in self.env.items()})
@@ -120,19 +129,43 @@ class OpsDaemon(Daemon):
             )
         _daemons_in_test.append(self)
 
-    def start(self) -> None:
-        self.launch()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"twistd exited with {self.proc.returncode} during start-up:\n{self.log()}")
+    def message(self, timeout: float = START_TIMEOUT) -> str:
+        """The next sd_notify message from the daemon (bounded wait)."""
+        assert self.manager is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            self.manager.settimeout(0.2)
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self.manager.recv(4096).decode()
+            except TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no sd_notify message within {timeout}s:\n{self.log()}")
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"twistd exited with {self.proc.returncode} before notifying:\n{self.log()}")
+
+    def start(self) -> None:
+        """Start and wait for READY=1, which names this daemon's own ports."""
+        self.launch()
+        assert self.proc is not None
+        try:
+            ready = self.message()
+        except pytest.fail.Exception:
+            if self.starts < 3 and self.proc is not None and "Address already in use" in self.log():
+                # Another process took a free port in the meantime: take others.
+                self.proc.wait(5)
+                self.proc = None
+                self.port, self.admin_port = free_port(), free_port()
+                self.start()
                 return
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail(f"twistd did not listen on {self.port} within {START_TIMEOUT}s:\n{self.log()}")
+            raise
+        assert ready.startswith("READY=1"), ready
+        assert f"tcp:{self.port}" in ready, ready
+
+    def close(self) -> None:
+        self.stop()
+        if self.manager is not None:
+            self.manager.close()
 
     def admin(self, path: str) -> tuple[int, str]:
         reply = raw_request(
@@ -176,29 +209,9 @@ def ops_daemon(
 
     yield make
     for daemon in daemons:
-        daemon.stop()
+        daemon.close()
     for daemon in daemons:
         assert daemon.problems() == [], "the daemon logged an unexpected error"
-
-
-@pytest.fixture
-def manager(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    """A fake service manager: the datagram socket NOTIFY_SOCKET names."""
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    try:
-        yield sock, path
-    finally:
-        sock.close()
-
-
-def next_message(sock: socket.socket, timeout: float = START_TIMEOUT) -> str:
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(4096).decode()
-    except TimeoutError:
-        pytest.fail(f"no sd_notify message within {timeout}s")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -217,18 +230,15 @@ def accepts(port: int) -> bool:
     return True
 
 
-def test_unit_command_reports_ready_then_stopping(
-    ops_daemon: Callable[..., OpsDaemon], manager: tuple[socket.socket, str]
-) -> None:
+def test_unit_command_reports_ready_then_stopping(ops_daemon: Callable[..., OpsDaemon]) -> None:
     """
     Started exactly as the unit starts it, the daemon sends READY=1 only when
     both its ports already accept connections, logs with journal priorities,
     and on SIGTERM sends STOPPING=1 and exits 0.
     """
-    sock, path = manager
-    daemon = ops_daemon(env={"NOTIFY_SOCKET": path, "JOURNAL_STREAM": "{stdout}"})
+    daemon = ops_daemon(env={"JOURNAL_STREAM": "{stdout}"})
     daemon.launch()
-    ready = next_message(sock)
+    ready = daemon.message()
     assert ready.startswith("READY=1\nSTATUS=Serving on "), ready
     assert accepts(daemon.port) and accepts(daemon.admin_port)  # at once, no retry
     assert f"tcp:{daemon.port}" in ready and f"tcp:{daemon.admin_port}" in ready
@@ -236,7 +246,7 @@ def test_unit_command_reports_ready_then_stopping(
     assert daemon.admin("/livez") == (200, "ok\n")
 
     assert daemon.terminate() == 0
-    assert next_message(sock, timeout=1).startswith("STOPPING=1")
+    assert daemon.message(timeout=1).startswith("STOPPING=1")
     lines = daemon.stdout_path.read_text().splitlines()
     assert lines and all(re.match(r"<[0-7]>\[", line) for line in lines), lines[:5]
     assert any(line.startswith("<6>[cosedge.ops#info] cosedge ready") for line in lines)
@@ -310,17 +320,15 @@ def test_readyz_turns_503_when_the_data_directory_cannot_be_written(ops_daemon: 
 
 
 def test_sigterm_during_a_fill_exits_zero_and_leaves_no_temporary_file(
-    ops_daemon: Callable[..., OpsDaemon], origin: MisbehavingOrigin, manager: tuple[socket.socket, str]
+    ops_daemon: Callable[..., OpsDaemon], origin: MisbehavingOrigin
 ) -> None:
     """
     SIGTERM while a large object is half copied: the service manager hears
     STOPPING=1, the fill is cancelled, its temporary file removed, nothing is
     stored, and the daemon exits 0 within a few seconds.
     """
-    sock, path = manager
-    daemon = ops_daemon(env={"NOTIFY_SOCKET": path})
+    daemon = ops_daemon()
     daemon.start()
-    assert next_message(sock).startswith("READY=1")
     key = "slow/ops-sigterm.bin"
     try:
         assert daemon.request(f"/{key}").status == 302
@@ -334,22 +342,19 @@ def test_sigterm_during_a_fill_exits_zero_and_leaves_no_temporary_file(
         assert time.monotonic() - started < 5
     finally:
         origin.release(f"/{key}")
-    assert next_message(sock, timeout=1).startswith("STOPPING=1")
+    assert daemon.message(timeout=1).startswith("STOPPING=1")
     assert daemon.fill_outcome(key, timeout=0) == "cancelled"
     assert tmp_files(daemon) == []
     assert not daemon.object_path(key).exists()
 
 
-def test_socket_activation_serves_on_the_handed_socket(
-    ops_daemon: Callable[..., OpsDaemon], manager: tuple[socket.socket, str]
-) -> None:
+def test_socket_activation_serves_on_the_handed_socket(ops_daemon: Callable[..., OpsDaemon]) -> None:
     """
     With the socket-activation drop-in's command line, the daemon serves on
     the listening socket systemd hands it (fd 3, named cosedge-http) rather
     than binding one itself; with --logger cosedge.logs.json every log line
     is a JSON event.
     """
-    sock, path = manager
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -357,16 +362,18 @@ def test_socket_activation_serves_on_the_handed_socket(
     daemon = ops_daemon(
         unit_file=REPO / "etc" / "cosedge.service.d" / "socket.conf",
         port=listener.getsockname()[1],
-        env={"NOTIFY_SOCKET": path, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "cosedge-http"},
+        env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "cosedge-http"},
         pass_fds=(fd,),
         activate_fd=fd,
         logger="cosedge.logs.json",
+        admin_listen="unix:{root}/admin.sock",  # no second TCP port to race for
     )
     try:
         daemon.launch()
     finally:
         listener.close()  # the daemon holds its own copy now
-    assert next_message(sock).startswith("READY=1")
+    ready = daemon.message()
+    assert ready.startswith("READY=1") and f"tcp:{daemon.port}" in ready, ready
     key = "ok/ops-socket.bin"
     assert daemon.request(f"/{key}").status == 302
 
