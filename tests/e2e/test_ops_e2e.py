@@ -86,6 +86,8 @@ class OpsDaemon(Daemon):
     #: Another --logger than the unit's.
     logger: str | None = None
     manager: socket.socket | None = None
+    #: The READY=1 message of the last start().
+    ready: str = ""
 
     def write_config(self) -> None:
         super().write_config()
@@ -161,6 +163,7 @@ class OpsDaemon(Daemon):
             raise
         assert ready.startswith("READY=1"), ready
         assert f"tcp:{self.port}" in ready, ready
+        self.ready = ready
 
     def close(self) -> None:
         self.stop()
@@ -237,8 +240,8 @@ def test_unit_command_reports_ready_then_stopping(ops_daemon: Callable[..., OpsD
     and on SIGTERM sends STOPPING=1 and exits 0.
     """
     daemon = ops_daemon(env={"JOURNAL_STREAM": "{stdout}"})
-    daemon.launch()
-    ready = daemon.message()
+    daemon.start()
+    ready = daemon.ready
     assert ready.startswith("READY=1\nSTATUS=Serving on "), ready
     assert accepts(daemon.port) and accepts(daemon.admin_port)  # at once, no retry
     assert f"tcp:{daemon.port}" in ready and f"tcp:{daemon.admin_port}" in ready
