@@ -158,11 +158,24 @@ class _Sender:
         self._index = 0
         self._offset = parts[0][1] if parts else 0
         self._prefix_sent = False
+        self._channel: Any = None
 
     def start(self) -> None:
-        assert self._request is not None
-        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self._request.registerProducer(self, False)
+        request = self._request
+        assert request is not None
+        # The channel the producer is registered with; a request forgets it
+        # when its connection is lost, before telling us.
+        self._channel = request.channel
+        request.notifyFinish().addErrback(self._lost)
+        request.registerProducer(self, False)
+
+    def _lost(self, reason: object) -> None:
+        """The client went away mid-response: release the object and unregister."""
+        if self._request is not None:
+            self._request = None
+            self._obj.close()
+            if self._channel is not None:
+                self._channel.unregisterProducer()
 
     def resumeProducing(self) -> None:
         request = self._request
