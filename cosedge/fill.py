@@ -350,6 +350,11 @@ class Filler:
     def queued(self) -> int:
         return len(self._queue)
 
+    def remembered_not_found(self) -> int:
+        """How many keys' origin 404s are remembered right now."""
+        now = self.clock.seconds()
+        return sum(1 for until in self._not_found.values() if until > now)
+
     def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
         """Drop any remembered 404 or failure for a key (after a purge, say)."""
         self._not_found.pop((bucket, segments), None)
@@ -411,7 +416,7 @@ class Filler:
         self._running -= 1
         del self._fills[(fill.bucket, fill.segments)]
         now = self.clock.seconds()
-        duration = now - (fill.started_at or now)
+        duration = now - fill.started_at if fill.started_at is not None else 0.0
         key = (fill.bucket, fill.segments)
         log_fields: dict[str, Any] = dict(
             bucket=fill.bucket,

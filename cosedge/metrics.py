@@ -127,7 +127,7 @@ class EdgeCollector:
         yield GaugeMetricFamily(
             "cosedge_not_found_remembered",
             "Keys whose origin 404 is remembered, so misses on them start no fill.",
-            value=_remembered_not_found(filler, service.reactor.seconds()),
+            value=filler.remembered_not_found(),
         )
         yield GaugeMetricFamily("cosedge_buckets", "Buckets configured.", value=len(service.config.buckets))
 
@@ -145,13 +145,6 @@ class EdgeCollector:
 
 def _bound(value: float) -> str:
     return repr(float(value))
-
-
-def _remembered_not_found(filler: Any, now: float) -> int:
-    # The filler keeps remembered 404s as {key: until}; expired entries are
-    # only dropped when next looked up, so count the live ones.
-    memory = getattr(filler, "_not_found", None) or {}
-    return sum(1 for until in memory.values() if until > now)
 
 
 def make_registry(service: Any, *, process: bool = True) -> CollectorRegistry:

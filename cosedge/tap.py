@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from .admin import check_config as check_admin_config
 from .config import ConfigError, load_config
+from .ops import check_config as check_ops_config
 
 __all__ = ["Options", "makeService"]
 
@@ -53,6 +54,7 @@ class Options(usage.Options):
             if self["listen"]:
                 config = evolve(config, server=evolve(config.server, listen=tuple(self["listen"])))
             check_admin_config(config)  # [manhole] and the saved live changes
+            check_ops_config(config)  # [admin] and [log]
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
         self["parsed"] = config
