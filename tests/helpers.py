@@ -67,10 +67,17 @@ class StepCooperator:
 
     def __init__(self) -> None:
         self.clock = Clock()
-        self.cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(1, f))
+        self.cooperator = Cooperator(
+            terminationPredicateFactory=lambda: lambda: True,  # one work unit per task per step
+            scheduler=lambda f: self.clock.callLater(1, f),
+        )
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(_producer_helpers, "cooperate", self.cooperator.cooperate)
+
+    def step(self) -> None:
+        """Run one work unit of every task."""
+        self.clock.advance(1)
 
     def run(self, limit: int = 100_000) -> None:
         """Step until no cooperative task is left (at most ``limit`` steps)."""
@@ -168,6 +175,20 @@ def _dechunk(data: bytes) -> bytes:
     return out
 
 
+class _Transport(StringTransportWithDisconnection):
+    """
+    Closes like a real TCP transport: marks itself disconnecting and stops
+    its registered producer before telling the protocol.
+    """
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        if self.connected and self.producer is not None:
+            producer, self.producer = self.producer, None
+            producer.stopProducing()
+        super().loseConnection()
+
+
 @define(eq=False)
 class Connection:
     """One client connection to the site, over a string transport."""
@@ -199,8 +220,9 @@ def raw_request(
     method: bytes = b"GET",
     host: bytes | str | None = HOST,
     headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+    body: bytes = b"",
 ) -> bytes:
-    """An HTTP/1.1 request with ``Connection: close``."""
+    """An HTTP/1.1 request with ``Connection: close`` (and ``body``, if any)."""
 
     def b(v: bytes | str) -> bytes:
         return v if isinstance(v, bytes) else v.encode("utf-8")
@@ -209,8 +231,10 @@ def raw_request(
     if host is not None:
         lines.append(b"Host: " + b(host))
     lines += [b(k) + b": " + b(v) for k, v in headers]
+    if body:
+        lines.append(b"Content-Length: %d" % len(body))
     lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 @define(eq=False)
@@ -241,7 +265,7 @@ class Edge:
     def connect(self) -> Connection:
         protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert protocol is not None
-        transport = StringTransportWithDisconnection()
+        transport = _Transport()
         transport.protocol = protocol
         protocol.makeConnection(transport)
         return Connection(self, transport)
