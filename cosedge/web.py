@@ -28,6 +28,7 @@ from zope.interface import implementer
 from .config import Config
 from .fill import Filler
 from .keys import BadKey, encode_key, encode_query, parse_target
+from .sendfile import sendfile_producer
 from .stats import Stats
 from .store import IObjectStore, IStoredObject, StoreError
 
@@ -392,7 +393,8 @@ class EdgeResource(Resource):
         request.setHeader(b"content-length", b"%d" % length)
         if request.method == b"HEAD" or length == 0:
             return b""
-        _Sender(request, obj, parts, trailer, self._stats).start()
+        sender = sendfile_producer(request, obj, parts, trailer, self._stats)
+        (sender or _Sender(request, obj, parts, trailer, self._stats)).start()
         return NOT_DONE_YET
 
     @staticmethod
