@@ -26,6 +26,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -198,7 +199,9 @@ def _reason(failure: Failure) -> tuple[str, str]:
     if failure.check(FillFailed):
         e: Any = failure.value
         return e.reason, e.detail
-    if failure.check(TimeoutError):
+    # Deferred.addTimeout (the total deadline) raises defer.TimeoutError,
+    # which is not twisted.internet.error.TimeoutError.
+    if failure.check(TimeoutError, DeferredTimeoutError):
         return "timeout", "deadline passed"
     if failure.check(CancelledError):
         return "cancelled", "stopped"
