@@ -225,18 +225,35 @@ origin_pull = true
 """
 
 
+_NO_SENDFILE = (
+    "import sys, cosedge.sendfile as s; s.SENDFILE_MIN = 1 << 62; "
+    "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+)
+
+
 def start_cosedge(
-    workdir: Path, data: Path, port: int, origin_port: int, fills: int = 64, name: str = "cosedge"
+    workdir: Path,
+    data: Path,
+    port: int,
+    origin_port: int,
+    fills: int = 64,
+    name: str = "cosedge",
+    sendfile: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """cosedge under twistd, no access log, a big fill concurrency."""
+    """
+    cosedge under twistd, no access log, a big fill concurrency.  With
+    ``sendfile=False`` every body takes the plain read-and-write path (to
+    compare, in the same run).
+    """
     config = workdir / f"{name}.toml"
     config.write_text(
         _COSEDGE_CONFIG.format(
             port=port, host=HOST, domain=DOMAIN, data=data, fills=fills, bucket=BUCKET, origin_port=origin_port
         )
     )
+    twistd = [str(VENV_BIN / "twistd")] if sendfile else [str(VENV_BIN / "python"), "-c", _NO_SENDFILE]
     proc = spawn(
-        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "cosedge", "--config", str(config)],
+        [*twistd, "-n", "--pidfile=", "cosedge", "--config", str(config)],
         workdir / f"{name}.log",
         cwd=workdir,
     )
