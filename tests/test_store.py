@@ -1,0 +1,272 @@
+"""Object stores: the disk layout operators see, atomic publishing, and never leaving the bucket."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from cosedge.store import META_XATTR, DiskStore, IObjectStore, IPendingObject, IStoredObject
+from cosedge.testing import MemoryStore
+
+BUCKET = "example-1250000000"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DiskStore:
+    return DiskStore(str(tmp_path / "data"))
+
+
+def _tmp_files(store: DiskStore) -> list[str]:
+    tmp = Path(store.tmp_dir)
+    return sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
+
+
+def _put(store: DiskStore, segments: tuple[str, ...], data: bytes, meta: dict[str, str] | None = None) -> None:
+    pending = store.begin(BUCKET, segments)
+    pending.write(data)
+    pending.commit(meta or {}, None)
+
+
+def test_interfaces(store: DiskStore) -> None:
+    """Both stores and their objects provide the interfaces the service relies on."""
+    assert verifyObject(IObjectStore, store)
+    assert verifyObject(IObjectStore, MemoryStore())
+    pending = store.begin(BUCKET, ("a",))
+    assert verifyObject(IPendingObject, pending)
+    pending.write(b"x")
+    pending.commit({}, None)
+    obj = store.open(BUCKET, ("a",))
+    assert obj is not None and verifyObject(IStoredObject, obj)
+    obj.close()
+    memory = MemoryStore()
+    assert verifyObject(IPendingObject, memory.begin(BUCKET, ("a",)))
+    memory.put(BUCKET, ("a",), b"x")
+    assert verifyObject(IStoredObject, memory.open(BUCKET, ("a",)))
+
+
+def test_objects_are_plain_files_at_bucket_key(store: DiskStore) -> None:
+    """A stored object is the plain file <data_dir>/<bucket>/<key>, folders included."""
+    _put(store, ("1.jpg",), b"root")
+    _put(store, ("images", "2017", "a b.jpg"), b"nested")
+    data = Path(store.data_dir)
+    assert (data / BUCKET / "1.jpg").read_bytes() == b"root"
+    assert (data / BUCKET / "images" / "2017" / "a b.jpg").read_bytes() == b"nested"
+    assert _tmp_files(store) == []
+
+
+def test_object_and_metadata_appear_together(store: DiskStore) -> None:
+    """Until commit nothing is visible under the key; after it, the bytes and the metadata are there at once."""
+    pending = store.begin(BUCKET, ("k",))
+    pending.write(b"abc")
+    pending.write(b"def")
+    assert pending.size == 6
+    assert store.open(BUCKET, ("k",)) is None
+    assert len(_tmp_files(store)) == 1
+    tmp = Path(store.tmp_dir) / _tmp_files(store)[0]
+    assert tmp.read_bytes() == b"abcdef"
+    pending.commit({"content-type": "text/plain", "etag": '"e"'}, 1445412480.0)
+    obj = store.open(BUCKET, ("k",))
+    assert obj is not None
+    try:
+        assert obj.read(0, 100) == b"abcdef"
+        assert obj.read(2, 2) == b"cd"
+        assert obj.size == 6
+        assert dict(obj.meta) == {"content-type": "text/plain", "etag": '"e"'}
+        assert obj.mtime == 1445412480.0
+        assert obj.fileno() is not None
+    finally:
+        obj.close()
+    path = Path(store.data_dir, BUCKET, "k")
+    assert json.loads(os.getxattr(path, META_XATTR)) == {"content-type": "text/plain", "etag": '"e"'}
+    assert _tmp_files(store) == []
+
+
+def test_temporary_files_live_where_no_key_reaches(store: DiskStore) -> None:
+    """Temporary files are under <data_dir>/.cosedge/, on the same file system, outside every bucket."""
+    pending = store.begin(BUCKET, ("k",))
+    tmp = Path(store.tmp_dir)
+    assert tmp.parent.name == ".cosedge" and tmp.parent.parent == Path(store.data_dir)
+    assert os.stat(tmp).st_dev == os.stat(store.data_dir).st_dev
+    pending.abort()
+
+
+def test_abort_leaves_nothing(store: DiskStore) -> None:
+    """Aborting removes the temporary file; aborting twice is harmless; a commit after abort cannot resurrect it."""
+    pending = store.begin(BUCKET, ("k",))
+    pending.write(b"partial")
+    pending.abort()
+    pending.abort()
+    assert _tmp_files(store) == []
+    with pytest.raises((OSError, ValueError)):
+        pending.commit({}, None)
+    assert _tmp_files(store) == []
+    assert store.open(BUCKET, ("k",)) is None
+
+
+def test_failed_publish_leaves_nothing(store: DiskStore) -> None:
+    """If the object cannot be put in place, the temporary file is removed and the error raised."""
+    _put(store, ("a",), b"file")
+    pending = store.begin(BUCKET, ("a", "b"))
+    pending.write(b"inner")
+    with pytest.raises(OSError):
+        pending.commit({}, None)
+    assert _tmp_files(store) == []
+    assert Path(store.data_dir, BUCKET, "a").read_bytes() == b"file"
+
+
+def test_replacing_an_object_changes_its_identity(store: DiskStore) -> None:
+    """A re-published object has a new identity (so its ETag changes), and an open view keeps the old bytes."""
+    _put(store, ("k",), b"one")
+    old = store.open(BUCKET, ("k",))
+    assert old is not None
+    _put(store, ("k",), b"two!")
+    new = store.open(BUCKET, ("k",))
+    assert new is not None
+    try:
+        assert old.identity != new.identity
+        assert old.read(0, 10) == b"one" and old.size == 3
+        assert new.read(0, 10) == b"two!"
+    finally:
+        old.close()
+        new.close()
+
+
+def test_missing_and_non_files_are_absent(store: DiskStore) -> None:
+    """Missing keys, folders, keys under a file, and the bucket root open as None (never a listing)."""
+    _put(store, ("dir", "f"), b"x")
+    assert store.open(BUCKET, ("nope",)) is None
+    assert store.open(BUCKET, ("dir",)) is None
+    assert store.open(BUCKET, ("dir", "f", "g")) is None
+    assert store.open(BUCKET, ()) is None
+    assert store.open("other-1", ("f",)) is None
+
+
+def test_symlinks_are_never_followed(store: DiskStore, tmp_path: Path) -> None:
+    """A symlink as the object or as any folder on the way is treated as absent (S1)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"SECRET")
+    bucket = Path(store.data_dir, BUCKET)
+    bucket.mkdir(parents=True)
+    (bucket / "link").symlink_to(outside / "secret")
+    (bucket / "dirlink").symlink_to(outside)
+    (bucket / "real").mkdir()
+    (bucket / "real" / "up").symlink_to("..")
+    assert store.open(BUCKET, ("link",)) is None
+    assert store.open(BUCKET, ("dirlink", "secret")) is None
+    assert store.open(BUCKET, ("real", "up", "link")) is None
+
+
+def test_bucket_folder_symlink_is_allowed_by_the_operator(store: DiskStore, tmp_path: Path) -> None:
+    """The bucket folder itself may be a symlink the operator made (e.g. to another disk); keys under it still work."""
+    elsewhere = tmp_path / "disk2"
+    elsewhere.mkdir()
+    (elsewhere / "1.jpg").write_bytes(b"img")
+    Path(store.data_dir).mkdir(parents=True)
+    Path(store.data_dir, BUCKET).symlink_to(elsewhere)
+    obj = store.open(BUCKET, ("1.jpg",))
+    assert obj is not None and obj.read(0, 10) == b"img"
+    obj.close()
+
+
+def test_metadata_missing_or_corrupt(store: DiskStore) -> None:
+    """A file copied in by hand (no metadata) or with a corrupt attribute is served with empty metadata."""
+    bucket = Path(store.data_dir, BUCKET)
+    bucket.mkdir(parents=True)
+    (bucket / "plain").write_bytes(b"p")
+    (bucket / "corrupt").write_bytes(b"c")
+    os.setxattr(bucket / "corrupt", META_XATTR, b"{not json")
+    (bucket / "list").write_bytes(b"l")
+    os.setxattr(bucket / "list", META_XATTR, b"[1, 2]")
+    for name in ("plain", "corrupt", "list"):
+        obj = store.open(BUCKET, (name,))
+        assert obj is not None
+        assert dict(obj.meta) == {}
+        obj.close()
+
+
+def test_metadata_keys_are_lowercased(store: DiskStore) -> None:
+    """Metadata written by another tool with mixed-case names is read back lowercased."""
+    bucket = Path(store.data_dir, BUCKET)
+    bucket.mkdir(parents=True)
+    (bucket / "f").write_bytes(b"f")
+    os.setxattr(bucket / "f", META_XATTR, json.dumps({"Content-Type": "text/plain"}).encode())
+    obj = store.open(BUCKET, ("f",))
+    assert obj is not None and dict(obj.meta) == {"content-type": "text/plain"}
+    obj.close()
+
+
+def test_remove(store: DiskStore, tmp_path: Path) -> None:
+    """remove() deletes an object (True), not a folder or a missing key (False), and a symlink only as a link."""
+    _put(store, ("dir", "f"), b"x")
+    assert store.remove(BUCKET, ("dir", "f")) is True
+    assert store.open(BUCKET, ("dir", "f")) is None
+    assert store.remove(BUCKET, ("dir", "f")) is False
+    assert store.remove(BUCKET, ("dir",)) is False
+    assert store.remove(BUCKET, ()) is False
+    outside = tmp_path / "keep"
+    outside.write_bytes(b"keep")
+    Path(store.data_dir, BUCKET, "link").symlink_to(outside)
+    assert store.remove(BUCKET, ("link",)) is True
+    assert outside.read_bytes() == b"keep"
+
+
+def test_usage_counts_regular_files(store: DiskStore, tmp_path: Path) -> None:
+    """usage() counts the bucket's regular files and bytes, not symlinks or temporary files."""
+    _put(store, ("a",), b"12345")
+    _put(store, ("d", "b"), b"123")
+    store.begin(BUCKET, ("pending",)).write(b"ignored")
+    (tmp_path / "big").write_bytes(b"x" * 1000)
+    Path(store.data_dir, BUCKET, "link").symlink_to(tmp_path / "big")
+    assert store.usage(BUCKET) == (2, 8)
+    assert store.usage("empty-1") == (0, 0)
+
+
+def test_sweep_removes_leftover_temporary_files_only(store: DiskStore) -> None:
+    """sweep() removes every temporary file (a crash's leftovers) and nothing else (F13)."""
+    _put(store, ("keep",), b"k")
+    for _ in range(3):
+        store.begin(BUCKET, ("x",)).write(b"half")
+    assert len(_tmp_files(store)) == 3
+    assert store.sweep() == 3
+    assert _tmp_files(store) == []
+    assert store.sweep() == 0
+    assert Path(store.data_dir, BUCKET, "keep").read_bytes() == b"k"
+
+
+def test_sweep_on_a_fresh_data_dir(store: DiskStore) -> None:
+    """sweep() on a data_dir that does not exist yet creates the internal folder and removes nothing."""
+    assert not Path(store.data_dir).exists()
+    assert store.sweep() == 0
+    assert Path(store.tmp_dir).is_dir()
+
+
+def test_memory_store_disk_limit_and_pending() -> None:
+    """The memory store fails writes past its disk limit with ENOSPC and tracks pending objects."""
+    store = MemoryStore(disk_limit=10)
+    store.put(BUCKET, ("a",), b"123456")
+    pending = store.begin(BUCKET, ("b",))
+    assert store.pending == [pending]
+    pending.write(b"1234")
+    with pytest.raises(OSError) as info:
+        pending.write(b"5")
+    assert info.value.errno == errno.ENOSPC
+    pending.abort()
+    pending.abort()
+    assert store.pending == []
+    assert store.get(BUCKET, "b") is None
+    other = store.begin(BUCKET, ("c",))
+    other.write(b"c")
+    other.commit({"etag": '"c"'}, 5.0)
+    assert store.pending == []
+    assert store.get(BUCKET, "c") == b"c"
+    assert store.usage(BUCKET) == (2, 7)
+    assert store.sweep() == 0
+    store.begin(BUCKET, ("d",))
+    assert store.sweep() == 1 and store.pending == []
+    assert store.remove(BUCKET, ("c",)) is True and store.remove(BUCKET, ("c",)) is False
