@@ -9,6 +9,7 @@ parsed from the exact bytes the server wrote; no reactor is involved.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from twisted.web.http import datetimeToString
 from cosedge.config import BucketConfig
 from cosedge.store import DiskStore
 from cosedge.testing import MemoryStore
-from cosedge.web import error_body, parse_ranges
+from cosedge.web import EdgeSite, error_body, parse_ranges
 
 from .helpers import (
     BUCKET,
@@ -862,3 +863,54 @@ def test_statuses_are_counted(edge: Edge) -> None:
     edge.request("/missing")
     edge.request("/x", host="evil.example")
     assert edge.stats.statuses == {200: 1, 206: 1, 302: 1, 404: 1}
+
+
+def test_fill_survives_the_client_disconnecting(gated: Edge) -> None:
+    """The client whose miss started a fill may go away; the fill still stores the whole object (F9)."""
+    gated.origin.add("video.mp4", BODY, content_type="video/mp4")
+    conn = gated.connect()
+    conn.send(raw_request("/video.mp4"))
+    conn.transport.loseConnection()
+    gated.flush_origin()
+    assert isinstance(gated.store, MemoryStore)
+    assert gated.store.get(BUCKET, "video.mp4") == BODY
+
+
+def test_remembered_404_still_redirects(edge: Edge) -> None:
+    """A key the origin lacks keeps getting 302s (the origin answers the client), without refetching."""
+    for _ in range(3):
+        response = edge.request("/missing.jpg")
+        assert response.status == 302
+        assert response.header(b"location") == f"http://{ORIGIN}/missing.jpg".encode()
+    assert edge.origin.gets(b"/missing.jpg") == 1
+    assert edge.stats.events["fills_skipped_not_found"] == 2
+
+
+def test_hits_served_while_the_disk_is_full(cooperator: StepCooperator) -> None:
+    """When fills fail for lack of space, stored objects are still served (F12)."""
+    store = MemoryStore(disk_limit=len(BODY) + 10)
+    edge = Edge(cooperator, store=store)
+    store.put(BUCKET, ("1.jpg",), BODY, META, MTIME)
+    edge.origin.add("new.bin", b"n" * 100)
+    with capture_logs() as events:
+        assert edge.request("/new.bin").status == 302
+    assert edge.stats.fill_failures == {"disk-full": 1}
+    assert [e["reason"] for e in events if "reason" in e] == ["disk-full"]
+    assert store.pending == []
+    assert edge.request("/1.jpg").body == BODY
+
+
+def test_access_log_in_combined_format(cooperator: StepCooperator, tmp_path: Path) -> None:
+    """With access_log set to a path, each request is one combined-log-format line in that file."""
+    edge = Edge(cooperator)
+    log = tmp_path / "access.log"
+    site = EdgeSite(edge.resource, edge.stats, str(log), edge.clock, 60)
+    site.doStart()
+    edge.site = site
+    edge.request("/some%20key?q=1", headers=[("User-Agent", "curl/8.0"), ("Referer", "http://r.example/")])
+    site.doStop()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r'\S+ - - \[[^]]+\] "GET /some%20key\?q=1 HTTP/1.1" 302 - "http://r.example/" "curl/8.0"', lines[0]
+    ), lines[0]
