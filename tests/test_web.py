@@ -19,7 +19,7 @@ from attrs import define, field
 from twisted.web.http import datetimeToString
 
 from cosedge.config import BucketConfig
-from cosedge.store import DiskStore
+from cosedge.store import DiskStore, StoreError
 from cosedge.testing import MemoryStore
 from cosedge.web import EdgeSite, error_body, parse_ranges
 
@@ -914,3 +914,50 @@ def test_access_log_in_combined_format(cooperator: StepCooperator, tmp_path: Pat
     assert re.fullmatch(
         r'\S+ - - \[[^]]+\] "GET /some%20key\?q=1 HTTP/1.1" 302 - "http://r.example/" "curl/8.0"', lines[0]
     ), lines[0]
+
+
+def test_access_log_to_standard_output(cooperator: StepCooperator, capfd: pytest.CaptureFixture[str]) -> None:
+    """With access_log = "-", the combined-log line goes to standard output."""
+    edge = Edge(cooperator)
+    site = EdgeSite(edge.resource, edge.stats, "-", edge.clock, 60)
+    site.doStart()
+    edge.site = site
+    edge.request("/stdout-key")
+    site.doStop()
+    out = capfd.readouterr().out
+    assert '"GET /stdout-key HTTP/1.1" 302 -' in out
+
+
+class _FailingStore(MemoryStore):
+    error: Exception = StoreError(13, "Permission denied")
+
+    def open(self, bucket: str, segments: tuple[str, ...]) -> Any:
+        raise self.error
+
+
+def test_unreadable_object_is_access_denied(cooperator: StepCooperator) -> None:
+    """An object the store cannot open (permissions, I/O error) is 403 AccessDenied, not a 500."""
+    edge = Edge(cooperator, store=_FailingStore(), gated=True)
+    with capture_logs() as events:
+        response = edge.request("/1.jpg")
+    assert_error(response, 403, "AccessDenied")
+    assert edge.agent.held == []  # not treated as a miss
+    assert any("cannot open" in e.get("log_format", "") for e in events)
+
+
+def test_unexpected_error_is_a_plain_cos_error(cooperator: StepCooperator, logged_failures: list[Any]) -> None:
+    """Even a bug inside the listener answers a COS XML InternalError without a traceback, and logs it."""
+    store = _FailingStore()
+    store.error = RuntimeError("boom")
+    edge = Edge(cooperator, store=store)
+    response = edge.request("/1.jpg")
+    assert_error(response, 500, "InternalError")
+    assert b"boom" not in response.raw and b"Traceback" not in response.raw
+    assert len(logged_failures) == 1
+    logged_failures.clear()
+
+
+def test_non_ascii_host_is_no_such_bucket(edge: Edge) -> None:
+    """A Host header with non-ASCII bytes never matches a bucket."""
+    response = edge.request("/1.jpg", host=b"example-1250000000.file.myqcloud.com\xff")
+    assert_error(response, 404, "NoSuchBucket")
