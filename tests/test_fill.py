@@ -14,17 +14,18 @@ from typing import Any
 import pytest
 from attrs import define, field
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from cosedge import fill as fill_module
 from cosedge.config import FillConfig, Origin
 from cosedge.fill import Filler, FillResult, origin_url
 from cosedge.stats import Stats
@@ -629,3 +630,45 @@ class ScriptedAgent:
         if path in self.failures:
             return fail(self.failures[path])
         return succeed(self.responses[path])
+
+
+def test_malformed_origin_response(fills: Fills) -> None:
+    """An origin whose status line or headers are cut or malformed is a 'bad-response' clean miss."""
+    agent = ScriptedAgent()
+    agent.failures[b"/k"] = ResponseFailed([Failure(ValueError("bad status line"))])
+    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    with capture_logs() as events:
+        assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "bad-response"
+    assert_clean_miss(fills, "k", "bad-response", events)
+
+
+def test_request_cancelled_inside_the_agent(fills: Fills) -> None:
+    """A request the agent reports as cancelled (wrapped in ResponseFailed) counts as cancelled, with no back-off."""
+    agent = ScriptedAgent()
+    agent.failures[b"/k"] = ResponseFailed([Failure(CancelledError())])
+    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "cancelled"
+    assert fills.stats.fill_failures == {"cancelled": 1}
+    assert filler.start(BUCKET, ("k",), ORIGIN) is True  # no back-off after a cancellation
+
+
+def test_unexpected_error_is_logged_with_its_traceback(fills: Fills, logged_failures: list[Any]) -> None:
+    """A bug (an unexpected exception) fails the fill as 'error', logs the traceback, and no waiter hangs."""
+    agent = ScriptedAgent()
+    agent.failures[b"/k"] = ZeroDivisionError("bug")
+    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "error"
+    assert fills.stats.fill_failures == {"error": 1}
+    assert len(logged_failures) == 1
+    assert logged_failures[0]["log_failure"].check(ZeroDivisionError)
+    logged_failures.clear()
+
+
+def test_remembered_failures_are_bounded(fills: Fills, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory of 404s is bounded: the oldest entries are forgotten first."""
+    monkeypatch.setattr(fill_module, "_MEMORY_LIMIT", 3)
+    for i in range(5):
+        assert fills.run(f"gone{i}").reason == "http-404"
+    assert fills.filler.remembered_not_found() == 3
+    assert fills.start("gone0") is True  # forgotten: fetched again
+    assert fills.start("gone4") is False  # still remembered
