@@ -245,8 +245,12 @@ class _FrozenDict(dict[str, BucketConfig]):
     def _refuse(self, *args: object, **kwargs: object) -> None:
         raise TypeError("configuration is immutable; build a new Config with attrs.evolve")
 
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
     __hash__ = object.__hash__  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[str, BucketConfig]]]]:
+        # copy.deepcopy and pickle would otherwise rebuild it with __setitem__.
+        return (type(self), (list(self.items()),))
 
 
 @frozen

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import attrs
@@ -338,7 +340,19 @@ def test_config_is_immutable() -> None:
         config.server = ServerConfig()  # type: ignore[misc]
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         config.buckets["example-1250000000"].origin_pull = False  # type: ignore[misc]
+    buckets = config.buckets
+    with pytest.raises(TypeError, match="immutable"):
+        buckets |= {"new-1": BucketConfig()}  # type: ignore[operator]
     assert list(config.buckets) == ["example-1250000000"]
+
+
+def test_config_survives_copy_and_pickle() -> None:
+    """A configuration can be deep-copied and pickled (e.g. to keep a snapshot) and stays immutable."""
+    config = load_config(None)
+    for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert clone == config
+        with pytest.raises(TypeError):
+            clone.buckets["new-1"] = BucketConfig()  # type: ignore[index]
 
 
 def test_with_and_without_bucket_build_new_configs() -> None:
