@@ -34,6 +34,7 @@ from .helpers import (
     StepCooperator,
     capture_logs,
     edge_config,
+    parse_response,
     raw_request,
 )
 
@@ -961,3 +962,55 @@ def test_non_ascii_host_is_no_such_bucket(edge: Edge) -> None:
     """A Host header with non-ASCII bytes never matches a bucket."""
     response = edge.request("/1.jpg", host=b"example-1250000000.file.myqcloud.com\xff")
     assert_error(response, 404, "NoSuchBucket")
+
+
+def _split_responses(data: bytes, methods: list[bytes]) -> list[RawResponse]:
+    responses = []
+    for method in methods:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        response = parse_response(head + b"\r\n\r\n")
+        n = 0 if method == b"HEAD" or response.status in (304,) else response.length
+        response.body, data = rest[:n], rest[n:]
+        responses.append(response)
+    assert data == b""
+    return responses
+
+
+def test_pipelined_requests_are_answered_in_order(edge: Edge) -> None:
+    """Several requests on one connection each get exactly their own bytes, in order."""
+    assert isinstance(edge.store, MemoryStore)
+    big = os.urandom(150_000)
+    edge.store.put(BUCKET, ("big",), big, None, MTIME)
+    requests = [
+        (b"GET", "/big", []),
+        (b"GET", "/1.jpg", [("Range", "bytes=0-9")]),
+        (b"HEAD", "/big", []),
+        (b"GET", "/missing", []),
+        (b"GET", "/1.jpg", [("If-None-Match", META["etag"])]),
+        (b"GET", "/1.jpg", []),
+    ]
+    conn = edge.connect()
+    for method, target, headers in requests:
+        request = raw_request(target, method=method, headers=headers)
+        conn.send(request.replace(b"Connection: close\r\n", b""))
+    edge.cooperator.run()
+    responses = _split_responses(conn.transport.value(), [m for m, _, _ in requests])
+    assert [r.status for r in responses] == [200, 206, 200, 302, 304, 200]
+    assert responses[0].body == big
+    assert responses[1].body == BODY[:10]
+    assert responses[2].length == len(big)
+    assert responses[5].body == BODY
+
+
+def test_large_multipart_ranges_across_chunks(edge: Edge) -> None:
+    """Ranges larger than the send chunk come back whole and exact in a multipart body."""
+    assert isinstance(edge.store, MemoryStore)
+    big = os.urandom(300_000)
+    edge.store.put(BUCKET, ("big",), big, None, MTIME)
+    response = edge.request("/big", headers=[("Range", "bytes=0-70000,100000-231071,-1")])
+    assert response.length == len(response.body)
+    assert multipart_parts(response) == [
+        (b"bytes 0-70000/300000", big[:70001]),
+        (b"bytes 100000-231071/300000", big[100000:231072]),
+        (b"bytes 299999-299999/300000", big[-1:]),
+    ]
