@@ -18,9 +18,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from xml.sax.saxutils import escape
 
-from twisted.internet.interfaces import IPullProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.web.http import datetimeToString
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -430,6 +432,57 @@ class EdgeResource(Resource):
         return _http_date(value) == last_modified
 
 
+class _EdgeChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel with a deadline for each request's headers.
+
+    Twisted's idle timeout restarts on every byte, so a client trickling its
+    headers one byte at a time would hold a connection for ever.  Here the
+    headers of each request must be complete within ``header_deadline``
+    seconds of the connection opening or of the previous response ending.
+    """
+
+    header_deadline: float = 60.0
+    _deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Armed before the channel parses any pipelined request it buffered,
+        # whose complete headers then disarm it again.
+        if self.persistent:
+            self._arm()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.callLater(self.header_deadline, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        # Twisted's own timeout path: close, and abort a client that lingers.
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        self._disarm()  # whichever timer fired first, the connection closes once
+        super().timeoutConnection()
+
+
 class EdgeSite(Site):
     """
     The bucket listener's factory: counts responses by status and writes the
@@ -444,6 +497,12 @@ class EdgeSite(Site):
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self._stats = stats
         self._access_log = access_log
+
+    def protocol(self) -> _EdgeChannel:  # type: ignore[override]
+        """Build this site's channels, with the header deadline set."""
+        channel = _EdgeChannel()
+        channel.header_deadline = self.timeOut or _EdgeChannel.header_deadline
+        return channel
 
     def startFactory(self) -> None:
         super().startFactory()

@@ -584,7 +584,6 @@ def test_idle_client_is_disconnected(edge: Daemon) -> None:
         assert time.monotonic() - started < edge.request_timeout + 3
 
 
-@pytest.mark.xfail(strict=True, reason="no overall header deadline: each byte restarts Twisted's idle timer")
 def test_slow_header_trickle_is_cut_off(edge: Daemon) -> None:
     """
     A client that sends its headers one byte at a time, each within the
