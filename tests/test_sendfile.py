@@ -233,7 +233,7 @@ def test_small_objects_and_multipart_stay_on_the_plain_path(listener: Listener, 
     """Small bodies, several ranges, and objects without a descriptor are not sent by sendfile."""
     listener.put("big.bin", b"x" * BIG)
     transport, protocol = listener.connect()
-    request = Request(protocol._channel)
+    request = Request(protocol)
     obj = listener.store.open(BUCKET, ("big.bin",))
     assert obj is not None
     try:
@@ -254,7 +254,7 @@ def test_tls_and_unpausable_transports_stay_on_the_plain_path(listener: Listener
     """Over TLS, or when the transport has no streaming producer to pause, sendfile is not used."""
     listener.put("big.bin", b"x" * BIG)
     transport, protocol = listener.connect()
-    request = Request(protocol._channel)
+    request = Request(protocol)
     obj = listener.store.open(BUCKET, ("big.bin",))
     assert obj is not None
     try:
@@ -304,7 +304,7 @@ def test_connection_lost_mid_send_stops_the_producer(listener: Listener) -> None
     listener.put("big.bin", os.urandom(BIG))
     transport, protocol = listener.connect()
     protocol.dataReceived(b"GET /big.bin HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
-    producer = protocol._channel._requestProducer
+    producer = protocol._requestProducer
     assert producer is not None
     transport.flush()
     sent_before = transport.read_socket()
