@@ -132,6 +132,19 @@ def _http_date(value: bytes | None) -> float | None:
         return None
 
 
+def _latin1(value: str) -> bytes:
+    """
+    A kept header value as bytes again.  Fills store the origin's header
+    bytes decoded as Latin-1, so encoding them back gives exactly what the
+    origin sent (a ``str`` given to ``setHeader`` would be re-encoded as
+    UTF-8); metadata written by another tool may hold any text.
+    """
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
 def _etag_list(value: bytes) -> list[bytes]:
     return [t.strip() for t in value.split(b",") if t.strip()]
 
@@ -327,7 +340,7 @@ class EdgeResource(Resource):
     def _serve_open(self, request: Request, request_id: str, obj: IStoredObject, name: str) -> bytes | int:
         meta = obj.meta
         size: int = obj.size
-        etag = meta.get("etag", f'"{obj.identity}"').encode("latin-1")
+        etag = _latin1(meta.get("etag", f'"{obj.identity}"'))
         last_modified = int(obj.mtime)
         content_type = (
             meta.get("content-type") or mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
@@ -337,10 +350,10 @@ class EdgeResource(Resource):
         request.setHeader(b"accept-ranges", b"bytes")
         for header in _PASSED_META:
             if header in meta:
-                request.setHeader(header, meta[header])
+                request.setHeader(header, _latin1(meta[header]))
         for header, value in meta.items():
             if header.startswith("x-cos-meta-"):
-                request.setHeader(header, value)
+                request.setHeader(header, _latin1(value))
 
         status = self._preconditions(request, etag, last_modified)
         if status == 412:
@@ -365,13 +378,13 @@ class EdgeResource(Resource):
         parts: list[tuple[bytes, int, int]]
         trailer = b""
         if ranges is None:
-            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-type", _latin1(content_type))
             parts = [(b"", 0, size)]
             length = size
         elif len(ranges) == 1:
             first, last = ranges[0]
             request.setResponseCode(206)
-            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-type", _latin1(content_type))
             request.setHeader(b"content-range", f"bytes {first}-{last}/{size}")
             parts = [(b"", first, last + 1)]
             length = last + 1 - first
@@ -381,10 +394,10 @@ class EdgeResource(Resource):
             request.setHeader(b"content-type", f"multipart/byteranges; boundary={boundary}")
             parts = [
                 (
-                    (
+                    _latin1(
                         f"\r\n--{boundary}\r\nContent-Type: {content_type}\r\n"
                         f"Content-Range: bytes {first}-{last}/{size}\r\n\r\n"
-                    ).encode("latin-1"),
+                    ),
                     first,
                     last + 1,
                 )

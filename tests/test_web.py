@@ -1014,3 +1014,29 @@ def test_large_multipart_ranges_across_chunks(edge: Edge) -> None:
         (b"bytes 100000-231071/300000", big[100000:231072]),
         (b"bytes 299999-299999/300000", big[-1:]),
     ]
+
+
+def test_kept_headers_are_served_as_the_origin_sent_them(edge: Edge) -> None:
+    """Non-ASCII bytes in kept origin headers come back byte for byte, not re-encoded."""
+    edge.origin.add(
+        "caf\u00e9.txt",
+        b"x",
+        headers={"Content-Disposition": 'attachment; filename="caf\u00e9.txt"', "X-Cos-Meta-Name": "\u4e2d"},
+    )
+    assert edge.request("/caf%C3%A9.txt").status == 302
+    edge.flush_origin()
+    response = edge.request("/caf%C3%A9.txt")
+    assert response.status == 200
+    assert response.header(b"content-disposition") == 'attachment; filename="caf\u00e9.txt"'.encode()
+    assert response.header(b"x-cos-meta-name") == "\u4e2d".encode()
+
+
+def test_metadata_from_another_tool_never_breaks_serving(edge: Edge) -> None:
+    """Metadata holding any text (not Latin-1) is still served, never a 500."""
+    assert isinstance(edge.store, MemoryStore)
+    edge.store.put(BUCKET, ("t",), b"0123456789", {"etag": '"\u4e2d"', "content-type": "text/plain; x=\u4e2d"}, MTIME)
+    response = edge.request("/t")
+    assert response.status == 200
+    assert response.header(b"etag") == '"\u4e2d"'.encode()
+    multi = edge.request("/t", headers=[("Range", "bytes=0-0,5-5")])
+    assert multi.status == 206 and len(multipart_parts(multi)) == 2
