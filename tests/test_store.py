@@ -270,3 +270,29 @@ def test_memory_store_disk_limit_and_pending() -> None:
     store.begin(BUCKET, ("d",))
     assert store.sweep() == 1 and store.pending == []
     assert store.remove(BUCKET, ("c",)) is True and store.remove(BUCKET, ("c",)) is False
+
+
+def test_publishing_never_writes_through_a_symlinked_folder(store: DiskStore, tmp_path: Path) -> None:
+    """Publishing under a folder that is a symlink out of the bucket fails cleanly; nothing is written outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bucket = Path(store.data_dir, BUCKET)
+    bucket.mkdir(parents=True)
+    (bucket / "dirlink").symlink_to(outside)
+    pending = store.begin(BUCKET, ("dirlink", "x"))
+    pending.write(b"payload")
+    with pytest.raises(OSError):
+        pending.commit({}, None)
+    assert list(outside.iterdir()) == []
+    assert _tmp_files(store) == []
+
+
+def test_publishing_onto_a_folder_fails_cleanly(store: DiskStore) -> None:
+    """An object cannot replace a folder of the same name; the folder and its contents stay."""
+    _put(store, ("a", "inner"), b"i")
+    pending = store.begin(BUCKET, ("a",))
+    pending.write(b"file")
+    with pytest.raises(OSError):
+        pending.commit({}, None)
+    assert Path(store.data_dir, BUCKET, "a", "inner").read_bytes() == b"i"
+    assert _tmp_files(store) == []
