@@ -227,7 +227,7 @@ class LiveConfig(Service):
 
     @staticmethod
     def _fixed_of(config: Config) -> tuple[object, ...]:
-        return tuple(getattr(config.server, n) for n in _FIXED_SERVER) + (config.extra,)
+        return tuple(getattr(config.server, n) for n in _FIXED_SERVER) + (config.extra.get("manhole"),)
 
     def edge(self, channel: str) -> Edge:
         """The façade for one shell session (``channel`` goes into audit lines)."""
@@ -283,12 +283,20 @@ class LiveConfig(Service):
             loaded = load_config(path)
             if "manhole" in loaded.extra:
                 parse_manhole(loaded.extra["manhole"], loaded.server.data_dir)
+            from . import ops
+
+            ops.check_config(loaded)  # [admin] and [log], which ops reads live
             state = self.state_file.load()
             running = self.config
+            # The other optional sections follow the file; the manhole's
+            # listeners are bound at start, so its section stays as running.
+            extra = {k: v for k, v in loaded.extra.items() if k != "manhole"}
+            if "manhole" in running.extra:
+                extra["manhole"] = running.extra["manhole"]
             base = evolve(
                 loaded,
                 server=evolve(loaded.server, **{n: getattr(running.server, n) for n in _FIXED_SERVER}),
-                extra=running.extra,
+                extra=extra,
             )
             effective = state.apply(base)
         except ConfigError as e:

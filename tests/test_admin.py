@@ -409,6 +409,21 @@ def test_reload_keeps_listeners_and_says_a_restart_is_needed(harness: Harness) -
     assert warnings == ["listen"]
 
 
+def test_reload_passes_other_sections_on_but_keeps_the_running_manhole(tmp_path: Path) -> None:
+    """
+    Sections read live by other features ([admin]) follow the file on a
+    reload; the [manhole] section stays as started (its listeners are bound).
+    """
+    harness = Harness(tmp_path, '[manhole]\ntelnet = "unix:/tmp/never-started.sock"\n')
+    running_manhole = harness.service.config.extra["manhole"]
+    harness.config_file.write_text(
+        toml_for(harness.data_dir, '[admin]\nmin_free_bytes = 12345\n[manhole]\ntelnet = "unix:/tmp/other.sock"\n')
+    )
+    harness.live.reload("sighup")
+    assert harness.service.config.extra["admin"] == {"min_free_bytes": 12345}
+    assert harness.service.config.extra["manhole"] == running_manhole
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -416,6 +431,7 @@ def test_reload_keeps_listeners_and_says_a_restart_is_needed(harness: Harness) -
         '[buckets."example-1250000000"]\norigin = "http://abc.example.com"\n',
         '[buckets."example-1250000000"]\norigin_pull = true\n',
         '[manhole]\ntelnet = "tcp:2323"\n',
+        "[admin]\nmin_free_bytes = -1\n",
     ],
 )
 def test_reload_rejects_a_bad_file_and_keeps_running(harness: Harness, text: str) -> None:
