@@ -163,6 +163,7 @@ def test_stores_exact_bytes_and_kept_metadata(disk: Fills) -> None:
         assert obj.mtime == 1445412480.0  # from Last-Modified
     finally:
         obj.close()
+    assert isinstance(disk.store, DiskStore)
     assert Path(disk.store.bucket_path(BUCKET), "img", "1.jpg").read_bytes() == body  # a plain file
     assert list(Path(disk.store.tmp_dir).iterdir()) == []
     assert disk.stats.events["fills_started"] == 1
@@ -309,6 +310,7 @@ def test_stall_mid_body_times_out(disk: Fills) -> None:
         disk.flush()
         assert not d.called
         assert disk.filler.in_flight()[0]["bytes"] == 100
+        assert isinstance(disk.store, DiskStore)
         assert len(list(Path(disk.store.tmp_dir).iterdir())) == 1  # being written
         disk.clock.advance(29)
         assert not d.called
@@ -534,6 +536,7 @@ def test_stop_cancels_running_and_queued_fills(tmp_path: Path) -> None:
     running, queued = fills.fill("stalled"), fills.fill("queued")
     fills.flush()
     assert fills.filler.running == 1 and fills.filler.queued == 1
+    assert isinstance(fills.store, DiskStore)
     assert len(list(Path(fills.store.tmp_dir).iterdir())) == 1
     with capture_logs() as events:
         done = fills.filler.stop()
@@ -592,7 +595,7 @@ class ScriptedResponse:
         self.headers = Headers()
         self.length = length
         self.request = None
-        self.previousResponse = None
+        self.previousResponse: IResponse | None = None
         self.transport = StringTransport()
         self.protocol: Any = None
 

@@ -225,12 +225,13 @@ def test_seed_example_through_the_service(tmp_path: Path, monkeypatch: pytest.Mo
     origin.add("1.jpg", image, content_type="image/jpeg")
     service.startService()
     try:
-        client = StubTreq(service.resource)
+        client: Any = StubTreq(service.resource)
         url = "http://127.0.0.1/1.jpg"
         first = result_of(client.get(url, headers={"Host": HOST}, allow_redirects=False))
         assert first.code == 302
         assert first.headers.getRawHeaders("location") == ["http://10.10.10.10:8080/1.jpg"]
-        service.filler.agent.flush()
+        origin_agent: Any = service.filler.agent
+        origin_agent.flush()
         assert (Path(service.config.server.data_dir) / BUCKET / "1.jpg").read_bytes() == image
 
         def pump(d: Deferred[Any]) -> Any:
@@ -258,13 +259,14 @@ def test_stop_cancels_fills_and_leaves_no_temporary_file(tmp_path: Path) -> None
     origin.add("slow", b"s" * 1000, mode="stall", cut=10)
     service.startService()
     d = service.filler.fill(BUCKET, ("slow",), service.config.buckets[BUCKET].origin)  # type: ignore[arg-type]
-    service.filler.agent.flush()
+    origin_agent: Any = service.filler.agent
+    origin_agent.flush()
     assert service.filler.running == 1
     assert isinstance(service.store, DiskStore)
     tmp = Path(service.store.tmp_dir)
     assert len(list(tmp.iterdir())) == 1
     stopped = service.stopService()
-    service.filler.agent.flush()
+    origin_agent.flush()
     assert stopped.called
     assert result_of(d).reason == "cancelled"
     assert list(tmp.iterdir()) == []

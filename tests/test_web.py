@@ -333,7 +333,7 @@ def test_parse_ranges_directly() -> None:
 
 
 def _date(offset: int) -> str:
-    return datetimeToString(int(MTIME) + offset).decode()
+    return bytes(datetimeToString(int(MTIME) + offset)).decode()
 
 
 @pytest.mark.parametrize(
@@ -692,7 +692,7 @@ def test_error_bodies_are_cos_xml_with_unique_request_ids(edge: Edge) -> None:
 def _message(body: bytes) -> str:
     from xml.sax.saxutils import unescape
 
-    return unescape(body.split(b"<Message>", 1)[1].split(b"</Message>", 1)[0].decode())
+    return str(unescape(body.split(b"<Message>", 1)[1].split(b"</Message>", 1)[0].decode()))
 
 
 def test_error_body_escapes_its_message() -> None:
