@@ -220,23 +220,28 @@ def test_usage_counts_regular_files(store: DiskStore, tmp_path: Path) -> None:
     """usage() counts the bucket's regular files and bytes, not symlinks or temporary files."""
     _put(store, ("a",), b"12345")
     _put(store, ("d", "b"), b"123")
-    store.begin(BUCKET, ("pending",)).write(b"ignored")
+    pending = store.begin(BUCKET, ("pending",))
+    pending.write(b"ignored")
     (tmp_path / "big").write_bytes(b"x" * 1000)
     Path(store.data_dir, BUCKET, "link").symlink_to(tmp_path / "big")
     assert store.usage(BUCKET) == (2, 8)
     assert store.usage("empty-1") == (0, 0)
+    pending.abort()
 
 
 def test_sweep_removes_leftover_temporary_files_only(store: DiskStore) -> None:
     """sweep() removes every temporary file (a crash's leftovers) and nothing else (F13)."""
     _put(store, ("keep",), b"k")
-    for _ in range(3):
-        store.begin(BUCKET, ("x",)).write(b"half")
+    leftovers = [store.begin(BUCKET, ("x",)) for _ in range(3)]
+    for pending in leftovers:
+        pending.write(b"half")
     assert len(_tmp_files(store)) == 3
     assert store.sweep() == 3
     assert _tmp_files(store) == []
     assert store.sweep() == 0
     assert Path(store.data_dir, BUCKET, "keep").read_bytes() == b"k"
+    for pending in leftovers:
+        pending.abort()  # the descriptors a crashed process would have lost
 
 
 def test_sweep_on_a_fresh_data_dir(store: DiskStore) -> None:
