@@ -19,8 +19,11 @@ Importing this module installs the reactor (``twisted.conch.manhole`` does), so
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,6 +41,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint, serverFromString
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,7 +57,7 @@ from .admin import (
 )
 from .config import ConfigError
 
-__all__ = ["Shell", "load_host_key", "manhole_service"]
+__all__ = ["PasswordFileChecker", "Shell", "load_host_key", "manhole_service", "run_command"]
 
 _log = Logger()
 
@@ -107,6 +111,60 @@ class Shell(manhole.ColoredManhole):  # type: ignore[misc]
         self.width, self.height = width, height
 
 
+class _Writer(io.TextIOBase):
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+
+    def write(self, text: str) -> int:
+        self._write(text.encode("utf-8"))
+        return len(text)
+
+
+def run_command(
+    source: str, namespace: dict[str, Any], write: Callable[[bytes], None], done: Callable[[int], None]
+) -> None:
+    """
+    Run one line of Python as the shell would, for scripts: write the value
+    of an expression (waiting for a Deferred), then call ``done`` with 0; a
+    refused command writes one ``error:`` line and a failure its traceback,
+    and ``done(1)``.
+    """
+    out = _Writer(write)
+    try:
+        with contextlib.redirect_stdout(out):  # print() goes to the client too
+            try:
+                code = compile(source, "<command>", "eval")
+            except SyntaxError:
+                exec(compile(source, "<command>", "exec"), namespace)
+                value: Any = None
+            else:
+                value = eval(code, namespace)
+    except (AdminError, ConfigError) as e:
+        write(f"error: {e}\n".encode())
+        done(1)
+        return
+    except Exception as e:
+        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+        write("".join(traceback.format_exception(type(e), e, tb)).encode())
+        done(1)
+        return
+    if isinstance(value, Deferred):
+
+        def fired(result: object) -> None:
+            write(f"{result!r}\n".encode())
+            done(0)
+
+        def failed(failure: Failure) -> None:
+            write(f"error: {failure.getErrorMessage()}\n".encode())
+            done(1)
+
+        value.addCallbacks(fired, failed)
+        return
+    if value is not None:
+        write(f"{value!r}\n".encode())
+    done(0)
+
+
 def _shell_protocol(make_namespace: NamespaceFactory, channel: str) -> insults.ServerProtocol:
     return insults.ServerProtocol(Shell, make_namespace(channel), channel)
 
@@ -147,15 +205,29 @@ class _Session(manhole_ssh.TerminalSession):  # type: ignore[misc]
     height = 24
     make_namespace: NamespaceFactory
 
-    def openShell(self, proto: Any) -> None:
+    def _channel(self) -> tuple[Any, str]:
         user: Any = IConchUser(self.original)
         try:
             peer = _peer(user.conn.transport.transport.getPeer())
         except AttributeError:
             peer = "?"
-        channel = f"ssh:{user.username}@{peer}"
+        return user, f"ssh:{user.username}@{peer}"
+
+    def openShell(self, proto: Any) -> None:
+        user, channel = self._channel()
         self.transportFactory(proto, _shell_protocol(self.make_namespace, channel), user, self.width, self.height)
         self._proto = proto
+
+    def execCommand(self, proto: Any, cmd: bytes) -> None:
+        """``ssh … 'edge.stats()'``: run one line, print its value, exit 0 (1 if refused or failed)."""
+        _, channel = self._channel()
+        source = cmd.decode("utf-8", "replace")
+        _log.info("manhole command via {channel}: {command}", channel=channel, command=source)
+
+        def done(code: int) -> None:
+            proto.processEnded(Failure(ProcessDone(0) if code == 0 else ProcessTerminated(exitCode=code)))
+
+        run_command(source, self.make_namespace(channel), proto.write, done)
 
     def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
         self.height, self.width = newWindowSize[:2]

@@ -673,3 +673,51 @@ def test_shell_runs_edge_commands_and_shows_refusals_as_one_line(harness: Harnes
     protocol.dataReceived(b"edge.set_origin('example-1250000000', 'abc.example.com')\r")
     assert f"origin of {BUCKET}: {FILE_ORIGIN} -> abc.example.com" in transport.value().decode()
     assert str(harness.service.config.buckets[BUCKET].origin) == "abc.example.com"
+
+
+# -- one command per ssh invocation (scripts) --
+
+
+def run(source: str, namespace: dict[str, Any]) -> tuple[str, list[int]]:
+    from cosedge.manhole import run_command
+
+    written: list[bytes] = []
+    codes: list[int] = []
+    run_command(source, namespace, written.append, codes.append)
+    return b"".join(written).decode(), codes
+
+
+def test_a_command_prints_its_value_and_exits_0(harness: Harness) -> None:
+    """`ssh … 'edge.buckets()'` prints what the shell would show and succeeds."""
+    out, codes = run("edge.buckets()", {"edge": harness.edge("ssh:ops@127.0.0.1")})
+    assert out.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live"]
+    assert codes == [0]
+    out, codes = run("x = 2; print(x * 21)", {})
+    assert (out, codes) == ("42\n", [0])
+
+
+def test_a_refused_command_prints_one_error_line_and_exits_1(harness: Harness) -> None:
+    """A script sees a refused change as exit status 1 and one error line; nothing changed."""
+    before = harness.service.config
+    out, codes = run(f"edge.set_origin({BUCKET!r}, 'http://x')", {"edge": harness.edge()})
+    assert out.startswith("error: set_origin refused") and out.count("\n") == 1
+    assert codes == [1]
+    assert harness.service.config is before
+    out, codes = run("1/0", {})
+    assert "ZeroDivisionError" in out and "run_command" not in out
+    assert codes == [1]
+
+
+def test_a_command_returning_a_deferred_waits_for_it() -> None:
+    """`ssh … 'edge.prefetch(...)'` ends only when the fill does, with its outcome."""
+    from twisted.internet.defer import Deferred
+
+    pending: Deferred[str] = Deferred()
+    written: list[bytes] = []
+    codes: list[int] = []
+    from cosedge.manhole import run_command
+
+    run_command("d", {"d": pending}, written.append, codes.append)
+    assert codes == []
+    pending.callback("stored")
+    assert (b"".join(written), codes) == (b"'stored'\n", [0])

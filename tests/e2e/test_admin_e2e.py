@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -233,6 +234,8 @@ class _SSHClientFactory:
         self.host_keys: list[keys.Key] = []
         self.screen = Screen()
         self.opened: Deferred[_SessionChannel] = Deferred()
+        #: Run this one command instead of opening the shell.
+        self.command: bytes | None = None
 
 
 class _UserAuth(userauth.SSHUserAuthClient):
@@ -269,15 +272,28 @@ class _SessionChannel(channel.SSHChannel):
     def __init__(self, client: _SSHClientFactory, **kw: Any) -> None:
         super().__init__(**kw)
         self.client = client
+        self.exit_status: int | None = None
+        self.ended: Deferred[None] = Deferred()
 
     def channelOpen(self, data: bytes) -> None:
-        pty = session.packRequest_pty_req(b"xterm", (24, 120, 0, 0), b"")
-        self.conn.sendRequest(self, b"pty-req", pty, wantReply=False)
-        self.conn.sendRequest(self, b"shell", common.NS(b""), wantReply=False)
+        if self.client.command is not None:
+            self.conn.sendRequest(self, b"exec", common.NS(self.client.command), wantReply=False)
+        else:
+            pty = session.packRequest_pty_req(b"xterm", (24, 120, 0, 0), b"")
+            self.conn.sendRequest(self, b"pty-req", pty, wantReply=False)
+            self.conn.sendRequest(self, b"shell", common.NS(b""), wantReply=False)
         self.client.opened.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.client.screen.feed(data)
+
+    def request_exit_status(self, data: bytes) -> int:
+        self.exit_status = struct.unpack(">L", data)[0]
+        return 1
+
+    def closed(self) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
 
 
 class _Protocol(Protocol):
@@ -294,6 +310,19 @@ async def ssh_shell(port: int, key: keys.Key) -> tuple[Shell, _SSHClientFactory,
     shell = Shell(client.screen, chan.write, b"\r")
     await client.screen.expect(">>> ")
     return shell, client, proto
+
+
+async def ssh_command(port: int, key: keys.Key, command: str) -> tuple[str, int | None]:
+    """``ssh admin@127.0.0.1 COMMAND``: the output and the exit status."""
+    client = _SSHClientFactory(key)
+    client.command = command.encode()
+    proto = _SSHClientTransport()
+    proto.factory = client  # type: ignore[assignment]
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    chan = await client.opened.addTimeout(TIMEOUT, reactor)
+    await chan.ended.addTimeout(TIMEOUT, reactor)
+    proto.transport.loseConnection()
+    return client.screen.raw.decode(), chan.exit_status
 
 
 # -- telnet (twisted.conch.telnet client) --
@@ -428,6 +457,28 @@ async def test_invalid_origins_typed_in_the_shell_change_nothing(
     proto.transport.loseConnection()
     assert not daemon.state_file.exists()
     assert daemon.request("/x.jpg").header("Location") == f"http://{daemon.origin}/x.jpg"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_runs_one_command_for_scripts(
+    make_admin_daemon: Callable[..., AdminDaemon], credentials: Credentials, origin: MisbehavingOrigin
+) -> None:
+    """
+    ``ssh admin@host 'edge.…'`` runs one command: a refused change exits 1
+    with one error line and changes nothing; an accepted one exits 0 and the
+    next miss follows it; a prefetch ends when the object is stored.
+    """
+    daemon = make_admin_daemon()
+    port = manhole_port(daemon, "ssh")
+    out, status = await ssh_command(port, credentials.key, f"edge.set_origin({BUCKET!r}, 'abc.example.com/x')")
+    assert status == 1 and out.startswith("error: set_origin refused") and out.count("\n") == 1
+    assert not daemon.state_file.exists()
+    out, status = await ssh_command(port, credentials.key, f"edge.prefetch({BUCKET!r}, 'ok/pre.bin')")
+    assert status == 0 and "stored=True" in out, out
+    assert daemon.request("/ok/pre.bin").status == 200
+    out, status = await ssh_command(port, credentials.key, f"edge.disable_origin_pull({BUCKET!r})")
+    assert (out, status) == (f"origin_pull of {BUCKET}: on -> off\n", 0)
+    assert daemon.request("/ok/after-script.bin").status == 404
 
 
 @pytest_twisted.ensureDeferred
