@@ -135,6 +135,42 @@ def stream(port: int, path: str, timeout: float = 60.0) -> tuple[int, float]:
     return int(out[1]), float(out[2])
 
 
+def download(port: int, path: str, timeout: float = 60.0) -> tuple[int, float]:
+    """
+    Fetch one object over one connection with a lean client (``recv_into`` a
+    4 MiB buffer, nothing kept), faster than curl, so the server is what is
+    measured; checks the status and that the body is exactly Content-Length
+    bytes.  Returns (body bytes, seconds from request to last byte).
+    """
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        started = time.perf_counter()
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {BUCKET_HOST}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            n = s.recv_into(view)
+            if not n:
+                raise RuntimeError(f"GET {path} on port {port}: connection closed in the headers")
+            head += bytes(view[:n])
+        head, _, first = head.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        if lines[0].split(b" ")[1] != b"200":
+            raise RuntimeError(f"GET {path} on port {port} answered {lines[0]!r}")
+        length = next(int(v) for k, _, v in (h.partition(b":") for h in lines[1:]) if k.lower() == b"content-length")
+        total = len(first)
+        while True:
+            n = s.recv_into(view)
+            if not n:
+                break
+            total += n
+        seconds = time.perf_counter() - started
+    if total != length:
+        raise RuntimeError(f"GET {path} on port {port}: {total} bytes for Content-Length {length}")
+    return total, seconds
+
+
 def parallel_get(
     workdir: Path, port: int, paths: list[str], parallel: int = 32, timeout: float = 120.0
 ) -> dict[str, int]:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
             deadline = time.monotonic() + secs
             while time.monotonic() < deadline:
-                load.stream(port, "/hit/256m.bin")
+                load.download(port, "/hit/256m.bin")
 
         return threading.Thread(target=run)
 
