@@ -226,6 +226,38 @@ def _headers_timed_out(result: object, timeout: float | None) -> Failure:
     return Failure(FillFailed("timeout", f"no response headers within {timeout}s"))
 
 
+async def _committed(commit: Deferred[None]) -> None:
+    """
+    Wait for a commit that may run in the thread pool.  Cancelling the fill
+    (a stop, the total deadline) cannot stop that thread, so the wait goes on
+    until it ends: cleaning up meanwhile would close the descriptor and
+    remove the file under it.  A cancelled fill whose commit still succeeded
+    is stored (the object is whole and visible).
+    """
+    outcome: list[object] = []
+    waits: list[Deferred[None]] = []
+
+    def ended(result: object) -> None:
+        outcome.append(result)
+        for wait in waits:
+            if not wait.called:
+                wait.callback(None)
+
+    commit.addBoth(ended)
+    cancelled = False
+    while not outcome:
+        wait: Deferred[None] = Deferred()
+        waits.append(wait)
+        try:
+            await wait
+        except CancelledError:
+            cancelled = True
+    if isinstance(outcome[0], Failure):
+        if cancelled:
+            raise CancelledError()
+        outcome[0].raiseException()
+
+
 def _remember(memory: dict[Any, float], key: Any, until: float) -> None:
     memory.pop(key, None)
     memory[key] = until
@@ -409,7 +441,7 @@ class Filler:
             await body.done
             if fill.expected is not None and pending.size != fill.expected:
                 raise FillFailed("length-mismatch")
-            await self.run_blocking(lambda: pending.commit(meta, _mtime(meta)))
+            await _committed(self.run_blocking(lambda: pending.commit(meta, _mtime(meta))))
         except BaseException:
             pending.abort()
             raise

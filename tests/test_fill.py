@@ -675,3 +675,94 @@ def test_remembered_failures_are_bounded(fills: Fills, monkeypatch: pytest.Monke
     assert fills.filler.remembered_not_found() == 3
     assert fills.start("gone0") is True  # forgotten: fetched again
     assert fills.start("gone4") is False  # still remembered
+
+
+class _ManualThreadPool:
+    """Stands in for the reactor's thread pool: runs each blocking call when the test says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Deferred[None]]] = []
+
+    def __call__(self, f: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.calls.append((f, d))
+        return d
+
+    def finish(self) -> None:
+        for f, d in self.calls:
+            try:
+                d.callback(f())
+            except Exception:
+                d.errback()
+        self.calls = []
+
+
+def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
+    """stop() during a commit (fsync + rename in a thread) waits for it and never pulls the file from under it."""
+    fills = Fills(store=DiskStore(str(tmp_path)))
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills.origin.add("k", b"whole object")
+    d = filler.fill(BUCKET, ("k",), ORIGIN)
+    fills.flush()
+    assert len(pool.calls) == 1  # the commit is in the thread pool
+    tmp = Path(tmp_path, ".cosedge", "tmp")
+    assert len(list(tmp.iterdir())) == 1
+    stopped = filler.stop()
+    assert not stopped.called  # a thread cannot be cancelled: stop waits for it
+    assert len(list(tmp.iterdir())) == 1  # and nothing was cleaned up under it
+    pool.finish()
+    assert stopped.called
+    assert result_of(d).reason == "stored"  # the commit went through: the object is whole and visible
+    assert list(tmp.iterdir()) == []
+    assert fills.stored("k") == b"whole object"
+
+
+def test_stop_during_a_failing_commit(tmp_path: Path) -> None:
+    """A commit that fails in its thread after stop() began leaves nothing behind and reports the cancellation."""
+    fills = Fills(store=DiskStore(str(tmp_path)))
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    Path(tmp_path, BUCKET).mkdir()
+    Path(tmp_path, BUCKET, "a").write_bytes(b"a file where a folder should be")
+    fills.origin.add("a/b", b"inner")
+    d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
+    fills.flush()
+    stopped = filler.stop()
+    assert not stopped.called
+    pool.finish()
+    assert stopped.called
+    assert result_of(d).reason == "cancelled"
+    assert list(Path(tmp_path, ".cosedge", "tmp").iterdir()) == []
+
+
+def test_total_deadline_during_a_commit_waits_for_it(tmp_path: Path) -> None:
+    """The total deadline passing while a commit runs in a thread does not clean up under the commit."""
+    fills = Fills(store=DiskStore(str(tmp_path)), config=FillConfig(total_timeout=10))
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills.origin.add("k", b"whole object")
+    d = filler.fill(BUCKET, ("k",), ORIGIN)
+    fills.flush()
+    fills.clock.advance(10)
+    assert not d.called
+    pool.finish()
+    assert result_of(d).reason == "stored"
+    assert list(Path(tmp_path, ".cosedge", "tmp").iterdir()) == []
+    assert fills.stored("k") == b"whole object"
+
+
+def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
+    """A commit that fails in the thread pool is a clean miss, reported as a disk error."""
+    fills = Fills(store=DiskStore(str(tmp_path)))
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    Path(tmp_path, BUCKET).mkdir()
+    Path(tmp_path, BUCKET, "a").write_bytes(b"file")
+    fills.origin.add("a/b", b"inner")
+    d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
+    fills.flush()
+    with capture_logs() as events:
+        pool.finish()
+    assert result_of(d).reason == "disk-error"
+    assert_clean_miss(fills, "a/b", "disk-error", events)
