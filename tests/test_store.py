@@ -301,3 +301,12 @@ def test_publishing_onto_a_folder_fails_cleanly(store: DiskStore) -> None:
         pending.commit({}, None)
     assert Path(store.data_dir, BUCKET, "a", "inner").read_bytes() == b"i"
     assert _tmp_files(store) == []
+
+
+def test_special_files_are_not_objects(store: DiskStore) -> None:
+    """A named pipe (or other non-regular file) in the bucket is not an object, and opening it never blocks."""
+    bucket = Path(store.data_dir, BUCKET)
+    bucket.mkdir(parents=True)
+    os.mkfifo(bucket / "pipe")
+    assert store.open(BUCKET, ("pipe",)) is None
+    assert store.usage(BUCKET) == (0, 0)
