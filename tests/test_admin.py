@@ -13,14 +13,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface import directlyProvides
 
 from cosedge import admin
 from cosedge.admin import AdminError, Edge, LiveConfig, check_config, parse_manhole
@@ -44,9 +44,10 @@ def audit_lines() -> Iterator[list[dict[str, Any]]]:
         if event.get("log_namespace") == "cosedge.audit":
             events.append(event)
 
-    globalLogPublisher.addObserver(observe)
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
     yield events
-    globalLogPublisher.removeObserver(observe)
+    globalLogPublisher.removeObserver(observer)
 
 
 def toml_for(data_dir: Path, extra: str = "", origin_pull: bool = True) -> str:
@@ -345,7 +346,7 @@ def test_help_names_every_command(harness: Harness) -> None:
     """help(edge) documents each command an operator needs."""
     import pydoc
 
-    text = pydoc.render_doc(harness.edge(), renderer=pydoc.plaintext)
+    text = pydoc.render_doc(harness.edge(), renderer=pydoc.plaintext)  # type: ignore[attr-defined]
     for name in [
         "buckets",
         "set_origin",
@@ -400,11 +401,12 @@ def test_reload_keeps_listeners_and_says_a_restart_is_needed(harness: Harness) -
     harness.config_file.write_text(
         toml_for(harness.data_dir).replace("tcp:0:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1")
     )
-    globalLogPublisher.addObserver(observe)
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
     try:
         harness.live.reload("sighup")
     finally:
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(observer)
     assert harness.service.config.server.listen == ("tcp:0:interface=127.0.0.1",)
     assert warnings == ["listen"]
 
@@ -449,7 +451,6 @@ def test_sighup_reloads_through_the_reactor_and_is_restored_on_stop(harness: Har
     inside the signal handler) and the previous handler is back after stop.
     """
 
-    @implementer(IReactorThreads)
     class ThreadsReactor(MemoryReactorClock):
         def __init__(self) -> None:
             super().__init__()
@@ -459,6 +460,7 @@ def test_sighup_reloads_through_the_reactor_and_is_restored_on_stop(harness: Har
             self.from_thread.append(lambda: f(*args, **kwargs))
 
     reactor = ThreadsReactor()
+    directlyProvides(reactor, IReactorThreads)  # callFromThread is all the handler uses
     harness.service.reactor = reactor
     previous = signal.getsignal(signal.SIGHUP)
     harness.live.startService()

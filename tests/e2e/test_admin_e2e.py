@@ -17,20 +17,19 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import channel, common, connection, keys, session, transport, userauth
 from twisted.conch.telnet import ECHO, SGA, TelnetProtocol, TelnetTransport
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from cosedge.admin import hash_password
@@ -39,6 +38,14 @@ from .conftest import BUCKET, FAST_FILL, Daemon, _twistd, free_port
 from .origin import MisbehavingOrigin
 
 pytestmark = pytest.mark.e2e
+
+_Test = TypeVar("_Test", bound=Callable[..., Coroutine[Any, Any, None]])
+
+
+def ensure_deferred(test: _Test) -> _Test:
+    """pytest-twisted's ``ensureDeferred``, typed: run an async test on the reactor."""
+    wrapped: _Test = pytest_twisted.ensureDeferred(test)
+    return wrapped
 
 TIMEOUT = 10.0
 PASSWORD = "correct horse battery"
@@ -247,11 +254,16 @@ class _UserAuth(userauth.SSHUserAuthClient):
         if self._offered:
             return None
         self._offered = True
-        key: keys.Key = self.transport.factory.key.public()
+        key: keys.Key = self._client().key.public()
         return key
 
     def getPrivateKey(self) -> Deferred[keys.Key]:
-        return succeed(self.transport.factory.key)
+        return succeed(self._client().key)
+
+    def _client(self) -> _SSHClientFactory:
+        ssh: Any = self.transport
+        client: _SSHClientFactory = ssh.factory
+        return client
 
     def getPassword(self, prompt: bytes | None = None) -> None:
         return None
@@ -276,12 +288,13 @@ class _SessionChannel(channel.SSHChannel):
         self.ended: Deferred[None] = Deferred()
 
     def channelOpen(self, data: bytes) -> None:
+        conn: Any = self.conn
         if self.client.command is not None:
-            self.conn.sendRequest(self, b"exec", common.NS(self.client.command), wantReply=False)
+            conn.sendRequest(self, b"exec", common.NS(self.client.command), wantReply=False)
         else:
             pty = session.packRequest_pty_req(b"xterm", (24, 120, 0, 0), b"")
-            self.conn.sendRequest(self, b"pty-req", pty, wantReply=False)
-            self.conn.sendRequest(self, b"shell", common.NS(b""), wantReply=False)
+            conn.sendRequest(self, b"pty-req", pty, wantReply=False)
+            conn.sendRequest(self, b"shell", common.NS(b""), wantReply=False)
         self.client.opened.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -294,10 +307,6 @@ class _SessionChannel(channel.SSHChannel):
     def closed(self) -> None:
         if not self.ended.called:
             self.ended.callback(None)
-
-
-class _Protocol(Protocol):
-    pass
 
 
 async def ssh_shell(port: int, key: keys.Key) -> tuple[Shell, _SSHClientFactory, Any]:
@@ -321,7 +330,8 @@ async def ssh_command(port: int, key: keys.Key, command: str) -> tuple[str, int 
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
     chan = await client.opened.addTimeout(TIMEOUT, reactor)
     await chan.ended.addTimeout(TIMEOUT, reactor)
-    proto.transport.loseConnection()
+    tcp: Any = proto.transport
+    tcp.loseConnection()
     return client.screen.raw.decode(), chan.exit_status
 
 
@@ -376,7 +386,7 @@ async def closed(screen: Screen) -> None:
 # Tests.
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ssh_live_change_redirects_the_next_miss_and_survives_a_restart(
     make_admin_daemon: Callable[..., AdminDaemon], credentials: Credentials, origin: MisbehavingOrigin
 ) -> None:
@@ -420,7 +430,7 @@ async def test_ssh_live_change_redirects_the_next_miss_and_survives_a_restart(
         second.stop()
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ssh_refuses_a_key_not_in_authorized_keys(
     make_admin_daemon: Callable[..., AdminDaemon], credentials: Credentials
 ) -> None:
@@ -436,7 +446,7 @@ async def test_ssh_refuses_a_key_not_in_authorized_keys(
     daemon.wait_for_log("manhole ssh login failed from 127.0.0.1: no accepted key")
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_invalid_origins_typed_in_the_shell_change_nothing(
     make_admin_daemon: Callable[..., AdminDaemon], credentials: Credentials
 ) -> None:
@@ -459,7 +469,7 @@ async def test_invalid_origins_typed_in_the_shell_change_nothing(
     assert daemon.request("/x.jpg").header("Location") == f"http://{daemon.origin}/x.jpg"
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_ssh_runs_one_command_for_scripts(
     make_admin_daemon: Callable[..., AdminDaemon], credentials: Credentials, origin: MisbehavingOrigin
 ) -> None:
@@ -481,7 +491,7 @@ async def test_ssh_runs_one_command_for_scripts(
     assert daemon.request("/ok/after-script.bin").status == 404
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_telnet_on_loopback_needs_the_right_password(
     make_admin_daemon: Callable[..., AdminDaemon],
 ) -> None:
@@ -510,7 +520,7 @@ async def test_telnet_on_loopback_needs_the_right_password(
     proto.transport.loseConnection()  # type: ignore[union-attr]
 
 
-@pytest_twisted.ensureDeferred
+@ensure_deferred
 async def test_telnet_on_a_unix_socket_is_private_to_the_daemon_user(
     make_admin_daemon: Callable[..., AdminDaemon],
 ) -> None:
