@@ -9,10 +9,12 @@ Run with ``.venv/bin/python -m pytest tests/e2e/test_admin_e2e.py -q``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -34,7 +36,7 @@ from twisted.python.failure import Failure
 
 from cosedge.admin import hash_password
 
-from .conftest import BUCKET, FAST_FILL, Daemon, _twistd, free_port
+from .conftest import BUCKET, FAST_FILL, HOST, Daemon, _twistd, free_port
 from .origin import MisbehavingOrigin
 
 pytestmark = pytest.mark.e2e
@@ -131,6 +133,28 @@ def make_admin_daemon(
         daemon.stop()
     for daemon in daemons:
         assert daemon.unexpected_problems() == [], "the daemon logged an unexpected error"
+
+
+def keepalive_get(sock: socket.socket, path: str) -> tuple[int, str | None]:
+    """One GET on an open keep-alive connection: the status and Location (bounded reads)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    data = b""
+    deadline = time.monotonic() + TIMEOUT
+    while b"\r\n\r\n" not in data:
+        assert time.monotonic() < deadline and len(data) < 65536, data
+        piece = sock.recv(65536)
+        assert piece, f"the connection was closed: {data!r}"
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        assert time.monotonic() < deadline, body
+        piece = sock.recv(65536)
+        assert piece, "the connection was closed mid-body"
+        body += piece
+    return int(lines[0].split()[1]), headers.get("location")
 
 
 def start(daemon: AdminDaemon) -> None:
@@ -392,24 +416,27 @@ async def test_ssh_live_change_redirects_the_next_miss_and_survives_a_restart(
 ) -> None:
     """
     The seed's console step done live over SSH: set_origin in the manhole and
-    the very next miss is redirected to the new origin (which is then copied
-    from it), the change is in the state file and the audit log, and a restart
-    of the daemon keeps it, with the same host key.
+    the very next miss — on a keep-alive connection opened before the change —
+    is redirected to the new origin (which is then copied from it), the
+    change is in the state file and the audit log, and a restart of the
+    daemon keeps it, with the same host key.
     """
     second = MisbehavingOrigin()
     second.start()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(second.stop)
         daemon = make_admin_daemon()
-        assert daemon.request("/before.jpg").header("Location") == f"http://{daemon.origin}/before.jpg"
+        kept = socket.create_connection(("127.0.0.1", daemon.port), timeout=TIMEOUT)
+        stack.callback(kept.close)
+        assert keepalive_get(kept, "/before.jpg") == (302, f"http://{daemon.origin}/before.jpg")
         shell, client, proto = await ssh_shell(manhole_port(daemon, "ssh"), credentials.key)
         assert "cosedge manhole (ssh:admin@127.0.0.1)" in client.screen.text
         assert client.host_keys == [keys.Key.fromFile(str(daemon.host_key)).public()]
         assert oct(stat.S_IMODE(daemon.host_key.stat().st_mode)) == "0o600"
         out = await shell.run(f"edge.set_origin({BUCKET!r}, {second.netloc!r})")
         assert f"origin of {BUCKET}: {daemon.origin} -> {second.netloc}" in out
-        reply = daemon.request("/ok/after.jpg")
-        assert reply.status == 302
-        assert reply.header("Location") == f"http://{second.netloc}/ok/after.jpg"
+        # The next request on a connection opened before the change follows it.
+        assert keepalive_get(kept, "/ok/after.jpg") == (302, f"http://{second.netloc}/ok/after.jpg")
         assert daemon.fill_outcome("ok/after.jpg") == "stored"
         assert second.gets("/ok/after.jpg") == 1 and origin.gets("/ok/after.jpg") == 0
         out = await shell.run("edge.buckets()")
@@ -426,8 +453,6 @@ async def test_ssh_live_change_redirects_the_next_miss_and_survives_a_restart(
         start(daemon)
         assert daemon.request("/restarted.jpg").header("Location") == f"http://{second.netloc}/restarted.jpg"
         assert daemon.host_key.read_bytes() == host_key
-    finally:
-        second.stop()
 
 
 @ensure_deferred
