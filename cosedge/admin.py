@@ -396,7 +396,9 @@ class Edge:
                                            its result when it fires)
 
     Keys are plain object keys such as '1.jpg' or 'img/a b.jpg' (not
-    percent-encoded).
+    percent-encoded).  From a script, one command per ssh call prints its
+    result and exits 0, or 1 when refused:
+    ssh -p 2222 admin@127.0.0.1 "edge.disable_origin_pull('example-1250000000')"
     """
 
     def __init__(self, live: LiveConfig, channel: str) -> None:

@@ -7,7 +7,8 @@ bound to the session's channel (``ssh:admin@127.0.0.1``, ``telnet:alice@…``,
 
 - SSH: public-key authentication against an authorized_keys file (re-read at
   every login, so keys can be added and revoked without a restart); the host
-  key is generated on first start (Ed25519) and kept, mode 0600.
+  key is generated on first start (Ed25519) and kept, mode 0600.  ``ssh host
+  'edge.stats()'`` runs one command for scripts (:func:`run_command`).
 - Telnet: on a UNIX socket created with mode 0600 (the file system is the
   authentication), or on a loopback TCP port with a user name and a password
   checked against a file of scrypt hashes (re-read at every login; one attempt
