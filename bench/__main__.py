@@ -124,7 +124,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     if not args.keep:
         import atexit
 
-        atexit.register(shutil.rmtree, work, True)
+        # Registered after servers.install_cleanup, so it runs first: stop
+        # the servers, then remove their files.
+        atexit.register(lambda: (servers.stop_all(), shutil.rmtree(work, True)))
     log(f"work dir {work}")
     gen = work / "gen"
     generate(gen, with_gib=not args.quick)

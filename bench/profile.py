@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         import atexit
 
-        atexit.register(shutil.rmtree, work, True)
+        # Registered after servers.install_cleanup, so it runs first: stop
+        # the servers, then remove their files.
+        atexit.register(lambda: (servers.stop_all(), shutil.rmtree(work, True)))
     gen = work / "gen"
     generate(gen, with_gib=False)
     data = work / "data"

@@ -80,9 +80,11 @@ def install_cleanup() -> None:
     atexit.register(stop_all)
 
     def bail(signum: int, frame: object) -> None:
-        stop_all()
+        # Unwind normally, so that atexit stops the servers and removes the
+        # temporary files too.
+        signal.signal(signum, signal.SIG_DFL)
         print(f"bench: stopped by signal {signum}", file=sys.stderr)
-        os._exit(128 + signum)
+        raise SystemExit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
         signal.signal(sig, bail)
