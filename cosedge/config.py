@@ -27,6 +27,7 @@ __all__ = [
     "ServerConfig",
     "default_config_text",
     "load_config",
+    "build_section",
     "parse_config",
     "parse_origin",
     "validate_bucket_name",
@@ -278,7 +279,11 @@ _SECTIONS = {"server": ServerConfig, "fill": FillConfig}
 _EXTRA_SECTIONS = ("manhole", "admin", "log")
 
 
-def _build(cls: type, table: object, where: str) -> Any:
+def build_section(cls: type, table: object, where: str) -> Any:
+    """
+    Build the attrs class ``cls`` from the TOML table of section ``where``,
+    refusing unknown settings; every error names the section.
+    """
     if not isinstance(table, Mapping):
         raise ConfigError(f"[{where}] must be a table")
     known = {a.name for a in cls.__attrs_attrs__}  # type: ignore[attr-defined]
@@ -288,6 +293,8 @@ def _build(cls: type, table: object, where: str) -> Any:
     try:
         return cls(**table)
     except ConfigError as e:
+        if str(e).startswith(f"[{where}]"):
+            raise
         raise ConfigError(f"[{where}] {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"[{where}] {e}") from None
@@ -298,7 +305,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     unknown = sorted(set(data) - set(_SECTIONS) - {"buckets", *_EXTRA_SECTIONS})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
-    sections = {name: _build(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    sections = {name: build_section(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
     raw_buckets = data.get("buckets", {})
     if not isinstance(raw_buckets, Mapping):
         raise ConfigError('[buckets] must be a table of [buckets."<name>-<appid>"] sections')
@@ -308,7 +315,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             validate_bucket_name(name)
         except ConfigError as e:
             raise ConfigError(f"[buckets.{name}] {e}") from None
-        buckets[name] = _build(BucketConfig, table, f"buckets.{name}")
+        buckets[name] = build_section(BucketConfig, table, f"buckets.{name}")
     extra = {}
     for name in _EXTRA_SECTIONS:
         if name in data:

@@ -40,7 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python.logfile import LogFile
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, build_section
 from .logs import json_file_observer
 from .metrics import AdminResource, AdminSite, Readiness, free_disk_check, make_registry, store_writable_check
 from .notify import notify, watchdog_interval
@@ -112,26 +112,11 @@ class LogConfig:
             raise ConfigError(f"[log] json_file must be a path (or '' for none), not {value!r}")
 
 
-def _section(cls: type, table: object, where: str) -> Any:
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"[{where}] must be a table")
-    known = {a.name for a in cls.__attrs_attrs__}  # type: ignore[attr-defined]
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"[{where}] has unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**table)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"[{where}] {e}") from None
-
-
 def parse_admin(extra: Mapping[str, Any]) -> AdminConfig | None:
     """The ``[admin]`` section of ``Config.extra``, validated; None when absent."""
     if "admin" not in extra:
         return None
-    config: AdminConfig = _section(AdminConfig, extra["admin"], "admin")
+    config: AdminConfig = build_section(AdminConfig, extra["admin"], "admin")
     return config
 
 
@@ -139,7 +124,7 @@ def parse_log(extra: Mapping[str, Any]) -> LogConfig | None:
     """The ``[log]`` section of ``Config.extra``, validated; None when absent."""
     if "log" not in extra:
         return None
-    config: LogConfig = _section(LogConfig, extra["log"], "log")
+    config: LogConfig = build_section(LogConfig, extra["log"], "log")
     return config
 
 
