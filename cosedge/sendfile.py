@@ -12,7 +12,10 @@ flushed everything it resumes it, and only then, with the transport's buffer
 empty, does the producer ``sendfile`` on the socket until the kernel says
 ``EAGAIN``.  Then it primes again.  Bytes therefore reach the socket in order,
 through public interfaces only; a primer costs one small copy per socket
-buffer's worth of data.
+buffer's worth of data.  Like nginx's ``tcp_nopush``, the socket is corked
+(``TCP_CORK``, where there is one) while the body is sent, so the headers, the
+primers and the file's pages leave in full-sized segments; it is uncorked
+before the response finishes.
 
 Only plain TCP connections qualify (not TLS, not HTTP/2), only one byte range
 (a whole object or a single range), only objects with a real descriptor, and
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -46,6 +50,7 @@ SENDFILE_MIN = 1024 * 1024
 _TURN = 8 * 1024 * 1024
 #: The transport's buffer size when it does not say (Twisted's default).
 _DEFAULT_BUFFER = 64 * 1024
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN)
 
 
@@ -116,6 +121,10 @@ class SendfileProducer:
         #: True from the transport's pause until its resume: its buffer is
         #: not empty, so nothing may go to the socket directly.
         self._paused = False
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        self._socket: socket.socket | None = handle if isinstance(handle, socket.socket) else None
+        self._corked = False
         self.sent_by_sendfile = 0
 
     def start(self) -> None:
@@ -124,6 +133,7 @@ class SendfileProducer:
         assert request is not None
         request.notifyFinish().addErrback(lambda _: self.stopProducing())
         request.registerProducer(self, True)
+        self._cork(True)
         self._prime()
 
     # -- IPushProducer --
@@ -141,6 +151,7 @@ class SendfileProducer:
         if self._request is not None:
             self._request = None
             self._obj.close()
+            self._cork(False)
 
     # -- internals --
 
@@ -207,9 +218,20 @@ class SendfileProducer:
         else:
             self._prime()
 
+    def _cork(self, on: bool) -> None:
+        """Cork or uncork the socket (best effort: not every socket has TCP_CORK)."""
+        if _TCP_CORK is None or self._socket is None or self._corked == on:
+            return
+        try:
+            self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
+        except OSError:
+            return
+        self._corked = on
+
     def _finish(self, request: Request) -> None:
         self._request = None
         self._obj.close()
+        self._cork(False)  # push out the last partial segment now
         request.unregisterProducer()
         request.finish()
 

@@ -48,10 +48,25 @@ class SocketTransport(StringTransportWithDisconnection):
 
     def __init__(self) -> None:
         super().__init__()
-        self.server_sock, self.client_sock = socket.socketpair()
+        # A real TCP connection on loopback (so TCP_CORK applies), with small
+        # buffers so that sendfile meets EAGAIN many times per response.
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            self.client_sock = socket.create_connection(listener.getsockname(), timeout=5)
+            self.server_sock, _ = listener.accept()
+        self.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        self.client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         self.server_sock.setblocking(False)
         self.client_sock.setblocking(False)
         self.producerPaused = False
+
+    def getHandle(self) -> socket.socket:
+        return self.server_sock
+
+    @property
+    def corked(self) -> bool:
+        return bool(self.server_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
 
     @property
     def streamingProducer(self) -> bool:
@@ -76,12 +91,14 @@ class SocketTransport(StringTransportWithDisconnection):
         return data
 
     def read_socket(self) -> bytes:
-        """Everything sendfile has put on the socket so far."""
+        """Everything sendfile has put on the socket so far (loopback delivers at once)."""
         out = b""
         for _ in range(100_000):
             try:
                 chunk = self.client_sock.recv(1 << 20)
             except BlockingIOError:
+                # Corked data below a full segment waits in the sender:
+                # what is readable now is all there is.
                 return out
             if not chunk:
                 return out
@@ -149,13 +166,9 @@ class Listener:
         protocol.dataReceived(request + b"\r\n")
         received, by_sendfile = b"", 0
         for _ in range(limit):
-            # Nothing may reach the socket directly while the transport
-            # still holds bytes written before it.
-            early = transport.read_socket()
-            assert not (early and transport.value()), "sendfile overtook bytes in the transport's buffer"
-            received += early
             # What the transport holds was written before anything that
-            # sendfile sends after this flush resumes the producer.
+            # sendfile sends after this flush resumes the producer (the
+            # sendfile guard checks that nothing overtakes it).
             received += transport.flush()
             direct = transport.read_socket()
             by_sendfile += len(direct)
@@ -166,8 +179,18 @@ class Listener:
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
+def listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Listener]:
+    """The listener; every sendfile call checks that the transport's buffer is empty first."""
     listener = Listener(tmp_path)
+    real_sendfile = os.sendfile
+
+    def guarded_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        for transport in listener.transports:
+            if transport.fileno() == out_fd:
+                assert not transport.value(), "sendfile would overtake bytes still in the transport's buffer"
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", guarded_sendfile)
     yield listener
     for transport in listener.transports:
         transport.close_sockets()
@@ -195,6 +218,21 @@ def test_large_object_is_sent_whole_and_in_order_by_sendfile(listener: Listener)
     assert by_sendfile > BIG // 2
     assert listener.stats.events["bytes_served"] == BIG
     assert [obj.fd for obj in listener.opened] == [-1]
+    assert not listener.transports[0].corked  # the last partial segment is not held back
+
+
+def test_socket_is_corked_while_the_body_is_sent(listener: Listener) -> None:
+    """While a large body is on its way the socket is corked (full segments), and uncorked when it is done."""
+    listener.put("big.bin", os.urandom(BIG))
+    transport, protocol = listener.connect()
+    protocol.dataReceived(b"GET /big.bin HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
+    assert transport.corked
+    for _ in range(10_000):
+        transport.flush()
+        transport.read_socket()
+        if not transport.value() and not transport.producerPaused:
+            break
+    assert not transport.corked
 
 
 def test_single_large_range_uses_sendfile(listener: Listener) -> None:
