@@ -113,7 +113,24 @@ def versions() -> dict[str, str]:
         "wrk": cmd(["wrk", "-v"]).split(" [")[0],
         "curl": cmd(["curl", "--version"]).split(" (")[0],
         "loadavg": Path("/proc/loadavg").read_text().split(" ")[0],
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """The commit measured, and whether cosedge/ had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "cosedge"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        head = dirty = None
+    if head is None or head.returncode or dirty is None:
+        return f"commit {os.environ.get('COSEDGE_COMMIT', 'unknown')}"
+    return f"commit {head.stdout.strip()}" + (" with uncommitted changes in cosedge/" if dirty.stdout.strip() else "")
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -394,6 +411,7 @@ def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace, elap
         [
             f"Run {now} with `bash bench/run{' ' + ' '.join(args.argv) if args.argv else ''}` in {elapsed:.0f} s.",
             "",
+            f"Code: {info['code']}.  ",
             f"Machine: {info['cpu']}, Linux {info['kernel']}, load average {info['loadavg']} at the start.  ",
             f"Versions: Python {info['python']}, Twisted {info['twisted']}, {info['nginx']}, "
             f"{info['wrk']}, {info['curl']}.  ",
