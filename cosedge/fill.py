@@ -22,7 +22,7 @@ import errno
 from collections import deque
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
@@ -45,6 +45,7 @@ from .store import IObjectStore, IPendingObject
 __all__ = ["FillFailed", "FillResult", "Filler", "KEPT_HEADERS", "origin_url"]
 
 _log = Logger()
+_T = TypeVar("_T")
 
 #: Origin response headers kept as object metadata (besides ``x-cos-meta-*``).
 KEPT_HEADERS = (
@@ -226,24 +227,24 @@ def _headers_timed_out(result: object, timeout: float | None) -> Failure:
     return Failure(FillFailed("timeout", f"no response headers within {timeout}s"))
 
 
-async def _committed(commit: Deferred[None]) -> None:
+async def _through_cancel(work: Deferred[_T]) -> tuple[_T, bool]:
     """
-    Wait for a commit that may run in the thread pool.  Cancelling the fill
-    (a stop, the total deadline) cannot stop that thread, so the wait goes on
-    until it ends: cleaning up meanwhile would close the descriptor and
-    remove the file under it.  A cancelled fill whose commit still succeeded
-    is stored (the object is whole and visible).
+    Wait for ``work`` that may run in the thread pool, even if the fill is
+    cancelled meanwhile (a stop, the total deadline): its thread cannot be
+    stopped, and cleaning up under it would close a descriptor or remove a
+    file it is still using.  Returns its result and whether the fill was
+    cancelled; a failure is raised (as CancelledError if cancelled).
     """
-    outcome: list[object] = []
+    outcome: list[_T | Failure] = []
     waits: list[Deferred[None]] = []
 
-    def ended(result: object) -> None:
+    def ended(result: _T | Failure) -> None:
         outcome.append(result)
         for wait in waits:
             if not wait.called:
                 wait.callback(None)
 
-    commit.addBoth(ended)
+    work.addBoth(ended)
     cancelled = False
     while not outcome:
         wait: Deferred[None] = Deferred()
@@ -252,10 +253,12 @@ async def _committed(commit: Deferred[None]) -> None:
             await wait
         except CancelledError:
             cancelled = True
-    if isinstance(outcome[0], Failure):
+    result = outcome[0]
+    if isinstance(result, Failure):
         if cancelled:
             raise CancelledError()
-        outcome[0].raiseException()
+        result.raiseException()
+    return result, cancelled  # type: ignore[return-value]
 
 
 def _remember(memory: dict[Any, float], key: Any, until: float) -> None:
@@ -292,7 +295,7 @@ class Filler:
     #: Runs a blocking call (the fsync-and-rename commit) and returns a
     #: Deferred of its result; the service passes the reactor's thread pool,
     #: tests the default, which runs it at once.
-    run_blocking: Callable[[Callable[[], None]], Deferred[None]] = field(default=maybeDeferred)
+    run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = field(default=maybeDeferred)
     _fills: dict[tuple[str, tuple[str, ...]], _Fill] = field(factory=dict, init=False)
     _queue: deque[_Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
@@ -414,7 +417,7 @@ class Filler:
         self._running += 1
         fill.started_at = self.clock.seconds()
         self.stats.inc("fills_started")
-        _log.info("fill {bucket}/{key} started from {url}", bucket=fill.bucket, key=fill.key, url=fill.url.decode())
+        _log.debug("fill {bucket}/{key} started from {url}", bucket=fill.bucket, key=fill.key, url=fill.url.decode())
         d = Deferred.fromCoroutine(self._fetch(fill, cfg))
         fill.deferred = d
         d.addTimeout(cfg.total_timeout, self.clock)
@@ -434,14 +437,24 @@ class Filler:
             response.deliverBody(_Discard())
             raise FillFailed("too-large", f"Content-Length over the {cfg.max_object_size}-byte limit")
         meta = _kept_headers(response)
-        pending = fill.pending = self.store.begin(fill.bucket, fill.segments)
+        # Creating a file can take a millisecond: not on the reactor thread.
+        # Meanwhile the response buffers the body's first bytes.
+        pending, cancelled = await _through_cancel(
+            self.run_blocking(lambda: self.store.begin(fill.bucket, fill.segments))
+        )
+        fill.pending = pending
+        if cancelled:
+            pending.abort()
+            response.deliverBody(_Discard())
+            raise CancelledError()
         try:
             body = _BodyWriter(pending, cfg.max_object_size, self.clock, cfg.idle_timeout)
             response.deliverBody(body)
             await body.done
             if fill.expected is not None and pending.size != fill.expected:
                 raise FillFailed("length-mismatch")
-            await _committed(self.run_blocking(lambda: pending.commit(meta, _mtime(meta))))
+            # A cancelled fill whose commit still succeeded is stored: whole and visible.
+            await _through_cancel(self.run_blocking(lambda: pending.commit(meta, _mtime(meta))))
         except BaseException:
             pending.abort()
             raise

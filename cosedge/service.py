@@ -52,7 +52,7 @@ class EdgeService(MultiService):
         store: IObjectStore,
         agent: IAgent,
         pool: HTTPConnectionPool | None,
-        run_blocking: Callable[[Callable[[], None]], Deferred[None]] = maybeDeferred,
+        run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = maybeDeferred,
     ) -> None:
         super().__init__()
         self.config = config
@@ -121,11 +121,14 @@ def build_service(
     agent and store.
     """
     pool = None
-    run_blocking: Callable[[Callable[[], None]], Deferred[None]] = maybeDeferred
+    run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = maybeDeferred
     if _agent is None:
         # A real reactor: commits (fsync + rename) go to its thread pool so
         # the event loop never waits on the disk.
-        run_blocking = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+        # Enough threads for every fill to create or commit its file at once.
+        threads = reactor.getThreadPool()
+        threads.adjustPoolsize(maxthreads=max(threads.max, config.fill.max_concurrent))
+        run_blocking = partial(deferToThreadPool, reactor, threads)
         pool = _QuietPool(reactor, persistent=True)
         pool.maxPersistentPerHost = config.fill.max_concurrent
         _agent = Agent(reactor, connectTimeout=config.fill.connect_timeout, pool=pool)

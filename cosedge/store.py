@@ -251,8 +251,11 @@ class DiskStore:
         return _DiskObject(fd, st.st_size, st.st_mtime, identity, meta)
 
     def begin(self, bucket: str, segments: tuple[str, ...]) -> _DiskPending:
-        os.makedirs(self.tmp_dir, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix=f"{bucket}.", suffix=".part", dir=self.tmp_dir)
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"{bucket}.", suffix=".part", dir=self.tmp_dir)
+        except FileNotFoundError:  # made by sweep() at start; removed since
+            os.makedirs(self.tmp_dir, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix=f"{bucket}.", suffix=".part", dir=self.tmp_dir)
         return _DiskPending(self, bucket, segments, fd, path)
 
     def remove(self, bucket: str, segments: tuple[str, ...]) -> bool:

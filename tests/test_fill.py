@@ -689,12 +689,32 @@ class _ManualThreadPool:
         return d
 
     def finish(self) -> None:
-        for f, d in self.calls:
+        """Run the calls queued so far (calls they queue wait for the next finish)."""
+        calls, self.calls = self.calls, []
+        for f, d in calls:
             try:
                 d.callback(f())
             except Exception:
                 d.errback()
-        self.calls = []
+
+
+def test_stop_while_the_temporary_file_is_being_created(tmp_path: Path) -> None:
+    """stop() while a fill creates its temporary file in a thread waits for it, then removes the file."""
+    fills = Fills(store=DiskStore(str(tmp_path)))
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills.origin.add("k", b"whole object")
+    d = filler.fill(BUCKET, ("k",), ORIGIN)
+    fills.flush()
+    assert len(pool.calls) == 1  # the file is being created in the pool
+    stopped = filler.stop()
+    assert not stopped.called
+    pool.finish()
+    fills.flush()
+    assert stopped.called
+    assert result_of(d).reason == "cancelled"
+    assert list(Path(tmp_path, ".cosedge", "tmp").iterdir()) == []
+    assert fills.stored("k") is None
 
 
 def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
@@ -704,6 +724,8 @@ def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
     fills.origin.add("k", b"whole object")
     d = filler.fill(BUCKET, ("k",), ORIGIN)
+    fills.flush()
+    pool.finish()  # creating the temporary file runs in the pool too
     fills.flush()
     assert len(pool.calls) == 1  # the commit is in the thread pool
     tmp = Path(tmp_path, ".cosedge", "tmp")
@@ -728,6 +750,8 @@ def test_stop_during_a_failing_commit(tmp_path: Path) -> None:
     fills.origin.add("a/b", b"inner")
     d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
     fills.flush()
+    pool.finish()  # creating the temporary file runs in the pool too
+    fills.flush()
     stopped = filler.stop()
     assert not stopped.called
     pool.finish()
@@ -743,6 +767,8 @@ def test_total_deadline_during_a_commit_waits_for_it(tmp_path: Path) -> None:
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
     fills.origin.add("k", b"whole object")
     d = filler.fill(BUCKET, ("k",), ORIGIN)
+    fills.flush()
+    pool.finish()  # creating the temporary file runs in the pool too
     fills.flush()
     fills.clock.advance(10)
     assert not d.called
@@ -761,6 +787,8 @@ def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
     Path(tmp_path, BUCKET, "a").write_bytes(b"file")
     fills.origin.add("a/b", b"inner")
     d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
+    fills.flush()
+    pool.finish()  # creating the temporary file runs in the pool too
     fills.flush()
     with capture_logs() as events:
         pool.finish()

@@ -621,7 +621,7 @@ def test_readyz_fails_when_the_data_directory_is_not_writable(tmp_path: Path) ->
     tmp_dir.write_text("not a directory")  # root ignores permissions; this blocks root too
     code, _, body = scrape(resource, "/readyz")
     assert code == 503
-    assert "data directory not writable" in body and "File exists" in body
+    assert "data directory not writable" in body and "Not a directory" in body
     tmp_dir.unlink()
     assert scrape(resource, "/readyz")[0] == 200
     assert os.listdir(tmp_dir) == []  # the probe leaves nothing behind
