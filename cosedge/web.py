@@ -10,6 +10,7 @@ listings, answers 500 on NUL bytes and amplifies multi-range requests.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mimetypes
 import os
@@ -121,6 +122,13 @@ def parse_ranges(header: bytes, size: int) -> list[tuple[int, int]] | None:
     if len(merged) > _MAX_RANGES:
         return None
     return merged
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date_text(seconds: int) -> bytes:
+    """An HTTP date for Last-Modified (cached: objects keep their time)."""
+    text: bytes = datetimeToString(seconds)
+    return text
 
 
 def _http_date(value: bytes | None) -> float | None:
@@ -263,7 +271,11 @@ class EdgeResource(Resource):
     def _error(self, request: Request, request_id: str, code: str, message: str) -> bytes:
         request.setResponseCode(_STATUS[code])
         request.setHeader(b"content-type", b"application/xml")
-        return error_body(code, message, request_id)
+        body = error_body(code, message, request_id)
+        if request.method == b"HEAD":  # the headers of the GET answer, no body
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
 
     def _render(self, request: Request, request_id: str) -> bytes | int:
         try:
@@ -346,7 +358,7 @@ class EdgeResource(Resource):
             meta.get("content-type") or mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
         )
         request.setHeader(b"etag", etag)
-        request.setHeader(b"last-modified", datetimeToString(last_modified))
+        request.setHeader(b"last-modified", _http_date_text(last_modified))
         request.setHeader(b"accept-ranges", b"bytes")
         for header in _PASSED_META:
             if header in meta:
@@ -408,6 +420,15 @@ class EdgeResource(Resource):
         request.setHeader(b"content-length", b"%d" % length)
         if request.method == b"HEAD" or length == 0:
             return b""
+        if length <= _CHUNK:
+            # A small body goes out in one write, without a producer.
+            body = b"".join(prefix + obj.read(start, end - start) for prefix, start, end in parts) + trailer
+            if len(body) != length:
+                _log.warn("object shrank while being served; dropping the connection")
+                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+                return NOT_DONE_YET
+            self._stats.inc("bytes_served", sum(end - start for _, start, end in parts))
+            return body
         sender = sendfile_producer(request, obj, parts, trailer, self._stats)
         (sender or _Sender(request, obj, parts, trailer, self._stats)).start()
         return NOT_DONE_YET

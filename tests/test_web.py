@@ -790,8 +790,8 @@ def test_file_shrinking_while_served_never_sends_more_than_content_length(disk_e
 
 
 def test_file_emptied_before_the_first_byte(disk_edge: Edge) -> None:
-    """If the file is emptied before anything is sent, the connection drops without a body (S7)."""
-    path = _disk_object(disk_edge, "gone.bin", BODY)
+    """If a large file is emptied before anything is sent, the connection drops without a body (S7)."""
+    path = _disk_object(disk_edge, "gone.bin", BODY * 20)  # large: sent by a producer, not read at once
     conn = disk_edge.connect()
     conn.send(raw_request("/gone.bin"))
     os.truncate(path, 0)
@@ -1040,3 +1040,35 @@ def test_metadata_from_another_tool_never_breaks_serving(edge: Edge) -> None:
     assert response.header(b"etag") == '"\u4e2d"'.encode()
     multi = edge.request("/t", headers=[("Range", "bytes=0-0,5-5")])
     assert multi.status == 206 and len(multipart_parts(multi)) == 2
+
+
+def test_head_error_has_the_get_headers_and_no_body(edge: Edge) -> None:
+    """
+    HEAD on an error (here the bucket root, 403 AccessDenied) answers the
+    status and headers GET would, Content-Length included, without a body,
+    and without Twisted's warning about a HEAD body being dropped.
+    """
+    get = edge.request("/")
+    with capture_logs() as events:
+        head = edge.request("/", method=b"HEAD")
+    assert (get.status, head.status) == (403, 403)
+    assert head.header(b"content-length") == b"%d" % len(get.body)
+    assert head.body == b""
+    assert not [e for e in events if "HEAD" in e.get("log_format", "")]
+
+
+def test_small_and_large_bodies_are_byte_exact(disk_edge: Edge) -> None:
+    """
+    Objects just under, at and over the one-write size limit are served
+    whole, as are ranges that cross it: the small-body path and the
+    producer path agree byte for byte.
+    """
+    from cosedge.web import _CHUNK
+
+    for size in (_CHUNK - 1, _CHUNK, _CHUNK + 1, 3 * _CHUNK + 7):
+        data = bytes(i % 251 for i in range(size))
+        _disk_object(disk_edge, f"s{size}.bin", data)
+        response = disk_edge.request(f"/s{size}.bin")
+        assert response.status == 200 and response.body == data
+        ranged = disk_edge.request(f"/s{size}.bin", headers=[("Range", f"bytes=1-{size - 2}")])
+        assert ranged.status == 206 and ranged.body == data[1 : size - 1]
