@@ -209,7 +209,14 @@ class LiveConfig(Service):
         self.state_file = state_file
         #: The configuration as the file (and the command line) give it.
         self.base: Config = service.config
-        self._file_fixed = self._fixed_of(service.config)
+        # What the *file* says of the settings bound at start, for the next
+        # reload to tell an edit of them: the running configuration would
+        # not do, as the command line (--listen) overrides the file.
+        try:
+            from_file = load_config(service.config_path)
+        except ConfigError:
+            from_file = service.config  # changed since the start; a reload says so
+        self._file_fixed = self._fixed_of(from_file)
         self.state: State = state_file.load()
         self._previous_handler: Any = None
         effective = self.state.apply(self.base)

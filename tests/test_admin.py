@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from attrs import evolve
 from treq.testing import RequestTraversalAgent
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -409,6 +410,51 @@ def test_reload_keeps_listeners_and_says_a_restart_is_needed(harness: Harness) -
         globalLogPublisher.removeObserver(observer)
     assert harness.service.config.server.listen == ("tcp:0:interface=127.0.0.1",)
     assert warnings == ["listen"]
+
+
+@pytest.fixture
+def restart_warnings() -> Iterator[list[str]]:
+    """The settings named by each "needs a restart" warning logged during the test."""
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "cosedge.admin" and "restart" in event.get("log_format", ""):
+            warnings.append(event["settings"])
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    yield warnings
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_reload_of_an_unedited_file_says_nothing_of_a_command_line_listen(
+    tmp_path: Path, restart_warnings: list[str]
+) -> None:
+    """
+    A daemon started with --listen (overriding the file's listen) and sent
+    SIGHUP on an unedited file keeps the command-line listener and warns of
+    nothing; editing the file's listen afterwards is reported once.
+    """
+    harness = Harness(tmp_path)
+    config = load_config(harness.config_file)
+    override = ("tcp:8999:interface=127.0.0.1",)
+    harness.service = build_service(
+        evolve(config, server=evolve(config.server, listen=override)),
+        MemoryReactorClock(),
+        config_path=str(harness.config_file),
+        _agent=harness.agent,
+        _store=DiskStore(str(harness.data_dir)),
+    )
+    harness.live.reload("sighup")
+    assert restart_warnings == []
+    assert harness.service.config.server.listen == override
+    harness.config_file.write_text(
+        toml_for(harness.data_dir).replace("tcp:0:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1")
+    )
+    harness.live.reload("sighup")
+    harness.live.reload("sighup")
+    assert restart_warnings == ["listen"]
+    assert harness.service.config.server.listen == override
 
 
 def test_reload_passes_other_sections_on_but_keeps_the_running_manhole(tmp_path: Path) -> None:
