@@ -190,7 +190,8 @@ def audit(channel: str, change: Change) -> None:
 # The live configuration: file + overlay, changed atomically.
 
 #: Server settings bound when the daemon starts (listeners, store, access
-#: log): a reload keeps the running values and says a restart is needed.
+#: log): a reload keeps the running values and says a restart is needed (as
+#: it does for [manhole], [admin] listen and [log]: see LiveConfig._fixed_of).
 _FIXED_SERVER = ("listen", "data_dir", "access_log", "request_timeout")
 
 
@@ -233,8 +234,23 @@ class LiveConfig(Service):
         service.replace_config(effective)
 
     @staticmethod
-    def _fixed_of(config: Config) -> tuple[object, ...]:
-        return tuple(getattr(config.server, n) for n in _FIXED_SERVER) + (config.extra.get("manhole"),)
+    def _fixed_of(config: Config) -> dict[str, object]:
+        """The settings bound at start, by the name a restart warning gives them."""
+        from . import ops
+
+        fixed: dict[str, object] = {n: getattr(config.server, n) for n in _FIXED_SERVER}
+        fixed["manhole"] = config.extra.get("manhole")
+        # The admin listener and the JSON log file are opened at start; the
+        # rest of [admin] (min_free_bytes) is read live.
+        try:
+            admin = ops.parse_admin(config.extra)
+            log = ops.parse_log(config.extra) or ops.LogConfig()
+        except ConfigError:  # checked before a reload applies anything
+            return fixed
+        fixed["[admin] listen"] = None if admin is None else admin.listen
+        for name in ("json_file", "json_rotate_bytes", "json_keep"):
+            fixed[f"[log] {name}"] = getattr(log, name)
+        return fixed
 
     def edge(self, channel: str) -> Edge:
         """The façade for one shell session (``channel`` goes into audit lines)."""
@@ -314,14 +330,14 @@ class LiveConfig(Service):
             )
             raise AdminError(f"reload rejected, the running configuration stays: {e}") from None
         fixed = self._fixed_of(loaded)
-        if fixed != self._file_fixed:
-            needs = [n for n, a, b in zip((*_FIXED_SERVER, "manhole"), fixed, self._file_fixed, strict=True) if a != b]
+        needs = [n for n in {**self._file_fixed, **fixed} if fixed.get(n) != self._file_fixed.get(n)]
+        if needs:
             _log.warn(
                 "{file}: {settings} changed; that takes effect only after a restart",
                 file=path or "embedded default config",
                 settings=", ".join(needs),
             )
-            self._file_fixed = fixed
+        self._file_fixed = fixed
         for name in state.ignored(base):
             _log.warn("live changes to bucket {bucket} ignored: the configuration no longer defines it", bucket=name)
         self.base, self.state = base, state

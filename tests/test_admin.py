@@ -457,6 +457,35 @@ def test_reload_of_an_unedited_file_says_nothing_of_a_command_line_listen(
     assert harness.service.config.server.listen == override
 
 
+def test_reload_says_the_admin_listener_and_the_json_log_need_a_restart(
+    tmp_path: Path, restart_warnings: list[str]
+) -> None:
+    """
+    The admin listener and the JSON log file are opened at start: a reload
+    that edits them logs that they need a restart, while [admin]
+    min_free_bytes (read live) changes without a word.
+    """
+    harness = Harness(tmp_path, '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    harness.config_file.write_text(
+        toml_for(
+            harness.data_dir,
+            '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\nmin_free_bytes = 5\n',
+        )
+    )
+    harness.live.reload("sighup")
+    assert restart_warnings == []
+    assert harness.service.config.extra["admin"]["min_free_bytes"] == 5
+    harness.config_file.write_text(
+        toml_for(
+            harness.data_dir,
+            '[admin]\nlisten = "tcp:1:interface=127.0.0.1"\n'
+            f'[log]\njson_file = "{tmp_path / "events.json"}"\njson_keep = 2\n',
+        )
+    )
+    harness.live.reload("sighup")
+    assert restart_warnings == ["[admin] listen, [log] json_file, [log] json_keep"]
+
+
 def test_reload_passes_other_sections_on_but_keeps_the_running_manhole(tmp_path: Path) -> None:
     """
     Sections read live by other features ([admin]) follow the file on a
