@@ -44,7 +44,7 @@ from twisted.logger import Logger
 
 from .config import BucketConfig, Config, ConfigError, Origin, load_config, parse_origin, validate_bucket_name
 from .keys import BadKey, split_key
-from .state import MemoryStateFile, State, StateFile, state_path
+from .state import MemoryStateFile, NotSynced, State, StateFile, state_path
 from .store import DiskStore
 
 __all__ = [
@@ -220,6 +220,9 @@ class LiveConfig(Service):
         self._file_fixed = self._fixed_of(from_file)
         self.state: State = state_file.load()
         self._previous_handler: Any = None
+        #: Set by :meth:`change` when the last change was applied but its
+        #: save could not be synced to disk (what to tell the operator).
+        self.unsynced: str | None = None
         effective = self.state.apply(self.base)
         for name in self.state.ignored(self.base):
             _log.warn("live changes to bucket {bucket} ignored: the configuration no longer defines it", bucket=name)
@@ -267,8 +270,11 @@ class LiveConfig(Service):
         apply, audit.
 
         :raises AdminError: when it is invalid or cannot be saved; then
-            nothing changed.
+            nothing changed.  A change saved but not synced to disk (the
+            file was replaced, its folder's ``fsync`` failed) is applied
+            with a warning, kept in :attr:`unsynced` for the caller to show.
         """
+        self.unsynced = None
         if new_state == self.state:
             return []
         try:
@@ -277,6 +283,17 @@ class LiveConfig(Service):
             raise AdminError(f"{e}; nothing changed") from None
         try:
             self.state_file.save(new_state)
+        except NotSynced as e:
+            # The file already holds the new state: not applying it would
+            # leave the daemon at odds with what a restart loads.
+            _log.warn(
+                "live change via {channel} saved to {path} but not synced to disk ({error});"
+                " applied, but a crash of the machine may undo it",
+                channel=channel,
+                path=self.state_file.path,
+                error=e.error,
+            )
+            self.unsynced = f"saved, but not synced to disk ({e.error}): a crash of the machine may undo it"
         except OSError as e:
             _log.error("live change via {channel} not saved to {path}: {error}", channel=channel,
                        path=self.state_file.path, error=e)
@@ -620,13 +637,16 @@ class Edge:
     def _change(self, state: State, subject: str, note: str = "") -> Message:
         before = self._live.state
         changes = self._live.change(self._channel, state)
+        if state == before:
+            return Message(f"{subject}: unchanged")
         if not changes:
-            if state == before:
-                return Message(f"{subject}: unchanged")
-            return Message(f"{subject}: live change saved; the running configuration is the same")
-        text = "\n".join(map(str, changes))
-        if note:
-            text += f" ({note})"
+            text = f"{subject}: live change saved; the running configuration is the same"
+        else:
+            text = "\n".join(map(str, changes))
+            if note:
+                text += f" ({note})"
+        if self._live.unsynced:
+            text += f"\nwarning: {self._live.unsynced}"
         return Message(text)
 
 

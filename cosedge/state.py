@@ -38,7 +38,7 @@ from attrs import define, evolve, field, frozen
 
 from .config import BucketConfig, Config, ConfigError, parse_origin, validate_bucket_name
 
-__all__ = ["STATE_FILE_NAME", "MemoryStateFile", "State", "StateFile", "state_path"]
+__all__ = ["STATE_FILE_NAME", "MemoryStateFile", "NotSynced", "State", "StateFile", "state_path"]
 
 #: Where the state file lives, relative to the data directory.
 STATE_FILE_NAME = os.path.join(".cosedge", "state.json")
@@ -162,6 +162,19 @@ class State:
         return cls(buckets, frozenset(raw_removed))
 
 
+class NotSynced(Exception):
+    """
+    The state file was replaced, but its folder could not be synced to disk:
+    the new state is in effect (a reader sees it), but a crash of the machine
+    may bring the old file back.
+    """
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(f"{path} was replaced but its folder could not be synced to disk: {error}")
+        self.path = path
+        self.error = error
+
+
 @define(eq=False)
 class StateFile:
     """The state file on disk."""
@@ -194,6 +207,8 @@ class StateFile:
         Replace the file atomically with ``state``.
 
         :raises OSError: when it cannot be saved; the old file is then intact.
+        :raises NotSynced: when the file was replaced (so ``state`` is what
+            the file now holds) but the folder's ``fsync`` failed.
         """
         folder = os.path.dirname(self.path) or "."
         os.makedirs(folder, mode=0o700, exist_ok=True)
@@ -211,11 +226,15 @@ class StateFile:
             except FileNotFoundError:
                 pass
             raise
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Past the rename the new file is the state file, whatever happens.
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise NotSynced(self.path, e) from e
 
 
 @define(eq=False)

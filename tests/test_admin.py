@@ -257,6 +257,49 @@ def test_a_change_that_cannot_be_saved_is_not_applied(
     assert audit_lines == []
 
 
+def test_a_change_saved_but_not_synced_is_applied_with_a_warning(
+    harness: Harness, audit_lines: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    If the state file was replaced but its folder could not be synced, the
+    change is in the file a restart loads: it is applied and audited, and the
+    operator is warned that a crash may undo it (not told "nothing changed").
+    """
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    warnings: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "cosedge.admin" and "not synced" in event.get("log_format", ""):
+            warnings.append(event)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        result = harness.edge().set_origin(BUCKET, "10.10.10.10")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert str(result).splitlines() == [
+        f"origin of {BUCKET}: {FILE_ORIGIN} -> 10.10.10.10",
+        "warning: saved, but not synced to disk ([Errno 5] Input/output error): a crash of the machine may undo it",
+    ]
+    assert str(harness.service.config.buckets[BUCKET].origin) == "10.10.10.10"
+    assert StateFile(str(harness.state_file)).load() == harness.live.state
+    assert harness.live.state.buckets[BUCKET] == {"origin": "10.10.10.10"}
+    assert [e["what"] for e in audit_lines] == ["origin"]
+    assert len(warnings) == 1
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert str(harness.edge().set_origin(BUCKET, "10.10.10.11")) == f"origin of {BUCKET}: 10.10.10.10 -> 10.10.10.11"
+
+
 def test_changes_and_revert_show_and_undo_live_changes(harness: Harness) -> None:
     """An operator can list live changes and hand a bucket back to the configuration file."""
     edge = harness.edge()

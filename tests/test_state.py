@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from cosedge.config import BucketConfig, Config, ConfigError, Origin
-from cosedge.state import MemoryStateFile, State, StateFile, state_path
+from cosedge.state import MemoryStateFile, NotSynced, State, StateFile, state_path
 
 BUCKET = "example-1250000000"
 OTHER = "other-1250000000"
@@ -63,6 +64,31 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(
         StateFile(str(path)).save(first.with_fields(BUCKET, origin="10.10.10.11"))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_a_save_whose_folder_cannot_be_synced_says_the_file_was_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    When the rename succeeded but the folder's fsync fails, the caller is
+    told the new state is in the file (not synced), not that nothing changed.
+    """
+    path = tmp_path / "state.json"
+    StateFile(str(path)).save(State().with_fields(BUCKET, origin="10.10.10.10"))
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    second = State().with_fields(BUCKET, origin="10.10.10.11")
+    with pytest.raises(NotSynced) as raised:
+        StateFile(str(path)).save(second)
+    assert not isinstance(raised.value, OSError)  # never read as "not saved"
+    assert raised.value.error.errno == 5
+    assert StateFile(str(path)).load() == second
 
 
 def test_a_damaged_state_file_is_refused_with_its_name(tmp_path: Path) -> None:
