@@ -10,10 +10,12 @@ listings, answers 500 on NUL bytes and amplifies multi-range requests.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import mimetypes
 import os
+import re
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -50,14 +52,30 @@ _STATUS = {
     "NoSuchBucket": 404,
     "NoSuchKey": 404,
     "PreconditionFailed": 412,
+    "ServiceUnavailable": 503,
+    "EntityTooLarge": 413,
 }
 _SERVED_METHODS = (b"GET", b"HEAD")
 _CHUNK = 64 * 1024
+#: Larger request bodies (or chunked ones) are refused with 413.
+_MAX_REQUEST_BODY = 64 * 1024
 #: More ranges than this (before merging) and the Range header is ignored.
 _MAX_RANGE_SPECS = 1000
 #: More disjoint ranges than this (after merging) and the whole object is sent.
 _MAX_RANGES = 64
 _SERVER = b"cosedge"
+#: Headers set from an object, removed again when the answer is an error.
+_OBJECT_HEADERS = (
+    b"etag",
+    b"last-modified",
+    b"accept-ranges",
+    b"content-encoding",
+    b"content-disposition",
+    b"cache-control",
+    b"expires",
+)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
+_BAD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 _PASSED_META = ("content-encoding", "content-disposition", "cache-control", "expires")
 
 
@@ -131,12 +149,17 @@ def _http_date_text(seconds: int) -> bytes:
     return text
 
 
+def _safe_header(name: str, value: str) -> bool:
+    """A stored header that can be sent as it is: a token name, no control characters."""
+    return bool(_TOKEN.match(name)) and not _BAD_VALUE.search(value)
+
+
 def _http_date(value: bytes | None) -> float | None:
     if value is None:
         return None
     try:
         return parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
@@ -270,6 +293,10 @@ class EdgeResource(Resource):
 
     def _error(self, request: Request, request_id: str, code: str, message: str) -> bytes:
         request.setResponseCode(_STATUS[code])
+        headers = request.responseHeaders
+        for name, _ in list(headers.getAllRawHeaders()):  # an object's headers do not describe an error
+            if name.lower() in _OBJECT_HEADERS or name.lower().startswith(b"x-cos-meta-"):
+                headers.removeHeader(name)
         request.setHeader(b"content-type", b"application/xml")
         body = error_body(code, message, request_id)
         if request.method == b"HEAD":  # the headers of the GET answer, no body
@@ -300,7 +327,9 @@ class EdgeResource(Resource):
             obj = self._store.open(bucket_name, target.segments)
         except StoreError as e:
             _log.warn("cannot open {bucket}/{key}: {error}", bucket=bucket_name, key=target.key, error=e)
-            return self._error(request, request_id, "AccessDenied", "The object cannot be read.")
+            if e.errno in (errno.EACCES, errno.EPERM):
+                return self._error(request, request_id, "AccessDenied", "The object cannot be read.")
+            return self._error(request, request_id, "ServiceUnavailable", "Please reduce your request rate.")
         if obj is not None:
             self._stats.inc("hits")
             return self._serve(request, request_id, obj, target.segments[-1])
@@ -340,16 +369,16 @@ class EdgeResource(Resource):
         return None
 
     def _serve(self, request: Request, request_id: str, obj: IStoredObject, name: str) -> bytes | int:
+        handed_off = False
         try:
-            result = self._serve_open(request, request_id, obj, name)
-        except BaseException:
-            obj.close()
-            raise
-        if result is not NOT_DONE_YET:  # else the sender owns and closes it
-            obj.close()
+            result, handed_off = self._serve_open(request, request_id, obj, name)
+        finally:
+            if not handed_off:  # else the sender owns and closes it
+                obj.close()
         return result
 
-    def _serve_open(self, request: Request, request_id: str, obj: IStoredObject, name: str) -> bytes | int:
+    def _serve_open(self, request: Request, request_id: str, obj: IStoredObject, name: str) -> tuple[bytes | int, bool]:
+        """Answer a hit; returns the render result and whether a sender took ``obj``."""
         meta = obj.meta
         size: int = obj.size
         etag = _latin1(meta.get("etag", f'"{obj.identity}"'))
@@ -360,24 +389,20 @@ class EdgeResource(Resource):
         request.setHeader(b"etag", etag)
         request.setHeader(b"last-modified", _http_date_text(last_modified))
         request.setHeader(b"accept-ranges", b"bytes")
-        for header in _PASSED_META:
-            if header in meta:
-                request.setHeader(header, _latin1(meta[header]))
         for header, value in meta.items():
-            if header.startswith("x-cos-meta-"):
+            if (header in _PASSED_META or header.startswith("x-cos-meta-")) and _safe_header(header, value):
                 request.setHeader(header, _latin1(value))
 
         status = self._preconditions(request, etag, last_modified)
         if status == 412:
-            return self._error(
-                request,
-                request_id,
-                "PreconditionFailed",
-                "At least one of the preconditions you specified did not hold.",
-            )
+            message = "At least one of the preconditions you specified did not hold."
+            return self._error(request, request_id, "PreconditionFailed", message), False
         if status == 304:
+            # No body and no Content-Length (which would have to be the
+            # object's): finish here rather than let render() set it to 0.
             request.setResponseCode(304)
-            return b""
+            request.finish()
+            return NOT_DONE_YET, False
 
         ranges = None
         range_header = request.getHeader(b"range")
@@ -385,7 +410,7 @@ class EdgeResource(Resource):
             ranges = parse_ranges(range_header, size)
         if ranges == []:
             request.setHeader(b"content-range", f"bytes */{size}")
-            return self._error(request, request_id, "InvalidRange", "The requested range is not satisfiable.")
+            return self._error(request, request_id, "InvalidRange", "The requested range is not satisfiable."), False
 
         parts: list[tuple[bytes, int, int]]
         trailer = b""
@@ -419,19 +444,19 @@ class EdgeResource(Resource):
             length = sum(len(p) + end - start for p, start, end in parts) + len(trailer)
         request.setHeader(b"content-length", b"%d" % length)
         if request.method == b"HEAD" or length == 0:
-            return b""
+            return b"", False
         if length <= _CHUNK:
             # A small body goes out in one write, without a producer.
             body = b"".join(prefix + obj.read(start, end - start) for prefix, start, end in parts) + trailer
             if len(body) != length:
                 _log.warn("object shrank while being served; dropping the connection")
                 request.channel.transport.abortConnection()  # type: ignore[union-attr]
-                return NOT_DONE_YET
+                return NOT_DONE_YET, False
             self._stats.inc("bytes_served", sum(end - start for _, start, end in parts))
-            return body
+            return body, False
         sender = sendfile_producer(request, obj, parts, trailer, self._stats)
         (sender or _Sender(request, obj, parts, trailer, self._stats)).start()
-        return NOT_DONE_YET
+        return NOT_DONE_YET, True
 
     @staticmethod
     def _preconditions(request: Request, etag: bytes, last_modified: int) -> int | None:
@@ -478,14 +503,34 @@ class _EdgeChannel(HTTPChannel):
 
     header_deadline: float = 60.0
     _deadline: IDelayedCall | None = None
+    _refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm()
 
     def allHeadersReceived(self) -> None:
-        self._disarm()
+        # GET and HEAD carry no body worth reading, and Twisted would spool a
+        # large one to a temporary file: refuse before reading any of it.
+        if self.length is None or self.length > _MAX_REQUEST_BODY:
+            self._disarm()
+            self._refused = True
+            body = error_body("EntityTooLarge", "Request bodies are not accepted here.", os.urandom(6).hex())
+            self.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
+                b"Content-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            self.loseConnection()
+            return
         super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._disarm()  # the deadline covers a (small) body too
+        super().allContentReceived()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
 
     def requestDone(self, request: Request) -> None:
         # Armed before the channel parses any pipelined request it buffered,

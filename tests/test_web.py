@@ -1072,3 +1072,132 @@ def test_small_and_large_bodies_are_byte_exact(disk_edge: Edge) -> None:
         assert response.status == 200 and response.body == data
         ranged = disk_edge.request(f"/s{size}.bin", headers=[("Range", f"bytes=1-{size - 2}")])
         assert ranged.status == 206 and ranged.body == data[1 : size - 1]
+
+
+def test_large_or_chunked_request_bodies_are_refused_before_reading(edge: Edge) -> None:
+    """
+    A request announcing a body over 64 KiB, or a chunked one, is answered
+    413 EntityTooLarge at once and the connection closed: the body is never
+    read or spooled to disk (S8).
+    """
+    for extra in ([("Content-Length", "100000000000")], [("Transfer-Encoding", "chunked")]):
+        conn = edge.connect()
+        conn.transport.clearBuffer = None  # keep what was written
+        conn.send(raw_request("/1.jpg", method=b"POST", headers=extra))
+        answer = conn.transport.value()
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+        assert b"<Code>EntityTooLarge</Code>" in answer
+        assert conn.transport.disconnecting
+    small = edge.request("/1.jpg", method=b"POST", body=b"x" * 10)
+    assert small.status == 405 and small.error_code() == "MethodNotAllowed"
+
+
+@define(eq=False)
+class _ShortReads:
+    """A stored object whose reads come back one byte short, as if it shrank after fstat."""
+
+    inner: Any
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.inner.read(offset, length))[:-1]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_object_shrinking_under_the_one_write_path_releases_it(edge: Edge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    If a small object reads short (it shrank after fstat), the connection is
+    dropped and the object is still released: no descriptor leaks (S7).
+    """
+    assert isinstance(edge.store, RecordingStore)
+    real_open = RecordingStore.open
+
+    def shrinking_open(self: RecordingStore, bucket: str, segments: tuple[str, ...]) -> Any:
+        obj = real_open(self, bucket, segments)
+        return None if obj is None else _ShortReads(obj)
+
+    monkeypatch.setattr(RecordingStore, "open", shrinking_open)
+    conn = edge.connect()
+    with capture_logs():
+        conn.send(raw_request("/1.jpg"))
+    assert conn.aborted
+    assert edge.store.handles and all(h.closed for h in edge.store.handles)
+
+
+def test_overflowing_dates_are_ignored_not_a_500(edge: Edge) -> None:
+    """A date whose zone offset overflows is not a date: ignored, never a 500 (If-Modified-Since, If-Range)."""
+    bad = "Mon, 01 Jan 2000 00:00:00 +99999999999999999999"
+    assert edge.request("/1.jpg", headers=[("If-Modified-Since", bad)]).status == 200
+    assert edge.request("/1.jpg", headers=[("If-Range", bad), ("Range", "bytes=0-9")]).status == 200
+
+
+def test_errors_do_not_carry_the_objects_headers(edge: Edge) -> None:
+    """
+    A 416 or 412 about an object is an XML error: it does not carry the
+    object's Content-Encoding, Content-Disposition, Cache-Control or
+    x-cos-meta-* headers, which would make clients decode or cache the error.
+    """
+    assert isinstance(edge.store, MemoryStore)
+    meta = {
+        "content-encoding": "gzip",
+        "content-disposition": "attachment",
+        "cache-control": "max-age=3600",
+        "x-cos-meta-owner": "alice",
+        "etag": '"abc"',
+    }
+    edge.store.put(BUCKET, ("z.gz",), b"0123456789", meta, MTIME)
+    assert edge.request("/z.gz").header(b"content-encoding") == b"gzip"
+    for response in (
+        edge.request("/z.gz", headers=[("Range", "bytes=5000-")]),
+        edge.request("/z.gz", headers=[("If-Match", '"other"')]),
+    ):
+        assert response.status in (412, 416)
+        assert response.header(b"content-type") == b"application/xml"
+        for name in (b"content-encoding", b"content-disposition", b"cache-control", b"x-cos-meta-owner"):
+            assert response.header(name) is None, name
+
+
+def test_unsendable_stored_header_names_and_values_are_skipped(edge: Edge) -> None:
+    """
+    Metadata written by another tool with a header name or value that HTTP
+    cannot carry is left out; the object is still served (never a 500).
+    """
+    assert isinstance(edge.store, MemoryStore)
+    meta = {
+        "x-cos-meta-a\r\nset-cookie: evil": "1",
+        "x-cos-meta-é": "2",
+        "x-cos-meta-nul": "a\x00b",
+        "x-cos-meta-ok": "fine",
+    }
+    edge.store.put(BUCKET, ("m.bin",), b"data", meta, MTIME)
+    response = edge.request("/m.bin")
+    assert response.status == 200 and response.body == b"data"
+    assert response.header(b"x-cos-meta-ok") == b"fine"
+    assert response.header(b"set-cookie") is None
+    assert response.header(b"x-cos-meta-nul") is None
+
+
+def test_not_modified_has_no_content_length_of_zero(edge: Edge) -> None:
+    """A 304 for a non-empty object does not claim Content-Length: 0 (RFC 9110 8.6)."""
+    response = edge.request("/1.jpg", headers=[("If-None-Match", ETAG.decode())])
+    assert response.status == 304
+    assert response.header(b"content-length") in (None, b"%d" % len(BODY))
+    assert response.body == b""
+
+
+def test_store_errors_other_than_permission_are_503(edge: Edge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors (EMFILE) is a temporary 503, not 403 AccessDenied; permission denied stays 403."""
+    import errno
+
+    for code, status in ((errno.EMFILE, 503), (errno.EACCES, 403)):
+
+        def failing_open(self: Any, bucket: str, segments: tuple[str, ...], code: int = code) -> Any:
+            raise StoreError(code, os.strerror(code))
+
+        monkeypatch.setattr(RecordingStore, "open", failing_open)
+        with capture_logs():
+            assert edge.request("/1.jpg").status == status
