@@ -19,6 +19,7 @@ keep the origin's exact bytes and check them against Content-Length.
 from __future__ import annotations
 
 import errno
+import re
 from collections import deque
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectError, ConnectingCancelledError, TimeoutError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -60,6 +61,7 @@ KEPT_HEADERS = (
 _META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
 _MEMORY_LIMIT = 100_000  # remembered 404s / failures, oldest dropped first
 _USER_AGENT = b"cosedge (back-to-origin fill)"
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not kept: a header value never holds these
 
 
 def origin_url(origin: Origin, segments: tuple[str, ...]) -> bytes:
@@ -182,8 +184,9 @@ def _kept_headers(response: IResponse) -> dict[str, str]:
     meta: dict[str, str] = {}
     for name, values in response.headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in KEPT_HEADERS or lower.startswith(b"x-cos-meta-"):
-            meta[lower.decode("latin-1")] = b", ".join(values).decode("latin-1")
+        value = b", ".join(values)
+        if (lower in KEPT_HEADERS or lower.startswith(b"x-cos-meta-")) and not _CONTROL.search(value):
+            meta[lower.decode("latin-1")] = value.decode("latin-1")
     if sum(len(k) + len(v) for k, v in meta.items()) > _META_LIMIT:
         raise FillFailed("metadata-too-large", f"kept headers exceed {_META_LIMIT} bytes")
     return meta
@@ -192,7 +195,7 @@ def _kept_headers(response: IResponse) -> dict[str, str]:
 def _mtime(meta: dict[str, str]) -> float | None:
     try:
         return parsedate_to_datetime(meta["last-modified"]).timestamp()
-    except (KeyError, TypeError, ValueError, IndexError):
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
@@ -200,17 +203,21 @@ def _reason(failure: Failure) -> tuple[str, str]:
     if failure.check(FillFailed):
         e: Any = failure.value
         return e.reason, e.detail
-    # Deferred.addTimeout (the total deadline) raises defer.TimeoutError,
-    # which is not twisted.internet.error.TimeoutError.
-    if failure.check(TimeoutError, DeferredTimeoutError):
+    # Deferred.addTimeout (the total deadline) raises defer.TimeoutError;
+    # twisted.internet.error.TimeoutError is the connect timeout.
+    if failure.check(DeferredTimeoutError):
         return "timeout", "deadline passed"
-    if failure.check(CancelledError):
+    if failure.check(TimeoutError):
+        return "connect-failed", "connect timeout"
+    if failure.check(DNSLookupError):  # an OSError, but not the disk's
+        return "connect-failed", failure.getErrorMessage()
+    if failure.check(CancelledError, ConnectingCancelledError):
         return "cancelled", "stopped"
     # Cancelling an agent request while it waits for the response fails it
     # with ResponseFailed / ResponseNeverReceived wrapping the CancelledError.
     if isinstance(failure.value, ResponseFailed) and any(r.check(CancelledError) for r in failure.value.reasons):
         return "cancelled", "stopped"
-    if failure.check(ConnectError, ConnectingCancelledError, ResponseNeverReceived):
+    if failure.check(ConnectError, ResponseNeverReceived):
         return "connect-failed", failure.getErrorMessage()
     if failure.check(ResponseFailed):
         # The origin's status line or headers were cut short or malformed.

@@ -9,13 +9,16 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from attrs import frozen
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgent
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
 
 from .config import Config
 from .fill import Filler
@@ -36,6 +39,18 @@ class _QuietPool(HTTPConnectionPool):
     """A connection pool that does not log every origin connection."""
 
     _factory = _QuietClientFactory
+
+
+@implementer(IAgentEndpointFactory)
+@frozen
+class _OriginEndpoints:
+    """Connects to origins with the connect timeout of the current configuration."""
+
+    reactor: Any
+    connect_timeout: Callable[[], float]
+
+    def endpointForURI(self, uri: URI) -> HostnameEndpoint:
+        return HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.connect_timeout())
 
 
 class EdgeService(MultiService):
@@ -131,7 +146,10 @@ def build_service(
         run_blocking = partial(deferToThreadPool, reactor, threads)
         pool = _QuietPool(reactor, persistent=True)
         pool.maxPersistentPerHost = config.fill.max_concurrent
-        _agent = Agent(reactor, connectTimeout=config.fill.connect_timeout, pool=pool)
+        # Read at each new connection, so a live change applies (``service`` is
+        # bound below, before any fill can start).
+        endpoints = _OriginEndpoints(reactor, lambda: service.config.fill.connect_timeout)
+        _agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     store = _store if _store is not None else DiskStore(config.server.data_dir)
     service = EdgeService(config, reactor, store, _agent, pool, run_blocking)
     service.config_path = config_path

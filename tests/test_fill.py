@@ -794,3 +794,39 @@ def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
         pool.finish()
     assert result_of(d).reason == "disk-error"
     assert_clean_miss(fills, "a/b", "disk-error", events)
+
+
+def test_failure_reasons_name_the_real_cause() -> None:
+    """
+    An origin name that does not resolve and a connect timeout are
+    connect-failed (not disk-error, not the fill deadline); a stop during
+    connect is cancelled; the total deadline is timeout.
+    """
+    from twisted.internet import defer, error
+    from twisted.python.failure import Failure
+
+    from cosedge.fill import _reason
+
+    assert _reason(Failure(error.DNSLookupError("nonexistent.invalid")))[0] == "connect-failed"
+    assert _reason(Failure(error.TimeoutError()))[0] == "connect-failed"
+    assert _reason(Failure(error.ConnectingCancelledError(None)))[0] == "cancelled"
+    assert _reason(Failure(defer.TimeoutError()))[0] == "timeout"
+    assert _reason(Failure(OSError(28, "No space left on device")))[0] == "disk-error"
+
+
+def test_unusable_header_values_and_dates_from_the_origin_are_not_kept() -> None:
+    """
+    An origin header value with control characters is not kept as metadata,
+    and a Last-Modified that overflows does not stop the object being stored.
+    """
+    fills = Fills()
+    fills.origin.add(
+        "k",
+        b"whole",
+        headers={"X-Cos-Meta-Bad": "a\x0bb", "Last-Modified": "Mon, 01 Jan 2000 00:00:00 +99999999999999999999"},
+    )
+    d = fills.fill("k")
+    fills.flush()
+    assert result_of(d).reason == "stored"
+    obj = fills.store.open(BUCKET, ("k",))
+    assert obj is not None and "x-cos-meta-bad" not in obj.meta
