@@ -43,7 +43,7 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint, serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import Factory, ServerFactory
+from twisted.internet.protocol import Factory, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -379,13 +379,40 @@ class _Login(telnet.AuthenticatingTelnetProtocol):  # type: ignore[misc]
     """
     Username and password prompts; one attempt per connection, a failed one
     answered after a pause, and the peer passed on for the audit channel.
+    A connection not logged in within :attr:`login_timeout` seconds is
+    closed, so idle connections cannot pile up and use up the daemon's file
+    descriptors (which the bucket listener needs too).
     """
 
     failure_delay = 1.0
+    login_timeout = 30.0
 
     def __init__(self, portal: Portal, reactor: Any) -> None:
         super().__init__(portal)
         self.reactor = reactor
+        self._deadline: Any = None
+        self._lost = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._deadline = self.reactor.callLater(self.login_timeout, self._timed_out)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        _log.warn("manhole telnet login timed out from {peer}", peer=_peer(transport.getPeer()))
+        transport.write(b"\r\nLogin timed out\r\n")
+        transport.loseConnection()
 
     def telnet_User(self, line: bytes) -> str:
         transport: Any = self.transport
@@ -408,6 +435,10 @@ class _Login(telnet.AuthenticatingTelnetProtocol):  # type: ignore[misc]
         return "Discard"
 
     def _cbLogin(self, ial: tuple[Any, Any, Callable[[], None]]) -> None:
+        if self._lost:  # timed out (or hung up) while the password was checked
+            ial[2]()
+            return
+        self._cancel_deadline()
         transport: Any = self.transport
         transport.write(b"\r\n")  # the password line was not echoed
         super()._cbLogin(ial)

@@ -18,9 +18,11 @@ from typing import Any, cast
 import pytest
 from attrs import evolve
 from treq.testing import RequestTraversalAgent
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides
 
 from cosedge import admin
@@ -766,6 +768,88 @@ def test_password_checker_accepts_the_right_password_only(files: dict[str, str])
     for user, password in [(b"alice", b"wrong"), (b"bob", b"s3cret"), (b"alice", b"")]:
         result = outcome(user, password)
         assert result.check(UnauthorizedLogin), result
+
+
+def telnet_login_connection(checker: Any) -> tuple[MemoryReactorClock, StringTransport, Any, list[str]]:
+    """A telnet connection at the password prompt's protocol, on a MemoryReactorClock; also the sessions opened."""
+    from twisted.conch.telnet import TelnetTransport
+    from twisted.cred.portal import Portal
+
+    from cosedge.manhole import _Login, _TelnetRealm
+
+    sessions: list[str] = []
+
+    def namespace(channel: str) -> dict[str, Any]:
+        sessions.append(channel)
+        return {}
+
+    reactor = MemoryReactorClock()
+    portal = Portal(_TelnetRealm(namespace), [checker])
+    telnet = TelnetTransport(_Login, portal, reactor)
+    transport = StringTransport()
+    telnet.makeConnection(transport)
+    return reactor, transport, telnet, sessions
+
+
+def test_a_telnet_connection_that_never_logs_in_is_closed() -> None:
+    """
+    A telnet client that connects and never sends a user name (or a
+    password) is disconnected after 30 seconds, so idle connections cannot
+    use up the daemon's file descriptors.
+    """
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+    reactor, transport, _, _ = telnet_login_connection(InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw"))
+    assert b"Username: " in transport.value()
+    reactor.advance(29)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting
+    assert b"Login timed out" in transport.value()
+    assert reactor.getDelayedCalls() == []
+
+
+def test_a_telnet_login_cancels_the_login_deadline() -> None:
+    """A user who logs in keeps the shell open past the login deadline."""
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+    reactor, transport, telnet, sessions = telnet_login_connection(
+        InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+    )
+    telnet.dataReceived(b"alice\r\n")
+    telnet.dataReceived(b"pw\r\n")
+    assert sessions == ["telnet:alice@192.168.1.1"]
+    assert b"cosedge manhole (telnet:alice@192.168.1.1)" in transport.value()
+    reactor.advance(3600)
+    assert not transport.disconnecting
+    assert b"Login timed out" not in transport.value()
+
+
+def test_a_login_checked_after_the_deadline_opens_no_shell() -> None:
+    """
+    When the deadline closes the connection while the password is still
+    being checked, a late success opens no shell on the closed connection.
+    """
+    from twisted.cred import credentials
+    from twisted.internet.defer import Deferred
+
+    pending: list[Deferred[bytes]] = []
+
+    class SlowChecker:
+        credentialInterfaces = (credentials.IUsernamePassword,)
+
+        def requestAvatarId(self, creds: Any) -> Deferred[bytes]:
+            pending.append(Deferred())
+            return pending[-1]
+
+    reactor, transport, telnet, _ = telnet_login_connection(SlowChecker())
+    telnet.dataReceived(b"alice\r\npw\r\n")
+    assert len(pending) == 1
+    reactor.advance(30)
+    assert transport.disconnecting
+    telnet.connectionLost(Failure(ConnectionDone()))
+    pending[0].callback(b"alice")
+    assert b"cosedge manhole" not in transport.value()  # no shell started on the closed connection
 
 
 # -- the shell --
