@@ -40,7 +40,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint, serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ServerFactory, connectionDone
@@ -326,7 +326,9 @@ class PasswordFileChecker:
     """
     User names and passwords against a file of scrypt hashes, re-read at each
     login.  The hash runs in the reactor's thread pool, so a login attempt
-    never stalls the bucket listener.
+    never stalls the bucket listener, and one at a time (each takes 16 MiB
+    and tens of milliseconds), so a burst of login attempts holds one thread
+    of the pool the fills use, never all of them.
     """
 
     credentialInterfaces = (cred.IUsernamePassword,)
@@ -335,6 +337,7 @@ class PasswordFileChecker:
     def __init__(self, path: str, reactor: Any) -> None:
         self.path = path
         self.reactor = reactor
+        self._one_at_a_time = DeferredSemaphore(1)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username.decode("utf-8", "replace")
@@ -351,7 +354,9 @@ class PasswordFileChecker:
         def check() -> bool:
             return verify_password(encoded, password) and known
 
-        d: Deferred[bool] = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), check)
+        d: Deferred[bool] = self._one_at_a_time.run(
+            threads.deferToThreadPool, self.reactor, self.reactor.getThreadPool(), check
+        )
 
         def decide(ok: bool) -> bytes:
             if not ok:

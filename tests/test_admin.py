@@ -852,6 +852,51 @@ def test_a_login_checked_after_the_deadline_opens_no_shell() -> None:
     assert b"cosedge manhole" not in transport.value()  # no shell started on the closed connection
 
 
+def test_password_checks_run_one_at_a_time(files: dict[str, str]) -> None:
+    """
+    Many telnet logins at once hash their passwords one after the other, so
+    they never take more than one thread of the pool the fills use.
+    """
+    from twisted.cred.credentials import UsernamePassword
+    from twisted.cred.error import UnauthorizedLogin
+
+    from cosedge.manhole import PasswordFileChecker
+
+    class HeldPool:
+        """Queues work until the test runs it."""
+
+        def __init__(self) -> None:
+            self.queued: list[tuple[Callable[..., None], Callable[[], Any]]] = []
+
+        def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
+            self.queued.append((on_result, f))
+
+        def run_one(self) -> None:
+            on_result, f = self.queued.pop(0)
+            on_result(True, f())
+
+    pool = HeldPool()
+
+    class Reactor:
+        def getThreadPool(self) -> HeldPool:
+            return pool
+
+        def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+            f(*args)
+
+    checker = PasswordFileChecker(files["passwords"], Reactor())
+    results: list[Any] = []
+    for password in (b"wrong", b"s3cret", b"also wrong"):
+        checker.requestAvatarId(UsernamePassword(b"alice", password)).addBoth(results.append)
+    assert len(pool.queued) == 1
+    pool.run_one()
+    assert len(pool.queued) == 1 and len(results) == 1
+    pool.run_one()
+    pool.run_one()
+    assert pool.queued == []
+    assert results[0].check(UnauthorizedLogin) and results[1] == b"alice" and results[2].check(UnauthorizedLogin)
+
+
 # -- the shell --
 
 
