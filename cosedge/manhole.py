@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import socket
 import traceback
 from collections.abc import Callable, Iterator
@@ -275,7 +276,9 @@ class _AuthorizedKeysFile:
 def load_host_key(path: str) -> keys.Key:
     """
     The SSH host key at ``path``; an Ed25519 key is generated and saved there
-    (mode 0600, atomically) on first use.
+    on first use: written to a new temporary file of a random name (created
+    exclusively, mode 0600, never through a symbolic link), synced, renamed
+    into place, and the folder synced.
     """
     if not os.path.exists(path):
         from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -283,8 +286,9 @@ def load_host_key(path: str) -> keys.Key:
         new = keys.Key(ed25519.Ed25519PrivateKey.generate())
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(new.toString("openssh"))
@@ -292,9 +296,17 @@ def load_host_key(path: str) -> keys.Key:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # ours: created exclusively above
             raise
+        try:
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:  # the key is in place: use it
+            _log.warn("manhole SSH host key {path}: folder not synced to disk: {error}", path=path, error=e)
         _log.info("generated the manhole SSH host key {path}", path=path)
     key: keys.Key = keys.Key.fromFile(path)
     return key

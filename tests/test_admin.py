@@ -897,6 +897,39 @@ def test_password_checks_run_one_at_a_time(files: dict[str, str]) -> None:
     assert results[0].check(UnauthorizedLogin) and results[1] == b"alice" and results[2].check(UnauthorizedLogin)
 
 
+def test_the_host_key_is_created_privately_and_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    On first start the SSH host key is written to a fresh private file that
+    no planted symbolic link can redirect (not even at the name an older
+    cosedge used), and the folder is synced after the rename.
+    """
+    from cosedge.manhole import load_host_key
+
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    path = folder / "ssh_host_ed25519_key"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    (folder / f"{path.name}.{os.getpid()}.tmp").symlink_to(victim)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    key = load_host_key(str(path))
+    assert victim.read_bytes() == b"not yours"
+    assert not path.is_symlink()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not key.isPublic()
+    assert synced[-1] == folder.stat().st_ino
+    assert path.stat().st_ino in synced
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{path.name}.{os.getpid()}.tmp", path.name])
+    assert load_host_key(str(path)) == key  # kept, not generated again
+
+
 # -- the shell --
 
 
