@@ -32,13 +32,14 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, overload
 from urllib.parse import quote
 
 from attrs import evolve, fields, frozen
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
@@ -64,6 +65,10 @@ __all__ = [
 
 _log = Logger()
 _audit = Logger(namespace="cosedge.audit")
+_T = TypeVar("_T")
+
+#: Runs a blocking function off the reactor thread: a Deferred of its result.
+InThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
 class AdminError(ValueError):
@@ -205,9 +210,16 @@ class LiveConfig(Service):
 
     name = "admin"
 
-    def __init__(self, service: Any, state_file: StateFile | MemoryStateFile) -> None:
+    def __init__(
+        self, service: Any, state_file: StateFile | MemoryStateFile, *, _in_thread: InThread | None = None
+    ) -> None:
         self.service = service
         self.state_file = state_file
+        #: Runs disk walks (``edge.buckets(usage=True)``) off the reactor
+        #: thread: the reactor's thread pool unless a test gives another.
+        self._in_thread: InThread = _in_thread or self._in_reactor_pool
+        #: One walk at a time: they hold a thread of the pool the fills use.
+        self._walks = DeferredSemaphore(1)
         #: The configuration as the file (and the command line) give it.
         self.base: Config = service.config
         # What the *file* says of the settings bound at start, for the next
@@ -254,6 +266,23 @@ class LiveConfig(Service):
         for name in ("json_file", "json_rotate_bytes", "json_keep"):
             fixed[f"[log] {name}"] = getattr(log, name)
         return fixed
+
+    def _in_reactor_pool(self, f: Callable[[], _T]) -> Deferred[_T]:
+        reactor = self.service.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f)
+
+    def usage(self, names: list[str]) -> Deferred[list[tuple[int, int]]]:
+        """(objects, bytes) of each bucket in ``names``, counted in a thread, one walk at a time."""
+        store = self.service.store
+
+        def walk() -> list[tuple[int, int]]:
+            return [store.usage(name) for name in names]
+
+        # A Deferred of its own: the one run() returns is paused on the
+        # thread's, which the shell would show as already fired.
+        d: Deferred[list[tuple[int, int]]] = Deferred()
+        self._walks.run(self._in_thread, walk).chainDeferred(d)
+        return d
 
     def edge(self, channel: str) -> Edge:
         """The façade for one shell session (``channel`` goes into audit lines)."""
@@ -412,8 +441,9 @@ class Edge:
 
       edge.buckets()                       buckets, origin, origin-pull on/off
       edge.buckets(usage=True)             ... with object count and bytes
-                                           (walks the bucket folders: slow
-                                           for big buckets)
+                                           (walks the bucket folders in a
+                                           thread: a Deferred, shown when
+                                           it fires; slow for big buckets)
       edge.set_origin(bucket, address)     'abc.example.com', 'abc.example.com:8080',
                                            '10.10.10.10' or '10.10.10.10:8080';
                                            never 'http://...', a path or a blank
@@ -450,24 +480,39 @@ class Edge:
 
     # -- buckets and origins --
 
-    def buckets(self, usage: bool = False) -> Table:
+    @overload
+    def buckets(self, usage: Literal[False] = False) -> Table: ...
+
+    @overload
+    def buckets(self, usage: Literal[True]) -> Deferred[Table]: ...
+
+    @overload
+    def buckets(self, usage: bool) -> Table | Deferred[Table]: ...
+
+    def buckets(self, usage: bool = False) -> Table | Deferred[Table]:
         """
         Each bucket with its origin and whether origin-pull is on.  With
-        ``usage=True`` also the number of stored objects and their bytes
-        (this walks each bucket's folder: slow for big buckets).
+        ``usage=True`` also the number of stored objects and their bytes:
+        this walks each bucket's folder (slow for big buckets) in a thread,
+        so it returns a Deferred, which the shell prints when it fires.
         """
         rows = Table()
         for name, bucket in self._live.config.buckets.items():
-            row: dict[str, Any] = {
+            rows.append({
                 "bucket": name,
                 "origin": str(bucket.origin) if bucket.origin is not None else None,
                 "origin_pull": bucket.origin_pull,
                 "live": "changed" if self._live.state.touches(name) else "",
-            }
-            if usage:
-                row["objects"], row["bytes"] = self._live.service.store.usage(name)
-            rows.append(row)
-        return rows
+            })
+        if not usage:
+            return rows
+
+        def counted(usages: list[tuple[int, int]]) -> Table:
+            for row, (objects, size) in zip(rows, usages, strict=True):
+                row["objects"], row["bytes"] = objects, size
+            return rows
+
+        return self._live.usage([row["bucket"] for row in rows]).addCallback(counted)
 
     def set_origin(self, bucket: str, address: str) -> Message:
         """

@@ -86,6 +86,14 @@ class _Interpreter(manhole.ManholeInterpreter):  # type: ignore[misc]
         else:
             super().excepthook(excType, excValue, excTraceback)
 
+    def _cbDisplayDeferred(self, result: object, k: int, obj: Deferred[Any]) -> object:
+        # A table (edge.buckets(usage=True)) starts on a line of its own.
+        text = repr(result)
+        sep = "\n" if "\n" in text else " "
+        self.write(f"Deferred #{k} called back:{sep}{text}", True)
+        del self._pendingDeferreds[id(obj)]
+        return result
+
 
 class Shell(manhole.ColoredManhole):  # type: ignore[misc]
     """The manhole REPL, with a banner naming the session's channel."""

@@ -316,15 +316,54 @@ def test_changes_and_revert_show_and_undo_live_changes(harness: Harness) -> None
         edge.revert(BUCKET)
 
 
+class HeldPool:
+    """A reactor thread pool that runs queued work only when the test says so."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Callable[..., None], Callable[[], Any]]] = []
+
+    def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
+        self.queued.append((on_result, f))
+
+    def run_one(self) -> None:
+        on_result, f = self.queued.pop(0)
+        on_result(True, f())
+
+
+class PoolReactor(MemoryReactorClock):
+    """A MemoryReactorClock with a :class:`HeldPool` as its thread pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = HeldPool()
+
+    def getThreadPool(self) -> HeldPool:
+        return self.pool
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
 def test_buckets_lists_origin_pull_and_usage(harness: Harness) -> None:
-    """edge.buckets() shows each bucket; usage=True adds object count and bytes."""
+    """
+    edge.buckets() shows each bucket; usage=True adds object count and
+    bytes, counted in the reactor's thread pool (never on the reactor
+    thread, which serves the buckets), one walk at a time.
+    """
     (harness.data_dir / BUCKET / "a").mkdir(parents=True)
     (harness.data_dir / BUCKET / "a" / "b.jpg").write_bytes(b"12345")
+    reactor = PoolReactor()
+    harness.service.reactor = reactor
     edge = harness.edge()
-    rows = edge.buckets(usage=True)
-    assert rows == [
-        {"bucket": BUCKET, "origin": FILE_ORIGIN, "origin_pull": True, "live": "", "objects": 1, "bytes": 5}
-    ]
+    results: list[Any] = []
+    edge.buckets(usage=True).addBoth(results.append)
+    edge.buckets(usage=True).addBoth(results.append)
+    assert results == [] and len(reactor.pool.queued) == 1  # nothing walked on this thread; one walk at a time
+    reactor.pool.run_one()
+    assert len(results) == 1 and len(reactor.pool.queued) == 1
+    reactor.pool.run_one()
+    expected = [{"bucket": BUCKET, "origin": FILE_ORIGIN, "origin_pull": True, "live": "", "objects": 1, "bytes": 5}]
+    assert results == [expected, expected]
     text = repr(edge.buckets())
     assert text.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live"]
     assert text.splitlines()[1].split() == [BUCKET, FILE_ORIGIN, "on"]
@@ -862,29 +901,9 @@ def test_password_checks_run_one_at_a_time(files: dict[str, str]) -> None:
 
     from cosedge.manhole import PasswordFileChecker
 
-    class HeldPool:
-        """Queues work until the test runs it."""
-
-        def __init__(self) -> None:
-            self.queued: list[tuple[Callable[..., None], Callable[[], Any]]] = []
-
-        def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
-            self.queued.append((on_result, f))
-
-        def run_one(self) -> None:
-            on_result, f = self.queued.pop(0)
-            on_result(True, f())
-
-    pool = HeldPool()
-
-    class Reactor:
-        def getThreadPool(self) -> HeldPool:
-            return pool
-
-        def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-            f(*args)
-
-    checker = PasswordFileChecker(files["passwords"], Reactor())
+    reactor = PoolReactor()
+    pool = reactor.pool
+    checker = PasswordFileChecker(files["passwords"], reactor)
     results: list[Any] = []
     for password in (b"wrong", b"s3cret", b"also wrong"):
         checker.requestAvatarId(UsernamePassword(b"alice", password)).addBoth(results.append)
@@ -955,6 +974,29 @@ def test_shell_runs_edge_commands_and_shows_refusals_as_one_line(harness: Harnes
     protocol.dataReceived(b"edge.set_origin('example-1250000000', 'abc.example.com')\r")
     assert f"origin of {BUCKET}: {FILE_ORIGIN} -> abc.example.com" in transport.value().decode()
     assert str(harness.service.config.buckets[BUCKET].origin) == "abc.example.com"
+
+
+def test_the_shell_prints_a_bucket_usage_table_when_the_walk_ends(harness: Harness) -> None:
+    """
+    edge.buckets(usage=True) typed into the shell answers at once with a
+    Deferred; the table follows, from its first line, when the walk ends.
+    """
+    from twisted.conch.insults import insults
+
+    from cosedge.manhole import Shell
+
+    reactor = PoolReactor()
+    harness.service.reactor = reactor
+    transport = StringTransport()
+    protocol = insults.ServerProtocol(Shell, {"edge": harness.edge("telnet:unix")}, "telnet:unix")
+    protocol.makeConnection(transport)
+    transport.clear()
+    protocol.dataReceived(b"edge.buckets(usage=True)\r")
+    assert "<Deferred #0>" in transport.value().decode()
+    reactor.pool.run_one()
+    output = transport.value().decode()
+    assert "Deferred #0 called back:\r\nbucket              origin          origin_pull  live  objects  bytes" in output
+    assert f"{BUCKET}  {FILE_ORIGIN}  on                 0        0" in output
 
 
 # -- one command per ssh invocation (scripts) --
