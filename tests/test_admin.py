@@ -570,6 +570,21 @@ def test_reload_says_the_admin_listener_and_the_json_log_need_a_restart(
     assert restart_warnings == ["[admin] listen, [log] json_file, [log] json_keep"]
 
 
+def test_reload_applies_fill_connect_timeout_live(
+    harness: Harness, audit_lines: list[dict[str, Any]], restart_warnings: list[str]
+) -> None:
+    """
+    [fill] connect_timeout changes live on a reload (new origin connections
+    read it): it is audited as a change, and no restart is asked for.
+    """
+    harness.config_file.write_text(toml_for(harness.data_dir, "[fill]\nconnect_timeout = 2.5\n"))
+    changes = harness.live.reload("sighup")
+    assert harness.service.config.fill.connect_timeout == 2.5
+    assert [(c.what, c.subject, c.new) for c in changes] == [("connect_timeout", "fill", 2.5)]
+    assert [e["what"] for e in audit_lines] == ["connect_timeout"]
+    assert restart_warnings == []
+
+
 def test_reload_passes_other_sections_on_but_keeps_the_running_manhole(tmp_path: Path) -> None:
     """
     Sections read live by other features ([admin]) follow the file on a
