@@ -189,7 +189,40 @@ def _peer(address: Any) -> str:
 
 
 class _ServerTransport(transport.SSHServerTransport):
-    """An operator quitting ``ssh`` is routine and a refused key a warning, not errors."""
+    """
+    An operator quitting ``ssh`` is routine and a refused key a warning, not
+    errors.  A connection must log in within :attr:`login_timeout` seconds,
+    key exchange included (Twisted's own limit is ten hours, and only from
+    the start of authentication).
+    """
+
+    login_timeout = 60.0
+    _login_deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        reactor: Any = self.factory.reactor  # type: ignore[attr-defined]
+        self._login_deadline = reactor.callLater(self.login_timeout, self._login_timed_out)
+
+    def setService(self, service: Any) -> None:
+        super().setService(service)
+        if service.name == b"ssh-connection":  # authenticated
+            self._cancel_login_deadline()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._cancel_login_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_login_deadline(self) -> None:
+        if self._login_deadline is not None and self._login_deadline.active():
+            self._login_deadline.cancel()
+        self._login_deadline = None
+
+    def _login_timed_out(self) -> None:
+        self._login_deadline = None
+        tcp: Any = self.transport
+        _log.warn("manhole ssh login from {peer} timed out", peer=_peer(tcp.getPeer()))
+        tcp.loseConnection()
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         reason = description.decode("utf-8", "replace")
@@ -320,7 +353,7 @@ def load_host_key(path: str) -> keys.Key:
     return key
 
 
-def _ssh_factory(settings: ManholeSettings, make_namespace: NamespaceFactory) -> Factory[Any]:
+def _ssh_factory(settings: ManholeSettings, make_namespace: NamespaceFactory, reactor: Any) -> Factory[Any]:
     assert settings.ssh_authorized_keys is not None
     host_key = load_host_key(settings.ssh_host_key)
     checker = SSHPublicKeyChecker(_AuthorizedKeysFile(settings.ssh_authorized_keys))
@@ -329,6 +362,7 @@ def _ssh_factory(settings: ManholeSettings, make_namespace: NamespaceFactory) ->
     factory.privateKeys = {host_key.sshType(): host_key}
     factory.noisy = False
     factory.protocol = _ServerTransport
+    factory.reactor = reactor  # for the login deadline
     _log.info(
         "manhole SSH host key {path}: {fingerprint}",
         path=settings.ssh_host_key,
@@ -536,8 +570,9 @@ def _telnet_service(settings: ManholeSettings, make_namespace: NamespaceFactory,
         factory = _TelnetFactory(lambda: telnet.TelnetTransport(_Login, portal, reactor))
     else:
         factory = _TelnetFactory(
-            lambda: telnet.TelnetTransport(_Bootstrap, insults.ServerProtocol, Shell, make_namespace("telnet:unix"),
-                                           "telnet:unix")
+            lambda: telnet.TelnetTransport(
+                _Bootstrap, insults.ServerProtocol, Shell, make_namespace("telnet:unix"), "telnet:unix"
+            )
         )
     if kind == "unix":
         endpoint: Any = UNIXServerEndpoint(reactor, parts["address"], parts["backlog"], 0o600, parts["lockfile"])
@@ -552,7 +587,7 @@ def manhole_service(settings: ManholeSettings, make_namespace: NamespaceFactory,
     service = MultiService()
     service.setName("manhole")
     if settings.ssh is not None:
-        factory = _ssh_factory(settings, make_namespace)
+        factory = _ssh_factory(settings, make_namespace, reactor)
         StreamServerEndpointService(serverFromString(reactor, settings.ssh), factory).setServiceParent(service)
     if settings.telnet is not None:
         _telnet_service(settings, make_namespace, reactor).setServiceParent(service)

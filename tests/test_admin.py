@@ -260,7 +260,9 @@ def test_a_change_that_cannot_be_saved_is_not_applied(
 
 
 def test_a_change_saved_but_not_synced_is_applied_with_a_warning(
-    harness: Harness, audit_lines: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+    harness: Harness,
+    audit_lines: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
     If the state file was replaced but its folder could not be synced, the
@@ -307,9 +309,7 @@ def test_changes_and_revert_show_and_undo_live_changes(harness: Harness) -> None
     edge = harness.edge()
     assert repr(edge.changes()) == "(none)"
     edge.set_origin(BUCKET, "10.10.10.10")
-    assert edge.changes() == [
-        {"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10", "origin_pull": "(file)"}
-    ]
+    assert edge.changes() == [{"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10", "origin_pull": "(file)"}]
     assert repr(edge.revert(BUCKET)) == f"origin of {BUCKET}: 10.10.10.10 -> {FILE_ORIGIN} (the file's settings apply)"
     assert str(harness.service.config.buckets[BUCKET].origin) == FILE_ORIGIN
     with pytest.raises(AdminError, match="no live changes"):
@@ -452,9 +452,7 @@ def test_help_names_every_command(harness: Harness) -> None:
 # -- reload (SIGHUP) --
 
 
-def test_reload_applies_a_good_file_and_keeps_live_changes(
-    harness: Harness, audit_lines: list[dict[str, Any]]
-) -> None:
+def test_reload_applies_a_good_file_and_keeps_live_changes(harness: Harness, audit_lines: list[dict[str, Any]]) -> None:
     """
     A reload reads the edited file; live changes stay on top of it, and every
     resulting change is audited with the reload's channel.
@@ -867,9 +865,7 @@ def test_a_telnet_login_cancels_the_login_deadline() -> None:
     """A user who logs in keeps the shell open past the login deadline."""
     from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 
-    reactor, transport, telnet, sessions = telnet_login_connection(
-        InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
-    )
+    reactor, transport, telnet, sessions = telnet_login_connection(InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw"))
     telnet.dataReceived(b"alice\r\n")
     telnet.dataReceived(b"pw\r\n")
     assert sessions == ["telnet:alice@192.168.1.1"]
@@ -1060,3 +1056,36 @@ def test_a_command_returning_a_deferred_waits_for_it() -> None:
     assert codes == []
     pending.callback("stored")
     assert (b"".join(written), codes) == (b"'stored'\n", [0])
+
+
+def test_an_ssh_connection_that_never_logs_in_is_closed(files: dict[str, str]) -> None:
+    """
+    An SSH connection that does not log in within a minute, key exchange
+    included, is closed: a network peer cannot hold manhole connections open.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from cosedge.manhole import _ssh_factory
+    from tests.helpers import capture_logs
+
+    settings = parse_manhole(
+        {
+            "ssh": "tcp:2222:interface=127.0.0.1",
+            "ssh_authorized_keys": files["keys"],
+            "ssh_host_key": os.path.join(files["dir"], "host_key"),
+        },
+        files["dir"],
+    )
+    reactor = MemoryReactorClock()
+    factory = _ssh_factory(settings, lambda channel: {}, reactor)
+    factory.doStart()
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    with capture_logs() as events:
+        protocol.makeConnection(transport)
+        reactor.advance(59)
+        assert not transport.disconnecting
+        reactor.advance(1)
+    assert transport.disconnecting
+    assert any("timed out" in e.get("log_format", "") for e in events)
