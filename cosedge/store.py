@@ -146,9 +146,13 @@ def _walk(root: str, segments: tuple[str, ...], create: bool = False) -> Iterato
     relative to the previous one without following symlinks, so that nothing
     outside ``root`` is ever reached.  With ``create``, missing folders are made.
     """
-    if create:
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not create:
+            raise
         os.makedirs(root, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for segment in segments:
             try:
