@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import secrets
 import socket
 import traceback
 from collections.abc import Callable, Iterator
@@ -58,6 +57,7 @@ from .admin import (
     verify_password,
 )
 from .config import ConfigError
+from .state import write_atomically
 
 __all__ = ["PasswordFileChecker", "Shell", "load_host_key", "manhole_service", "run_command"]
 
@@ -325,29 +325,9 @@ def load_host_key(path: str) -> keys.Key:
         from cryptography.hazmat.primitives.asymmetric import ed25519
 
         new = keys.Key(ed25519.Ed25519PrivateKey.generate())
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        tmp = f"{path}.{secrets.token_hex(8)}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(new.toString("openssh"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)  # ours: created exclusively above
-            raise
-        try:
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:  # the key is in place: use it
-            _log.warn("manhole SSH host key {path}: folder not synced to disk: {error}", path=path, error=e)
+        unsynced = write_atomically(path, new.toString("openssh"))
+        if unsynced is not None:  # the key is in place: use it
+            _log.warn("manhole SSH host key {path}: folder not synced to disk: {error}", path=path, error=unsynced)
         _log.info("generated the manhole SSH host key {path}", path=path)
     key: keys.Key = keys.Key.fromFile(path)
     return key

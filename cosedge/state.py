@@ -28,6 +28,7 @@ file, never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -210,31 +211,45 @@ class StateFile:
         :raises NotSynced: when the file was replaced (so ``state`` is what
             the file now holds) but the folder's ``fsync`` failed.
         """
-        folder = os.path.dirname(self.path) or "."
-        os.makedirs(folder, mode=0o700, exist_ok=True)
         data = (json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=folder)
+        unsynced = write_atomically(self.path, data)
+        if unsynced is not None:
+            raise NotSynced(self.path, unsynced) from unsynced
+
+
+def write_atomically(path: str, data: bytes) -> OSError | None:
+    """
+    Replace ``path`` with ``data`` so that a crash leaves the old file or
+    the new one, never a mix: a new temporary file in the same folder
+    (created exclusively, mode 0600, never through a symbolic link), its
+    ``fsync``, a ``rename`` over ``path``, then an ``fsync`` of the folder.
+
+    :raises OSError: when it fails before the rename; the old file is intact.
+    :returns: the error of the folder's ``fsync``, if it failed (the file was
+        replaced all the same), else None.
+    """
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        # Past the rename the new file is the state file, whatever happens.
-        try:
-            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            raise NotSynced(self.path, e) from e
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        return e
+    return None
 
 
 @define(eq=False)
