@@ -109,17 +109,13 @@ class EdgeService(MultiService):
         fills = self.filler.stop()
         steps: list[Deferred[Any]] = [d for d in (listeners, fills) if d is not None]
 
-        def close_pool(_: object) -> object:
-            self.sweep_after_stop()
+        def after_stop(_: object) -> object:
+            self.store.sweep()  # any temporary file a cancelled fill could not remove
             if self._pool is not None:
                 return self._pool.closeCachedConnections()
             return None
 
-        return DeferredList(steps, consumeErrors=True).addCallback(close_pool)
-
-    def sweep_after_stop(self) -> None:
-        """Remove any temporary file a cancelled fill could not remove."""
-        self.store.sweep()
+        return DeferredList(steps, consumeErrors=True).addCallback(after_stop)
 
 
 def build_service(
