@@ -184,6 +184,15 @@ def _weak_match(a: bytes, b: bytes) -> bool:
     return a.removeprefix(b"W/") == b.removeprefix(b"W/")
 
 
+def _drop_short_response(request: Request) -> None:
+    """
+    The object turned out shorter than its ``fstat`` length: drop the
+    connection, so the client cannot take a short body for a whole one.
+    """
+    _log.warn("object shrank while being served; dropping the connection")
+    request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+
 @implementer(IPullProducer)
 class _Sender:
     """
@@ -241,9 +250,8 @@ class _Sender:
         want = min(_CHUNK, end - self._offset)
         data = self._obj.read(self._offset, want) if want else b""
         if len(data) < want:
-            _log.warn("object shrank while being served; dropping the connection")
             self._done(request)
-            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            _drop_short_response(request)
             return
         self._offset += len(data)
         self._stats.inc("bytes_served", len(data))
@@ -449,8 +457,7 @@ class EdgeResource(Resource):
             # A small body goes out in one write, without a producer.
             body = b"".join(prefix + obj.read(start, end - start) for prefix, start, end in parts) + trailer
             if len(body) != length:
-                _log.warn("object shrank while being served; dropping the connection")
-                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+                _drop_short_response(request)
                 return NOT_DONE_YET, False
             self._stats.inc("bytes_served", sum(end - start for _, start, end in parts))
             return body, False
