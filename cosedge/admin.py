@@ -197,7 +197,7 @@ def audit(channel: str, change: Change) -> None:
 #: Server settings bound when the daemon starts (listeners, store, access
 #: log): a reload keeps the running values and says a restart is needed (as
 #: it does for [manhole], [admin] listen and [log]: see LiveConfig._fixed_of).
-_FIXED_SERVER = ("listen", "data_dir", "access_log", "request_timeout")
+_FIXED_SERVER = ("listen", "data_dir", "access_log", "request_timeout", "workers")
 
 
 class LiveConfig(Service):
@@ -324,8 +324,12 @@ class LiveConfig(Service):
             )
             self.unsynced = f"saved, but not synced to disk ({e.error}): a crash of the machine may undo it"
         except OSError as e:
-            _log.error("live change via {channel} not saved to {path}: {error}", channel=channel,
-                       path=self.state_file.path, error=e)
+            _log.error(
+                "live change via {channel} not saved to {path}: {error}",
+                channel=channel,
+                path=self.state_file.path,
+                error=e,
+            )
             raise AdminError(f"could not save the change to {self.state_file.path} ({e}); nothing changed") from None
         self.state = new_state
         old = self.service.replace_config(effective)
@@ -498,12 +502,14 @@ class Edge:
         """
         rows = Table()
         for name, bucket in self._live.config.buckets.items():
-            rows.append({
-                "bucket": name,
-                "origin": str(bucket.origin) if bucket.origin is not None else None,
-                "origin_pull": bucket.origin_pull,
-                "live": "changed" if self._live.state.touches(name) else "",
-            })
+            rows.append(
+                {
+                    "bucket": name,
+                    "origin": str(bucket.origin) if bucket.origin is not None else None,
+                    "origin_pull": bucket.origin_pull,
+                    "live": "changed" if self._live.state.touches(name) else "",
+                }
+            )
         if not usage:
             return rows
 
@@ -610,10 +616,10 @@ class Edge:
 
     def stats(self) -> Report:
         """Counters since start: hits, misses, redirects, fills by outcome and reason, bytes."""
-        service = self._live.service
-        report = Report(service.stats.snapshot())
-        report["fills_running"] = service.filler.running
-        report["fills_queued"] = service.filler.queued
+        totals = self._live.service.totals()  # every process of the daemon
+        report = Report(totals.stats.snapshot())
+        report["fills_running"] = totals.fills_running
+        report["fills_queued"] = totals.fills_queued
         return report
 
     def purge(self, bucket: str, key: str) -> Message:
@@ -627,7 +633,7 @@ class Edge:
             removed = self._live.service.store.remove(name, segments)
         except OSError as e:
             raise AdminError(f"could not purge {name}/{key}: {e}") from None
-        self._live.service.filler.forget(name, segments)
+        self._live.service.forget(name, segments)
         if not removed:
             return Message(f"{name}/{'/'.join(segments)} is not stored; nothing purged")
         audit(self._channel, Change("object", f"{name}/{'/'.join(segments)}", "stored", "purged"))
@@ -956,9 +962,7 @@ def verify_password(encoded: str, password: str) -> bool:
         n, r, p, salt, digest = _parse_hash(encoded)
     except ValueError:
         return False
-    computed = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=_MAXMEM
-    )
+    computed = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=_MAXMEM)
     return hmac.compare_digest(computed, digest)
 
 
@@ -1002,9 +1006,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     """``python -m cosedge.admin hash-password [USER]``: print a password-file line."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "hash-password" or len(args) > 2:
-        print("usage: python -m cosedge.admin hash-password [USER]\n"
-              "  reads the password (twice on a terminal, once from a pipe) and prints\n"
-              "  the line to add to the [manhole] telnet_passwords file", file=sys.stderr)
+        print(
+            "usage: python -m cosedge.admin hash-password [USER]\n"
+            "  reads the password (twice on a terminal, once from a pipe) and prints\n"
+            "  the line to add to the [manhole] telnet_passwords file",
+            file=sys.stderr,
+        )
         return 2
     user = args[1] if len(args) == 2 else "admin"
     if not _USER.match(user):

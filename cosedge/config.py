@@ -9,6 +9,7 @@ a change is either applied completely or not at all.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -205,6 +206,18 @@ def _listen(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+#: The most processes ``workers`` may ask for.
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f'workers must be "auto" or a whole number from 1 to {MAX_WORKERS}, not {value!r}')
+    return value
+
+
 @frozen
 class ServerConfig:
     """The bucket listener and where buckets live."""
@@ -216,6 +229,8 @@ class ServerConfig:
     access_log: str = field(default="-")
     #: Seconds a connection may sit idle (including while sending headers).
     request_timeout: float = field(default=60.0, validator=_positive)
+    #: Processes serving the listeners (``"auto"``: one per CPU); needs a restart to change.
+    workers: int = field(default=1, converter=_workers)
 
     @data_dir.validator
     def _check_data_dir(self, attribute: object, value: object) -> None:

@@ -38,6 +38,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
+from .claims import Claims
 from .config import FillConfig, Origin
 from .keys import encode_key
 from .stats import Stats
@@ -303,6 +304,8 @@ class Filler:
     #: Deferred of its result; the service passes the reactor's thread pool,
     #: tests the default, which runs it at once.
     run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = field(default=maybeDeferred)
+    #: Claims shared with the daemon's other processes (None: the only one).
+    claims: Claims | None = None
     _fills: dict[tuple[str, tuple[str, ...]], _Fill] = field(factory=dict, init=False)
     _queue: deque[_Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
@@ -335,12 +338,15 @@ class Filler:
                 return None
         cfg = self.config()
         fill = _Fill(bucket, segments, origin_url(origin, segments), now)
-        if self._running < cfg.max_concurrent:
+        has_slot = self._running < cfg.max_concurrent
+        if has_slot or len(self._queue) < cfg.max_queue:
+            if not self._claim(bucket, segments):
+                return None
             self._fills[key] = fill
-            self._run(fill)
-        elif len(self._queue) < cfg.max_queue:
-            self._fills[key] = fill
-            self._queue.append(fill)
+            if has_slot:
+                self._run(fill)
+            else:
+                self._queue.append(fill)
         else:
             self.stats.fill_failed("queue-full")
             _log.warn(
@@ -411,6 +417,7 @@ class Filler:
         while self._queue:
             fill = self._queue.popleft()
             del self._fills[(fill.bucket, fill.segments)]
+            self._release(fill)
             self._notify(fill, FillResult(fill.bucket, fill.key, False, "cancelled"))
         running = [f.deferred for f in self._fills.values() if f.deferred is not None]
         for d in running:
@@ -418,6 +425,36 @@ class Filler:
         return DeferredList(running, consumeErrors=True)
 
     # -- internals --
+
+    def _claim(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        """
+        Claim a key against the daemon's other processes: False when one of
+        them is filling it, or has just stored it.
+        """
+        if self.claims is None:
+            return True
+        try:
+            if not self.claims.claim(bucket, segments):
+                self.stats.inc("fills_skipped_elsewhere")
+                return False
+            stored = self.store.open(bucket, segments)
+        except OSError as e:
+            # A claim protects against a duplicate GET, not against damage:
+            # filling without one is still safe (publishing is a rename).
+            _log.warn(
+                "fill {bucket}/{key}: cannot check claims: {error}", bucket=bucket, key="/".join(segments), error=e
+            )
+            return True
+        if stored is not None:  # stored by another process since this one missed it
+            stored.close()
+            self.claims.release(bucket, segments)
+            self.stats.inc("fills_skipped_stored")
+            return False
+        return True
+
+    def _release(self, fill: _Fill) -> None:
+        if self.claims is not None:
+            self.claims.release(fill.bucket, fill.segments)
 
     def _run(self, fill: _Fill) -> None:
         cfg = self.config()
@@ -470,6 +507,7 @@ class Filler:
     def _finished(self, result: FillResult | Failure, fill: _Fill) -> None:
         self._running -= 1
         del self._fills[(fill.bucket, fill.segments)]
+        self._release(fill)
         now = self.clock.seconds()
         duration = now - fill.started_at if fill.started_at is not None else 0.0
         key = (fill.bucket, fill.segments)

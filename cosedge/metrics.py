@@ -73,7 +73,7 @@ def _version() -> str:
 class EdgeCollector:
     """
     Turns an :class:`~cosedge.service.EdgeService`'s counters into metric
-    families at scrape time.  ``service`` needs ``stats``, ``filler``,
+    families at scrape time.  ``service`` needs ``totals()``,
     ``reactor`` and ``config``.
     """
 
@@ -88,8 +88,8 @@ class EdgeCollector:
 
     def collect(self) -> Iterator[Metric]:
         service = self._service
-        stats = service.stats
-        filler = service.filler
+        totals = service.totals()  # every process of the daemon
+        stats = totals.stats
 
         info = InfoMetricFamily("cosedge", "cosedge build information.")
         info.add_metric([], {"version": self._version})
@@ -114,7 +114,8 @@ class EdgeCollector:
 
         skipped = CounterMetricFamily(
             "cosedge_fills_skipped",
-            "Misses that started no fill: the origin's 404 or a recent failure is remembered.",
+            "Misses that started no fill: the origin's 404 or a recent failure is remembered,"
+            " or another process of the daemon is filling or has just stored the key.",
             labels=["reason"],
         )
         for event, count in sorted(stats.events.items()):
@@ -122,12 +123,12 @@ class EdgeCollector:
                 skipped.add_metric([event[len(_SKIPPED_PREFIX) :].replace("_", "-")], count)
         yield skipped
 
-        yield GaugeMetricFamily("cosedge_fills_in_flight", "Fills running now.", value=filler.running)
-        yield GaugeMetricFamily("cosedge_fills_queued", "Fills waiting for a free slot.", value=filler.queued)
+        yield GaugeMetricFamily("cosedge_fills_in_flight", "Fills running now.", value=totals.fills_running)
+        yield GaugeMetricFamily("cosedge_fills_queued", "Fills waiting for a free slot.", value=totals.fills_queued)
         yield GaugeMetricFamily(
             "cosedge_not_found_remembered",
             "Keys whose origin 404 is remembered, so misses on them start no fill.",
-            value=filler.remembered_not_found(),
+            value=totals.not_found_remembered,
         )
         yield GaugeMetricFamily("cosedge_buckets", "Buckets configured.", value=len(service.config.buckets))
 

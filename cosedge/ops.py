@@ -340,6 +340,9 @@ def attach(service: Any, *, _environ: Mapping[str, str] | None = None) -> None:
             raise ConfigError(f"[log] json_file: cannot open {log_config.json_file!r}: {e}") from None
         JsonLogService(observer, logfile).setServiceParent(service)
 
+    workers = getattr(service, "workers", None)
+    if workers is not None:
+        ops.readiness.checks.append(workers.check)
     ops.setServiceParent(service)
 
 

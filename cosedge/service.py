@@ -5,28 +5,32 @@ filler, the HTTP client pool and the listeners, and starts and stops them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from attrs import frozen
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from .claims import Claims
 from .config import Config
 from .fill import Filler
-from .stats import Stats
+from .stats import Stats, Totals
 from .store import DiskStore, IObjectStore
 from .web import EdgeResource, EdgeSite
+from .workers import AdoptedEndpoint, SharedEndpoint, WorkerPool
 
-__all__ = ["EdgeService", "build_service"]
+__all__ = ["EdgeService", "build_service", "build_worker_service"]
 
 _log = Logger()
 
@@ -58,6 +62,10 @@ class EdgeService(MultiService):
     The running daemon.  ``config`` is replaced whole by
     :meth:`replace_config`; every request and fill reads the current value,
     so a change applies to the very next request.
+
+    ``endpoints`` are the bucket listeners (default: ``[server] listen``).
+    A worker process passes ``primary=False``: temporary files are the
+    primary's to sweep, when no other process can be writing one.
     """
 
     def __init__(
@@ -68,6 +76,10 @@ class EdgeService(MultiService):
         agent: IAgent,
         pool: HTTPConnectionPool | None,
         run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = maybeDeferred,
+        *,
+        endpoints: list[IStreamServerEndpoint] | None = None,
+        claims: Claims | None = None,
+        primary: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
@@ -77,22 +89,48 @@ class EdgeService(MultiService):
         self.store = store
         self.stats = Stats()
         self._pool = pool
-        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, run_blocking)
+        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, run_blocking, claims)
+        #: The worker processes (``[server] workers`` above 1), or None.
+        self.workers: WorkerPool | None = None
+        self._primary = primary
         self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
         self.site = EdgeSite(
             self.resource, self.stats, config.server.access_log, reactor, config.server.request_timeout
         )
-        for description in config.server.listen:
-            strports.service(description, self.site, reactor=reactor).setServiceParent(self)
+        if endpoints is None:
+            endpoints = [serverFromString(reactor, d) for d in config.server.listen]
+        for endpoint in endpoints:
+            listener = StreamServerEndpointService(endpoint, self.site)
+            listener._raiseSynchronously = True  # as strports.service does: fail the start
+            listener.setServiceParent(self)
 
     def replace_config(self, config: Config) -> Config:
         """Swap in a new configuration; returns the old one."""
         if not isinstance(config, Config):
             raise TypeError(f"expected a Config, not {config!r}")
         old, self.config = self.config, config
+        if self.workers is not None:
+            self.workers.tell({"config": config})
         return old
 
+    def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
+        """Drop a key's remembered 404 or failure, in every process."""
+        self.filler.forget(bucket, segments)
+        if self.workers is not None:
+            self.workers.tell({"forget": (bucket, segments)})
+
+    def totals(self) -> Totals:
+        """Counters and fill gauges of the whole daemon, every process included."""
+        filler = self.filler
+        gauges = (filler.running, filler.queued, filler.remembered_not_found())
+        if self.workers is not None:
+            return self.workers.totals(self.stats, *gauges)
+        return Totals(self.stats, *gauges)
+
     def startService(self) -> None:
+        if not self._primary:
+            super().startService()
+            return
         swept = self.store.sweep()
         if swept:
             _log.info("removed {count} leftover temporary file(s) from an earlier run", count=swept)
@@ -110,12 +148,37 @@ class EdgeService(MultiService):
         steps: list[Deferred[Any]] = [d for d in (listeners, fills) if d is not None]
 
         def after_stop(_: object) -> object:
-            self.store.sweep()  # any temporary file a cancelled fill could not remove
+            if self._primary:  # any temporary file a cancelled fill could not remove
+                self.store.sweep()
             if self._pool is not None:
                 return self._pool.closeCachedConnections()
             return None
 
         return DeferredList(steps, consumeErrors=True).addCallback(after_stop)
+
+
+def _origin_agent(
+    reactor: Any, config: Config, current: Callable[[], Config]
+) -> tuple[IAgent, HTTPConnectionPool, Any]:
+    """
+    The fills' HTTP agent on a real reactor, its persistent connection pool,
+    and a function running blocking calls in the reactor's thread pool.
+    """
+    # Commits (fsync + rename) go to the thread pool so the event loop never
+    # waits on the disk; enough threads for every fill to create or commit
+    # its file at once.
+    threads = reactor.getThreadPool()
+    threads.adjustPoolsize(maxthreads=max(threads.max, config.fill.max_concurrent))
+    pool = _QuietPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = config.fill.max_concurrent
+    # Read at each new connection, so a live change applies.
+    endpoints = _OriginEndpoints(reactor, lambda: current().fill.connect_timeout)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    return agent, pool, partial(deferToThreadPool, reactor, threads)
+
+
+def _claims(config: Config) -> Claims:
+    return Claims(os.path.join(config.server.data_dir, ".cosedge", "claims"))
 
 
 def build_service(
@@ -125,34 +188,47 @@ def build_service(
     config_path: str | None = None,
     _agent: IAgent | None = None,
     _store: IObjectStore | None = None,
+    _spawn: Callable[..., Any] | None = None,
 ) -> EdgeService:
     """
     Build the whole daemon from a configuration and a reactor.  Tests pass a
     ``MemoryReactorClock`` and, through the private keywords, an in-memory
-    agent and store.
+    agent and store, and a fake ``spawnProcess``.
     """
     pool = None
     run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = maybeDeferred
     if _agent is None:
-        # A real reactor: commits (fsync + rename) go to its thread pool so
-        # the event loop never waits on the disk.
-        # Enough threads for every fill to create or commit its file at once.
-        threads = reactor.getThreadPool()
-        threads.adjustPoolsize(maxthreads=max(threads.max, config.fill.max_concurrent))
-        run_blocking = partial(deferToThreadPool, reactor, threads)
-        pool = _QuietPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = config.fill.max_concurrent
-        # Read at each new connection, so a live change applies (``service`` is
-        # bound below, before any fill can start).
-        endpoints = _OriginEndpoints(reactor, lambda: service.config.fill.connect_timeout)
-        _agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        # ``service`` is bound below, before any fill can start.
+        _agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
     store = _store if _store is not None else DiskStore(config.server.data_dir)
-    service = EdgeService(config, reactor, store, _agent, pool, run_blocking)
+    workers = config.server.workers
+    shared = [SharedEndpoint(reactor, d, workers - 1) for d in config.server.listen] if workers > 1 else None
+    claims = _claims(config) if workers > 1 and isinstance(store, DiskStore) else None
+    service = EdgeService(
+        config, reactor, store, _agent, pool, run_blocking, endpoints=list(shared) if shared else None, claims=claims
+    )
     service.config_path = config_path
+    if shared:
+        service.workers = WorkerPool(reactor, workers, shared, lambda: service.config, _spawn)
+        service.workers.setServiceParent(service)
     # Optional features configured by their own TOML sections; each adds its
     # child services (and checks its section) in its own module.
     from . import admin, ops
 
     admin.attach(service)
     ops.attach(service)
+    return service
+
+
+def build_worker_service(config: Config, reactor: Any, listeners: list[tuple[int, int]]) -> EdgeService:
+    """
+    The service of one worker process (:mod:`cosedge.worker`): the bucket
+    listeners it was given as descriptors, fills, and nothing the primary owns.
+    """
+    agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
+    store = DiskStore(config.server.data_dir)
+    endpoints: list[IStreamServerEndpoint] = [AdoptedEndpoint(reactor, fd, family) for fd, family in listeners]
+    service = EdgeService(
+        config, reactor, store, agent, pool, run_blocking, endpoints=endpoints, claims=_claims(config), primary=False
+    )
     return service

@@ -6,10 +6,12 @@ Counters that the web layer and the filler move, and that operators read
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
 from attrs import define, field
 
-__all__ = ["FILL_DURATION_BUCKETS", "Stats"]
+__all__ = ["FILL_DURATION_BUCKETS", "Stats", "Totals"]
 
 #: Upper bounds (seconds) of the fill-duration histogram.
 FILL_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -46,6 +48,28 @@ class Stats:
             if seconds <= bound:
                 self.fill_duration_counts[i] += 1
 
+    def to_json(self) -> dict[str, Any]:
+        """Every counter as JSON-ready data, for :meth:`add` in another process."""
+        return {
+            "events": dict(self.events),
+            "fill_failures": dict(self.fill_failures),
+            "statuses": {str(code): n for code, n in self.statuses.items()},
+            "fill_duration_counts": list(self.fill_duration_counts),
+            "fill_duration_sum": self.fill_duration_sum,
+            "fill_duration_count": self.fill_duration_count,
+        }
+
+    def add(self, data: Mapping[str, Any]) -> None:
+        """Add the counters of :meth:`to_json` data (another process's) to these."""
+        self.events.update(data["events"])
+        self.fill_failures.update(data["fill_failures"])
+        self.statuses.update({int(code): n for code, n in data["statuses"].items()})
+        self.fill_duration_counts = [
+            a + b for a, b in zip(self.fill_duration_counts, data["fill_duration_counts"], strict=True)
+        ]
+        self.fill_duration_sum += data["fill_duration_sum"]
+        self.fill_duration_count += data["fill_duration_count"]
+
     def snapshot(self) -> dict[str, object]:
         """A plain, printable copy of every counter."""
         return {
@@ -53,3 +77,13 @@ class Stats:
             "fills_failed_by_reason": dict(sorted(self.fill_failures.items())),
             "responses_by_status": dict(sorted(self.statuses.items())),
         }
+
+
+@define
+class Totals:
+    """A daemon's counters summed over its processes, with its fill gauges."""
+
+    stats: Stats
+    fills_running: int = 0
+    fills_queued: int = 0
+    not_found_remembered: int = 0

@@ -38,6 +38,7 @@ from cosedge.config import Config, ConfigError, ServerConfig
 from cosedge.metrics import Readiness, free_disk_check, make_registry, store_writable_check
 from cosedge.notify import notify, notify_socket_address, watchdog_interval
 from cosedge.service import EdgeService, build_service
+from cosedge.stats import Totals
 from cosedge.store import DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
@@ -495,13 +496,23 @@ def test_json_log_service_writes_while_running(tmp_path: Path) -> None:
 # -- /metrics --
 
 
+def _metrics_target(edge: Edge) -> SimpleNamespace:
+    """What the metrics collector reads of a service, around an in-memory edge."""
+    f = edge.filler
+    return SimpleNamespace(
+        totals=lambda: Totals(edge.stats, f.running, f.queued, f.remembered_not_found()),
+        reactor=edge.clock,
+        config=edge.config,
+    )
+
+
 def test_metrics_move_with_hits_misses_and_fills(monkeypatch: pytest.MonkeyPatch) -> None:
     """/metrics shows each request's outcome: a miss and its 302, the fill, then a hit and its bytes."""
     cooperator = StepCooperator()
     cooperator.install(monkeypatch)
     edge = Edge(cooperator, gated=True)
     edge.origin.add("1.jpg", b"x" * 1000, content_type="image/jpeg")
-    target = SimpleNamespace(stats=edge.stats, filler=edge.filler, reactor=edge.clock, config=edge.config)
+    target = _metrics_target(edge)
     ops_resource = ops.AdminResource(make_registry(target, process=False), Readiness([]))
 
     def metric(name: str, **labels: str) -> float:
@@ -538,7 +549,7 @@ def test_metrics_show_failures_by_reason_queue_and_remembered_404s(monkeypatch: 
     cooperator.install(monkeypatch)
     edge = Edge(cooperator, gated=True)
     edge.origin.add("a.jpg", b"a")
-    target = SimpleNamespace(stats=edge.stats, filler=edge.filler, reactor=edge.clock, config=edge.config)
+    target = _metrics_target(edge)
     resource = ops.AdminResource(make_registry(target, process=False), Readiness([]))
 
     def values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

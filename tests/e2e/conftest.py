@@ -62,6 +62,10 @@ class Daemon:
     request_timeout: float = 10
     #: RLIMIT_FSIZE for the daemon (SIGXFSZ ignored): writes past it fail with EFBIG, like a full disk.
     file_size_limit: int | None = None
+    #: ``[server] workers``: processes serving the listener.
+    workers: int = 1
+    #: More TOML appended to the configuration file.
+    extra_config: str = ""
     port: int = attrs.field(factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -103,6 +107,7 @@ domains = ["file.myqcloud.com"]
 data_dir = "{self.data_dir}"
 access_log = "{self.access_log}"
 request_timeout = {self.request_timeout}
+workers = {self.workers}
 
 [fill]
 {fill}
@@ -115,6 +120,7 @@ origin_pull = true
                 f'\n[buckets."{name}"]\norigin = "{origin}"\norigin_pull = {str(pull).lower()}\n'
                 for name, (origin, pull) in self.buckets.items()
             )
+            + self.extra_config
         )
 
     def start(self) -> None:

@@ -78,7 +78,6 @@ class OpsDaemon(Daemon):
     admin_port: int = attrs.field(factory=free_port)
     #: Another [admin] listen endpoint than tcp:<admin_port> ("{root}": the daemon's directory).
     admin_listen: str | None = None
-    extra_config: str = ""
     env: dict[str, str] = attrs.field(factory=dict)
     pass_fds: tuple[int, ...] = ()
     #: Hand this inherited descriptor over as systemd does (fd 3, LISTEN_PID).
@@ -94,7 +93,6 @@ class OpsDaemon(Daemon):
         listen = (self.admin_listen or f"tcp:{self.admin_port}:interface=127.0.0.1").replace("{root}", str(self.root))
         with self.config_path.open("a") as f:
             f.write(f'\n[admin]\nlisten = "{listen}"\nmin_free_bytes = 0\n')
-            f.write(self.extra_config)
 
     def command(self) -> list[str]:
         argv = [

@@ -1,0 +1,214 @@
+"""
+End-to-end: ``[server] workers = 2`` — the real daemon as a primary and a
+worker process on one port, against the real misbehaving origin.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from .conftest import FAST_FILL, Daemon, Reply, free_port, raw_request, tmp_files
+from .origin import MisbehavingOrigin, body_for
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    """The daemon's worker processes (children running cosedge.worker)."""
+    assert daemon.proc is not None
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(daemon.proc.pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "cosedge.worker" in line]
+
+
+def process_of(reply: Reply) -> str:
+    """Which process answered: request ids start with a per-process prefix."""
+    request_id = reply.header("x-cos-request-id")
+    assert request_id
+    return request_id.split("-")[0]
+
+
+def answering_processes(daemon: Daemon, target: str, connections: int = 60) -> dict[str, list[Reply]]:
+    """Ask over many connections at once; the replies grouped by the process that sent them."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        replies = list(pool.map(lambda _: daemon.request(target), range(connections), timeout=60))
+    by_process: dict[str, list[Reply]] = {}
+    for reply in replies:
+        by_process.setdefault(process_of(reply), []).append(reply)
+    return by_process
+
+
+@pytest.fixture
+def pair(tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin) -> Iterator[Daemon]:
+    """A daemon with two processes and an [admin] listener (stopped at the end)."""
+    admin_port = free_port()
+    daemon = Daemon(tmp_path_factory.mktemp("cosedge"), origin.netloc, dict(FAST_FILL), workers=2)
+    daemon.extra_config = f'\n[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"\nmin_free_bytes = 0\n'
+    daemon.start()
+    daemon.wait_for_log(r"worker 1 \(pid \d+\) serving")
+    yield daemon
+    code = daemon.stop()
+    assert code == 0
+    assert daemon.problems() == [], "the daemon logged an unexpected error"
+
+
+def test_two_processes_share_the_port(pair: Daemon) -> None:
+    """
+    With workers = 2, connections to the one configured port are answered
+    by two processes (the primary and its worker), both serving the bucket.
+    """
+    key = pair.object_path("shared/hit.txt")
+    key.parent.mkdir(parents=True)
+    key.write_bytes(b"served by every process\n")
+    assert len(worker_pids(pair)) == 1
+    by_process = answering_processes(pair, "/shared/hit.txt")
+    assert len(by_process) == 2, f"answered by {sorted(by_process)}"
+    for replies in by_process.values():
+        assert {r.status for r in replies} == {200}
+        assert {r.body for r in replies} == {b"served by every process\n"}
+
+
+def test_concurrent_misses_across_processes_make_one_origin_request(pair: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    Clients asking for the same missing object at once, whichever process
+    they reach, all get the 302, and the origin is asked for it exactly once.
+    """
+    key = "slow/workers-concurrent.bin"
+    clients = 100
+    barrier = threading.Barrier(clients, timeout=20)
+
+    def one(_: int) -> Reply:
+        barrier.wait()
+        return pair.request(f"/{key}")
+
+    try:
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            replies = list(pool.map(one, range(clients), timeout=60))
+    finally:
+        origin.release(f"/{key}")
+    assert {r.status for r in replies} == {302}
+    assert len({process_of(r) for r in replies}) == 2, "every client reached the same process"
+    assert pair.fill_outcome(key) == "stored"
+    wait_for(pair.object_path(key).exists, 10, "the object to be stored")
+    time.sleep(0.5)  # a duplicate fill, if any, would have asked the origin by now
+    assert origin.gets(f"/{key}") == 1
+    assert pair.object_path(key).read_bytes() == body_for(f"/{key}")
+
+
+def test_a_live_change_reaches_every_process(pair: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    A bucket added to the file and applied with SIGHUP (a live change) is
+    served at once by every process, not only by the one that reloaded.
+    """
+    assert pair.proc is not None
+    head = b"GET /ok/late.txt HTTP/1.1\r\nHost: late-1250000000.file.myqcloud.com\r\nConnection: close\r\n\r\n"
+
+    def ask(connections: int) -> list[Reply]:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda _: raw_request(pair.port, head), range(connections), timeout=60))
+
+    before = ask(20)
+    assert {r.error_code for r in before} == {"NoSuchBucket"}
+    pair.buckets["late-1250000000"] = (origin.netloc, True)
+    pair.write_config()
+    pair.proc.send_signal(signal.SIGHUP)
+    pair.wait_for_log(r"configuration reloaded .* 1 change")
+    after = ask(40)
+    assert len({process_of(r) for r in after}) == 2, "every client reached the same process"
+    assert {r.status for r in after} <= {302, 200}, {r.error_code for r in after}
+
+
+def test_a_killed_worker_is_started_again(pair: Daemon) -> None:
+    """A worker that dies (SIGKILL) is replaced within seconds and the port keeps answering."""
+    (old,) = worker_pids(pair)
+    os.kill(old, signal.SIGKILL)
+    pair.wait_for_log(rf"worker 1 \(pid {old}\) exited")
+    wait_for(lambda: len(worker_pids(pair)) == 1 and worker_pids(pair) != [old], 10, "a new worker")
+    pair.wait_for_log(rf"worker 1 \(pid (?!{old}\))\d+\) serving")
+    pair.object_path("after-restart.txt").parent.mkdir(parents=True, exist_ok=True)
+    pair.object_path("after-restart.txt").write_bytes(b"still here\n")
+    by_process = answering_processes(pair, "/after-restart.txt", connections=40)
+    assert len(by_process) == 2
+    assert {r.status for replies in by_process.values() for r in replies} == {200}
+
+
+def test_counters_cover_every_process(pair: Daemon) -> None:
+    """/metrics counts the hits of the worker as well as the primary's."""
+    obj = pair.object_path("counted.txt")
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"count me\n")
+    by_process = answering_processes(pair, "/counted.txt", connections=50)
+    assert len(by_process) == 2
+    port = re.search(r"tcp:(\d+):", pair.extra_config).group(1)  # type: ignore[union-attr]
+
+    def hits() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        line = next(x for x in text.splitlines() if x.startswith("cosedge_hits_total "))
+        return float(line.split()[1])
+
+    wait_for(lambda: hits() == 50, 5, "50 hits counted over both processes")
+
+
+def test_stop_ends_every_process_and_leaves_no_temporary_file(pair: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    SIGTERM to the primary stops the worker too (fills cancelled, exit 0),
+    and no temporary file is left.
+    """
+    keys = [f"stall-mid-body/stop-{n}.bin" for n in range(6)]
+    for key in keys:
+        assert pair.request(f"/{key}").status == 302
+    wait_for(lambda: len(tmp_files(pair)) >= 1, 10, "fills under way")
+    workers = worker_pids(pair)
+    assert pair.stop() == 0
+    for pid in workers:
+        wait_for(lambda pid=pid: not _alive(pid), 5, f"worker {pid} to exit")
+    assert tmp_files(pair) == []
+    pair.start()  # the fixture stops it again
+
+
+def test_workers_end_with_a_killed_primary(pair: Daemon) -> None:
+    """
+    A primary killed outright (SIGKILL, an OOM kill) leaves no orphan: its
+    worker sees the pipe close and stops by itself, and the port is free.
+    """
+    workers = worker_pids(pair)
+    assert workers
+    pair.kill()
+    for pid in workers:
+        wait_for(lambda pid=pid: not _alive(pid), 10, f"worker {pid} to exit")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", pair.port))  # nobody listens there any more
+    pair.start()  # the fixture stops it again
+    pair.wait_for_log(r"worker 1 \(pid \d+\) serving")
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie waiting for a parent that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
