@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from attrs import define, field
 from zope.interface import Attribute, Interface, implementer
 
+from .beneath import Unsupported, open_beneath
+
 __all__ = [
     "DiskStore",
     "IObjectStore",
@@ -46,6 +48,8 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # Reasons an object is simply not there (or not reachable without leaving
 # the bucket): a missing file, a file where a folder is expected, a symlink.
 _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR)
+#: Segments that are not one file's name.
+_NOT_NAMES = frozenset({"", ".", ".."})
 
 
 class StoreError(OSError):
@@ -233,13 +237,26 @@ class DiskStore:
         return os.path.join(self.data_dir, bucket)
 
     def open(self, bucket: str, segments: tuple[str, ...]) -> _DiskObject | None:
+        """
+        Open an object: one ``openat2`` beneath the bucket folder where the
+        kernel allows it (see :mod:`cosedge.beneath`), else a walk of one
+        ``openat`` per level; either way no symlink below the bucket folder
+        is followed and nothing outside it is reached.
+        """
         if not segments:
             return None
+        path = "/".join(segments)
+        if path.count("/") != len(segments) - 1 or "\0" in path or not _NOT_NAMES.isdisjoint(segments):
+            return None  # not plain file names (keys never are): never an object
+        root = self.bucket_path(bucket)
         try:
-            with _walk(self.bucket_path(bucket), segments[:-1]) as dfd:
-                fd = os.open(segments[-1], _OPEN_FILE, dir_fd=dfd)
+            try:
+                fd = open_beneath(root, path, _OPEN_FILE)
+            except Unsupported:
+                with _walk(root, segments[:-1]) as dfd:
+                    fd = os.open(segments[-1], _OPEN_FILE, dir_fd=dfd)
         except OSError as e:
-            if e.errno in _ABSENT:
+            if e.errno in _ABSENT or e.errno == errno.EXDEV:  # EXDEV: openat2's "that leaves the folder"
                 return None
             raise StoreError(e.errno, e.strerror) from e
         try:
