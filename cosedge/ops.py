@@ -227,6 +227,9 @@ class OpsService(Service):
     def _watch(self) -> None:
         self._call = None
         observed = [self._observe(listener) for listener in _listeners(self._root)]
+        workers = getattr(self._root, "workers", None)
+        if workers is not None:  # ready once every worker process serves too
+            observed.append(workers.started)
         DeferredList(observed, consumeErrors=True).addCallback(self._all_started)
 
     def _observe(self, listener: StreamServerEndpointService) -> Deferred[bool]:

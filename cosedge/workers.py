@@ -270,6 +270,7 @@ class _Worker(ProcessProtocol):
         if message.get("ready"):
             self.ready = True
             _log.info("worker {index} (pid {pid}) serving", index=self.index, pid=self.pid)
+            self.pool._serving()
 
     def _kill(self) -> None:
         try:
@@ -312,16 +313,27 @@ class WorkerPool(Service):
         self._delays: dict[int, float] = {}
         self._timers: dict[int, IDelayedCall] = {}
         self._stopping = False
+        #: Fires with True once every worker has served (the daemon is ready:
+        #: see :mod:`cosedge.ops`), or with False if the listeners failed.
+        self.started: Deferred[bool] = Deferred()
 
     # -- start and stop --
 
     def startService(self) -> None:
         super().startService()
+        self._stopping = False
+        if self.started.called:
+            self.started = Deferred()
         listening = DeferredList([e.ready for e in self.endpoints], fireOnOneErrback=True, consumeErrors=True)
         listening.addCallbacks(lambda _: self._start_all(), lambda _: self._not_started())
 
     def _not_started(self) -> None:
         _log.error("workers not started: a listener failed to start")
+        self.started.callback(False)
+
+    def _serving(self) -> None:
+        if not self.started.called and self.check() is None:
+            self.started.callback(True)
 
     def _start_all(self) -> None:
         for index in range(1, self.count):

@@ -249,8 +249,10 @@ def test_workers_start_once_the_listeners_listen(pool: Any, monkeypatch: pytest.
     assert given == {fd for fd, _ in endpoint.shares}
     assert pool.check() == "0 of 2 worker process(es) serving"
     _say(spawn.protocol(0), ready=True)
+    assert not pool.started.called  # the daemon is not ready before every worker is
     _say(spawn.protocol(1), ready=True)
     assert pool.check() is None
+    assert result_of(pool.started) is True
 
 
 def test_counters_are_summed_over_processes_and_kept_when_a_worker_dies(pool: Any) -> None:
@@ -332,6 +334,7 @@ def test_a_failed_listener_starts_no_worker(pool: Any, logged_failures: list[Any
     pool.startService()
     endpoint.ready.errback(CannotListenError("127.0.0.1", 1, OSError("in use")))
     assert spawn.calls == []
+    assert result_of(pool.started) is False
 
 
 def test_live_changes_and_purges_reach_every_worker(tmp_path: Path) -> None:

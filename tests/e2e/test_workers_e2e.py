@@ -82,6 +82,8 @@ def test_two_processes_share_the_port(pair: Daemon) -> None:
     key.parent.mkdir(parents=True)
     key.write_bytes(b"served by every process\n")
     assert len(worker_pids(pair)) == 1
+    log = pair.log()
+    assert log.index("cosedge ready") > log.index("worker 1 (pid"), "ready before the worker served"
     by_process = answering_processes(pair, "/shared/hit.txt")
     assert len(by_process) == 2, f"answered by {sorted(by_process)}"
     for replies in by_process.values():
