@@ -152,11 +152,14 @@ def run(args: argparse.Namespace) -> list[Row]:
     peer_root = work / "peer-root"
     link_tree(gen / "hit", peer_root / "hit")
 
-    ports = {name: servers.free_port() for name in ("origin", "cosedge", "nginx", "static")}
+    workers = args.workers
+    ports = {name: servers.free_port() for name in ("origin", "cosedge", "nginx", "static", "one")}
     origin, access = servers.start_origin(work, gen, ports["origin"])
-    servers.start_peer(work, peer_root, ports["nginx"], ports["origin"])
+    servers.start_peer(work, peer_root, ports["nginx"], ports["origin"], workers)
     servers.start_static(work, gen, ports["static"])
-    cosedge = servers.start_cosedge(work, data, ports["cosedge"], ports["origin"], fills=args.fills)
+    cosedge = servers.start_cosedge(work, data, ports["cosedge"], ports["origin"], fills=args.fills, workers=workers)
+    # The same daemon as one process, for the 1 KiB hits (stopped after them).
+    one = servers.start_cosedge(work, data, ports["one"], ports["origin"], fills=args.fills, name="cosedge-one")
     log(f"servers up: {ports}")
 
     for server in SERVERS:
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         log(f"{label}: {rounds} round(s) of {secs}s per server")
         res: dict[str, load.WrkResult] = {}
         for i in range(rounds):
-            for s in SERVERS:
+            for s in (*SERVERS, "one") if size == "1k" else SERVERS:
                 r = load.wrk(work, ports[s], path, secs)
                 log(f"  {s:8s} round {i + 1}: {r.rps:,.0f} req/s p99 {r.p99_ms:.2f} ms errors {r.errors}")
                 if s not in res or r.rps > res[s].rps:
@@ -181,11 +184,21 @@ def run(args: argparse.Namespace) -> list[Row]:
         errors = sum(r.errors for r in res.values())
         note = f"{errors} errors" if errors else ""
         if size == "1k":
+            servers.stop(one, grace=15)
+            one_result = res.pop("one")
             rps = {s: r.rps for s, r in res.items()}
             met = rps["cosedge"] >= 1.5 * rps["static"] and rps["cosedge"] >= 0.25 * rps["nginx"]
             rows.append(Row(label, "req/s", rps, target="≥ 1.5× static, ≥ 0.25× nginx", met=met, note=note))
             rows.append(
                 Row(label, "p99 ms", {s: r.p99_ms for s, r in res.items()}, fmt="{:.2f}", higher_is_better=False)
+            )
+            rows.append(
+                Row(
+                    f"{label}, cosedge workers = 1",
+                    "req/s",
+                    {**rps, "cosedge": one_result.rps},
+                    note=f"one process; p99 {one_result.p99_ms:.2f} ms",
+                )
             )
         else:
             rows.append(Row(label, "req/s", {s: r.rps for s, r in res.items()}, note=note))
@@ -237,7 +250,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     for name, delay in (("cosedge", 0), ("paced", PACE_MS)):
         ports["cosedge"] = servers.free_port()
         cosedge = servers.start_cosedge(
-            work, data, ports["cosedge"], ports["origin"], fills=args.fills, name=f"cosedge-{name}"
+            work, data, ports["cosedge"], ports["origin"], fills=args.fills, name=f"cosedge-{name}", workers=workers
         )
         miss[name] = load.wrk(work, ports["cosedge"], "/", secs, distinct_prefix=f"/miss/{name}-", delay_ms=delay)
         servers.stop(cosedge, grace=15)
@@ -282,7 +295,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     # A fresh cosedge (empty fill queue) for fills and memory.
     ports["cosedge"] = servers.free_port()
     cosedge = servers.start_cosedge(
-        work, data, ports["cosedge"], ports["origin"], fills=args.fills, name="cosedge-fill"
+        work, data, ports["cosedge"], ports["origin"], fills=args.fills, name="cosedge-fill", workers=workers
     )
     for _ in range(200):
         load.stream(ports["cosedge"], "/hit/100k.bin")
@@ -417,7 +430,8 @@ def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace, elap
             f"{info['wrk']}, {info['curl']}.  ",
             f"Settings: {args.seconds:g} s per wrk run, best of {args.rounds} rounds for hits, "
             f"median of {STREAM_TRIES} for single streams, 32 connections, "
-            f'2 wrk threads; nginx with one worker; cosedge with access_log = "" and {args.fills} parallel fills.',
+            f"2 wrk threads; nginx with worker_processes {args.workers}; cosedge with workers = {args.workers},"
+            f' access_log = "" and {args.fills} parallel fills per process.',
             "",
             table(rows),
             "",
@@ -447,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per hit workload; the best counts (default 2)")
     parser.add_argument("--fill-objects", type=int, default=2000, help="distinct objects to fill (default 2000)")
     parser.add_argument("--fills", type=int, default=64, help="cosedge's fill.max_concurrent (default 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes of cosedge (server.workers) and of the nginx peer (worker_processes); default: one per CPU",
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 64 MiB instead of 1 GiB, 2 s runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="where to write the results")

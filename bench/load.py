@@ -271,16 +271,27 @@ def wait_files(root: Path, n: int, since: float, timeout: float) -> float | None
 
 
 def rss_kib(pid: int) -> int:
-    """Current resident set size of ``pid`` in KiB."""
+    """Current resident set size of ``pid`` and its child processes (cosedge's workers), in KiB."""
+    total = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+                total += int(line.split()[1])
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += rss_kib(child)
+        except OSError:  # it ended meanwhile
+            pass
+    return total
 
 
 class RssSampler:
-    """Samples a process's VmRSS every few milliseconds in a thread; keeps the peak."""
+    """Samples a process tree's VmRSS every few milliseconds in a thread; keeps the peak."""
 
     def __init__(self, pid: int, interval: float = 0.005) -> None:
         self.pid = pid

@@ -9,6 +9,7 @@ benchmark never leaves a server behind.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -109,8 +110,8 @@ def wait_http(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | 
 
 _NGINX_MAIN = """\
 daemon off;
-master_process off;
-worker_processes 1;
+{user}master_process {master};
+worker_processes {workers};
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -132,11 +133,15 @@ http {{
 """
 
 
-def _nginx(name: str, workdir: Path, body: str) -> subprocess.Popen[bytes]:
+def _nginx(name: str, workdir: Path, body: str, workers: int = 1) -> subprocess.Popen[bytes]:
     tmp = workdir / name
     tmp.mkdir(parents=True, exist_ok=True)
     conf = tmp / "nginx.conf"
-    conf.write_text(_NGINX_MAIN.format(tmp=tmp, body=body))
+    master = "on" if workers > 1 else "off"
+    # A master process started as root would run its workers as "nobody",
+    # who cannot read the benchmark's files: keep them as the current user.
+    user = f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if workers > 1 and os.getuid() == 0 else ""
+    conf.write_text(_NGINX_MAIN.format(tmp=tmp, body=body, workers=workers, master=master, user=user))
     return spawn(["nginx", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")], tmp / "stdout.log")
 
 
@@ -163,7 +168,7 @@ def start_origin(workdir: Path, gen: Path, port: int) -> tuple[subprocess.Popen[
     return proc, access
 
 
-def start_peer(workdir: Path, root: Path, port: int, origin_port: int) -> subprocess.Popen[bytes]:
+def start_peer(workdir: Path, root: Path, port: int, origin_port: int, workers: int = 1) -> subprocess.Popen[bytes]:
     """nginx mirror-on-demand: serve from ``root``, else proxy to the origin and store the copy."""
     body = f"""
     upstream origin {{ server {HOST}:{origin_port}; keepalive 64; }}
@@ -181,7 +186,7 @@ def start_peer(workdir: Path, root: Path, port: int, origin_port: int) -> subpro
             proxy_store_access user:rw group:rw all:r;
         }}
     }}"""
-    proc = _nginx("peer", workdir, body)
+    proc = _nginx("peer", workdir, body, workers)
     wait_http(port, proc=proc)
     return proc
 
@@ -214,6 +219,7 @@ domains = ["{domain}"]
 data_dir = "{data}"
 access_log = ""
 request_timeout = 60
+workers = {workers}
 
 [fill]
 max_concurrent = {fills}
@@ -241,6 +247,7 @@ def start_cosedge(
     fills: int = 64,
     name: str = "cosedge",
     sendfile: bool = True,
+    workers: int = 1,
 ) -> subprocess.Popen[bytes]:
     """
     cosedge under twistd, no access log, a big fill concurrency.  With
@@ -250,7 +257,14 @@ def start_cosedge(
     config = workdir / f"{name}.toml"
     config.write_text(
         _COSEDGE_CONFIG.format(
-            port=port, host=HOST, domain=DOMAIN, data=data, fills=fills, bucket=BUCKET, origin_port=origin_port
+            port=port,
+            host=HOST,
+            domain=DOMAIN,
+            data=data,
+            fills=fills,
+            bucket=BUCKET,
+            origin_port=origin_port,
+            workers=workers,
         )
     )
     twistd = [str(VENV_BIN / "twistd")] if sendfile else [str(VENV_BIN / "python"), "-c", _NO_SENDFILE]
@@ -260,4 +274,11 @@ def start_cosedge(
         cwd=workdir,
     )
     wait_http(port, proc=proc)
+    # With workers, the primary answers first; "ready" comes once every process serves.
+    log = workdir / f"{name}.log"
+    deadline = time.monotonic() + 30
+    while "cosedge ready" not in log.read_text("utf-8", "replace"):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"cosedge did not become ready; see {log}")
+        time.sleep(0.05)
     return proc
