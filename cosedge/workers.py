@@ -27,7 +27,8 @@ the primary logs as its own (``[worker-1:cosedge.fill#warn]`` in text logs).
 Lifetime.  A worker that dies is started again (after 1 s, doubling up to
 30 s while it keeps dying young).  The primary's stop closes every worker's
 pipe (each then stops like a one-process daemon: listeners closed, fills
-cancelled), waits for all of them (killing any still there after 30 s), and
+cancelled), waits for all of them (killing any still there after 20 s, within
+systemd's TimeoutStopSec), and
 only then sweeps temporary files.  A worker whose primary dies sees its pipe
 close the same way; SIGTERM and SIGINT stop a worker too.
 
@@ -74,7 +75,7 @@ RESPAWN_DELAY, RESPAWN_MAX_DELAY = 1.0, 30.0
 #: A worker that ran this long before dying is restarted after the first delay again.
 STABLE_AFTER = 60.0
 #: Seconds the primary waits for its workers to stop before killing them.
-STOP_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
 #: Variables a worker must not inherit: it never talks to systemd itself.
 _NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 
