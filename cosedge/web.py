@@ -289,8 +289,8 @@ class EdgeResource(Resource):
 
     def render(self, request: Request) -> bytes | int:  # type: ignore[override]
         request_id = f"{self._id_prefix}-{next(self._ids):x}"
-        request.setHeader(b"server", _SERVER)
-        request.setHeader(b"x-cos-request-id", request_id)
+        # Server and Date come from _EdgeRequest.process, before anything can fail.
+        request.setHeader(b"x-cos-request-id", request_id.encode("ascii"))
         try:
             return self._render(request, request_id)
         except Exception:
@@ -569,20 +569,60 @@ class _EdgeChannel(HTTPChannel):
         super().timeoutConnection()
 
 
+class _EdgeRequest(Request):
+    """
+    A request to the bucket listener: Twisted's ``server.Request`` but for
+    :meth:`process`, which does less per request.
+    """
+
+    def process(self) -> None:
+        """
+        Render the site's one leaf resource.  Unlike Twisted's: Server is set
+        once, to ours; Date is formatted once a second; there is no resource
+        traversal (so ``prepath`` is empty and ``postpath`` is not computed);
+        and the ``*`` target (``OPTIONS *``, ``GET *``) reaches the resource,
+        which answers it with its own error rather than Twisted's page.
+        """
+        site: EdgeSite = self.channel.site  # type: ignore[attr-defined]
+        self.site = site
+        self.setHeader(b"server", _SERVER)
+        self.setHeader(b"date", site.http_date())
+        self.prepath = []
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+
 class EdgeSite(Site):
     """
-    The bucket listener's factory: counts responses by status and writes the
-    access log in combined log format to standard output, a file, or nowhere.
+    The bucket listener's factory: serves one leaf resource with
+    :class:`_EdgeRequest`, counts responses by status and writes the access
+    log in combined log format to standard output, a file, or nowhere.
     """
 
     displayTracebacks = False
+    requestFactory = _EdgeRequest
 
     def __init__(
         self, resource: Resource, stats: Stats, access_log: str, reactor: IReactorTime, timeout: float
     ) -> None:
+        if not resource.isLeaf:
+            raise TypeError("EdgeSite serves one leaf resource; it does no traversal")
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self._stats = stats
         self._access_log = access_log
+        self._date_second = -1
+        self._date = b""
+
+    def http_date(self) -> bytes:
+        """The current time for a Date header, from the reactor's clock, formatted once a second."""
+        second = int(self.reactor.seconds())
+        if second != self._date_second:
+            self._date = datetimeToString(second)
+            self._date_second = second
+        return self._date
 
     def protocol(self) -> _EdgeChannel:  # type: ignore[override]
         """Build this site's channels, with the header deadline set."""

@@ -646,7 +646,7 @@ def test_bad_keys_refused_before_any_store_access(cooperator: StepCooperator, ta
 
 
 def test_asterisk_target_is_not_served(gated: Edge) -> None:
-    """'GET *' never reaches a bucket (Twisted answers it) and is not a 5xx."""
+    """'GET *' never reaches a bucket (cosedge answers it with InvalidURI) and is not a 5xx."""
     response = gated.request("*")
     assert 400 <= response.status < 500
     assert gated.stats.events["misses"] == 0 and gated.stats.events["hits"] == 0

@@ -1,0 +1,140 @@
+"""
+The bucket listener's per-request shortcuts keep what a client sees: one
+Server header (ours) and a current Date on every answer, the ``*`` target
+answered with a COS error, each header sent once, content types as
+``mimetypes`` gives them, connection addresses looked up once, and
+deadlines that still close slow or idle connections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+
+from cosedge.stats import Stats
+from cosedge.testing import MemoryStore
+from cosedge.web import EdgeSite
+
+from .helpers import BUCKET, Edge, RawResponse, StepCooperator, parse_response, raw_request
+
+MTIME = 1_500_000_000.0
+
+
+@pytest.fixture
+def cooperator(monkeypatch: pytest.MonkeyPatch) -> StepCooperator:
+    coop = StepCooperator()
+    coop.install(monkeypatch)
+    return coop
+
+
+@pytest.fixture
+def edge(cooperator: StepCooperator) -> Edge:
+    edge = Edge(cooperator)
+    assert isinstance(edge.store, MemoryStore)
+    edge.store.put(BUCKET, ("1.jpg",), b"x" * 1024, {"content-type": "image/jpeg"}, MTIME)
+    edge.store.put(BUCKET, ("big.bin",), b"y" * 100_000, {}, MTIME)
+    return edge
+
+
+def _keep_alive(target: str, method: bytes = b"GET", headers: bytes = b"") -> bytes:
+    host = b"Host: " + BUCKET.encode() + b".file.myqcloud.com\r\n"
+    return method + b" " + target.encode() + b" HTTP/1.1\r\n" + host + headers + b"\r\n"
+
+
+def _answers(edge: Edge) -> list[RawResponse]:
+    """Requests of every kind on one connection each: hit, HEAD, range, 304, miss, errors."""
+    requests = [
+        raw_request("/1.jpg"),
+        raw_request("/1.jpg", method=b"HEAD"),
+        raw_request("/1.jpg", headers=[("Range", "bytes=0-9")]),
+        raw_request("/1.jpg", headers=[("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT")]),
+        raw_request("/big.bin"),
+        raw_request("/missing"),
+        raw_request("/1.jpg", host="nobody.example"),
+        raw_request("/1.jpg", method=b"DELETE"),
+        raw_request("/%zz"),
+    ]
+    return [edge.send(r) for r in requests]
+
+
+def test_every_answer_has_one_server_header_and_a_date(edge: Edge) -> None:
+    """Hits, misses and errors all carry exactly one 'Server: cosedge' and one Date, first."""
+    edge.clock.advance(1_700_000_000.25)
+    for response in _answers(edge):
+        assert response.all(b"server") == [b"cosedge"], response.raw[:300]
+        assert response.all(b"date") == [b"Tue, 14 Nov 2023 22:13:20 GMT"]
+        names = [name for name, _ in response.headers if name != b"connection"]
+        assert names[:3] == [b"server", b"date", b"x-cos-request-id"]
+
+
+def test_date_follows_the_reactor_clock_second_by_second(edge: Edge) -> None:
+    """The Date header is the reactor's current second: the same within a second, the next one after it."""
+    conn = edge.connect()
+    dates = []
+    for step in (0.0, 0.4, 0.5, 0.2, 59.0):
+        edge.clock.advance(step)
+        conn.send(_keep_alive("/1.jpg"))
+        dates.append(parse_response(conn.transport.value()).header(b"date"))
+        conn.transport.clear()
+    assert dates == [
+        b"Thu, 01 Jan 1970 00:00:00 GMT",
+        b"Thu, 01 Jan 1970 00:00:00 GMT",
+        b"Thu, 01 Jan 1970 00:00:00 GMT",
+        b"Thu, 01 Jan 1970 00:00:01 GMT",
+        b"Thu, 01 Jan 1970 00:01:00 GMT",
+    ]
+
+
+@pytest.mark.parametrize("method", [b"OPTIONS", b"GET", b"HEAD"])
+def test_asterisk_target_gets_a_cos_error(edge: Edge, method: bytes) -> None:
+    """'OPTIONS *' and 'GET *' are answered by cosedge (400 InvalidURI, COS XML), not by Twisted's own page."""
+    response = edge.request("*", method=method)
+    assert response.status == 400
+    assert response.all(b"server") == [b"cosedge"]
+    assert response.header(b"content-type") == b"application/xml"
+    assert response.header(b"x-cos-request-id")
+    if method == b"HEAD":
+        assert response.body == b""
+    else:
+        assert response.error_code() == "InvalidURI"
+        assert response.length == len(response.body)
+    assert edge.stats.events["hits"] == edge.stats.events["misses"] == 0
+
+
+class _Broken(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        raise RuntimeError("boom")
+
+
+def test_an_exception_outside_the_edge_resource_is_still_a_500(logged_failures: list[Any]) -> None:
+    """A resource that raises gets Twisted's 500 'Processing Failed' (logged), still with our Server header."""
+    site = EdgeSite(_Broken(), Stats(), "", Clock(), 60)
+    channel, transport = _connect(site)
+    channel.dataReceived(raw_request("/x"))
+    response = parse_response(transport.value())
+    assert response.status == 500
+    assert response.all(b"server") == [b"cosedge"]
+    assert b"Processing Failed" in response.body
+    assert len(logged_failures) == 1
+    logged_failures.clear()
+
+
+def test_the_site_refuses_a_resource_tree() -> None:
+    """EdgeSite does no traversal, so it refuses a resource that is not a leaf rather than serve it wrongly."""
+    with pytest.raises(TypeError):
+        EdgeSite(Resource(), Stats(), "", Clock(), 60)
+
+
+def _connect(site: EdgeSite) -> tuple[Any, StringTransport]:
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert channel is not None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
