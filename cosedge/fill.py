@@ -60,6 +60,11 @@ KEPT_HEADERS = (
     b"last-modified",
 )
 _META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
+#: A body declared (Content-Length) this small or smaller is received in
+#: memory and written, made durable and published in one go in the thread
+#: pool: no file is created before the body is whole, and no disk write runs
+#: on the reactor thread.  Memory: at most max_concurrent times this.
+SMALL_BODY = 256 * 1024
 _MEMORY_LIMIT = 100_000  # remembered 404s / failures, oldest dropped first
 _USER_AGENT = b"cosedge (back-to-origin fill)"
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not kept: a header value never holds these
@@ -91,6 +96,35 @@ class FillResult:
 
 
 @define(eq=False)
+class _InMemory:
+    """A small body, received in memory (the ``pending`` of a small fill)."""
+
+    chunks: list[bytes] = field(factory=list)
+    size: int = 0
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def take(self) -> bytes:
+        data, self.chunks = b"".join(self.chunks), []
+        return data
+
+
+def _store_whole(
+    store: IObjectStore, bucket: str, segments: tuple[str, ...], data: bytes, meta: dict[str, str]
+) -> None:
+    """Write, make durable and publish a whole object (blocking: the thread pool's work)."""
+    pending = store.begin(bucket, segments)
+    try:
+        pending.write(data)
+        pending.commit(meta, _mtime(meta))
+    except BaseException:
+        pending.abort()
+        raise
+
+
+@define(eq=False)
 class _Fill:
     bucket: str
     segments: tuple[str, ...]
@@ -98,7 +132,7 @@ class _Fill:
     queued_at: float
     started_at: float | None = None
     expected: int | None = None
-    pending: IPendingObject | None = None
+    pending: IPendingObject | _InMemory | None = None
     deferred: Deferred[FillResult] | None = None
     waiters: list[Deferred[FillResult]] = field(factory=list)
     result: FillResult | None = None
@@ -115,7 +149,7 @@ class _Fill:
 class _BodyWriter(Protocol):
     """Streams a response body into a pending object, with bounded memory."""
 
-    def __init__(self, pending: IPendingObject, limit: int, clock: IReactorTime, idle: float) -> None:
+    def __init__(self, pending: IPendingObject | _InMemory, limit: int, clock: IReactorTime, idle: float) -> None:
         self._pending = pending
         self._limit = limit
         self._clock = clock
@@ -224,7 +258,8 @@ def _reason(failure: Failure) -> tuple[str, str]:
         # The origin's status line or headers were cut short or malformed.
         return "bad-response", failure.getErrorMessage()
     if failure.check(OSError):
-        return "disk-error", failure.getErrorMessage()
+        full = getattr(failure.value, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        return "disk-full" if full else "disk-error", failure.getErrorMessage()
     return "error", failure.getErrorMessage()
 
 
@@ -481,6 +516,8 @@ class Filler:
             response.deliverBody(_Discard())
             raise FillFailed("too-large", f"Content-Length over the {cfg.max_object_size}-byte limit")
         meta = _kept_headers(response)
+        if fill.expected is not None and fill.expected <= SMALL_BODY:
+            return await self._fetch_small(fill, cfg, response, meta)
         # Creating a file can take a millisecond: not on the reactor thread.
         # Meanwhile the response buffers the body's first bytes.
         pending, cancelled = await _through_cancel(
@@ -503,6 +540,22 @@ class Filler:
             pending.abort()
             raise
         return FillResult(fill.bucket, fill.key, True, "stored", pending.size)
+
+    async def _fetch_small(self, fill: _Fill, cfg: FillConfig, response: IResponse, meta: dict[str, str]) -> FillResult:
+        """Receive a small body in memory, then store it with one call in the thread pool."""
+        body = _InMemory()
+        fill.pending = body
+        writer = _BodyWriter(body, cfg.max_object_size, self.clock, cfg.idle_timeout)
+        response.deliverBody(writer)
+        await writer.done
+        if body.size != fill.expected:
+            raise FillFailed("length-mismatch")
+        data = body.take()
+        # A cancelled fill whose store still succeeded is stored: whole and visible.
+        await _through_cancel(
+            self.run_blocking(lambda: _store_whole(self.store, fill.bucket, fill.segments, data, meta))
+        )
+        return FillResult(fill.bucket, fill.key, True, "stored", len(data))
 
     def _finished(self, result: FillResult | Failure, fill: _Fill) -> None:
         self._running -= 1

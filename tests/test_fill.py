@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from cosedge import fill as fill_module
 from cosedge.config import FillConfig, Origin
-from cosedge.fill import Filler, FillResult, origin_url
+from cosedge.fill import SMALL_BODY, Filler, FillResult, origin_url
 from cosedge.stats import Stats
 from cosedge.store import DiskStore, IObjectStore
 from cosedge.testing import FakeOrigin, MemoryStore
@@ -304,7 +304,7 @@ def test_failure_backs_off_then_retries(fills: Fills) -> None:
 def test_stall_mid_body_times_out(disk: Fills) -> None:
     """An origin that stops sending mid-body is cut off by the idle timeout on the clock (F4)."""
     disk.config = FillConfig(idle_timeout=30)
-    disk.origin.add("slow", b"s" * 1000, mode="stall", cut=100)
+    disk.origin.add("slow", b"s" * (SMALL_BODY + 1000), mode="stall", cut=100)  # streamed to a file
     with capture_logs() as events:
         d = disk.fill("slow")
         disk.flush()
@@ -319,6 +319,40 @@ def test_stall_mid_body_times_out(disk: Fills) -> None:
     assert result_of(d).reason == "idle-timeout"
     assert_clean_miss(disk, "slow", "idle-timeout", events)
     assert disk.filler.in_flight() == [] and disk.filler.running == 0
+
+
+def test_a_small_body_is_received_in_memory_and_stored_at_once(disk: Fills) -> None:
+    """
+    A body declared no larger than SMALL_BODY creates no file while it
+    arrives (a stall leaves nothing on disk) and is stored whole at the end;
+    one byte more and it is streamed to a temporary file as it arrives.
+    """
+    disk.config = FillConfig(idle_timeout=30)
+    assert isinstance(disk.store, DiskStore)
+    tmp = Path(disk.store.tmp_dir)
+
+    def temporary_files() -> list[Path]:
+        return list(tmp.iterdir()) if tmp.exists() else []
+
+    disk.origin.add("small", b"m" * SMALL_BODY, mode="stall", cut=100)
+    d = disk.fill("small")
+    disk.flush()
+    assert disk.filler.in_flight()[0]["bytes"] == 100
+    assert temporary_files() == []  # nothing on disk yet
+    disk.clock.advance(30)
+    disk.flush()
+    assert result_of(d).reason == "idle-timeout"
+    assert temporary_files() == []
+
+    disk.origin.add("whole", b"w" * SMALL_BODY)
+    result = result_of(disk.fill("whole"))
+    assert (result.stored, result.size) == (True, SMALL_BODY)
+    assert disk.store.open(BUCKET, ("whole",)) is not None
+
+    disk.origin.add("bigger", b"b" * (SMALL_BODY + 1), mode="stall", cut=100)
+    disk.fill("bigger")
+    disk.flush()
+    assert len(temporary_files()) == 1  # streamed
 
 
 def test_idle_timer_restarts_with_each_byte(fills: Fills) -> None:
@@ -531,7 +565,7 @@ def test_zero_queue_refuses_beyond_the_limit(gated: Fills) -> None:
 def test_stop_cancels_running_and_queued_fills(tmp_path: Path) -> None:
     """stop() cancels every fill, each waiter gets a result, and no temporary file is left (F16)."""
     fills = Fills(store=DiskStore(str(tmp_path)), config=FillConfig(max_concurrent=1, max_queue=5))
-    fills.origin.add("stalled", b"s" * 1000, mode="stall", cut=100)
+    fills.origin.add("stalled", b"s" * (SMALL_BODY + 1000), mode="stall", cut=100)  # streamed to a file
     fills.origin.add("queued", b"q")
     running, queued = fills.fill("stalled"), fills.fill("queued")
     fills.flush()
@@ -698,12 +732,17 @@ class _ManualThreadPool:
                 d.errback()
 
 
+#: A body larger than SMALL_BODY: streamed to a temporary file as it arrives,
+#: created and committed in the thread pool in two steps.
+STREAMED = b"whole object" * (SMALL_BODY // 12 + 1)
+
+
 def test_stop_while_the_temporary_file_is_being_created(tmp_path: Path) -> None:
     """stop() while a fill creates its temporary file in a thread waits for it, then removes the file."""
     fills = Fills(store=DiskStore(str(tmp_path)))
     pool = _ManualThreadPool()
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
-    fills.origin.add("k", b"whole object")
+    fills.origin.add("k", STREAMED)
     d = filler.fill(BUCKET, ("k",), ORIGIN)
     fills.flush()
     assert len(pool.calls) == 1  # the file is being created in the pool
@@ -722,7 +761,7 @@ def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
     fills = Fills(store=DiskStore(str(tmp_path)))
     pool = _ManualThreadPool()
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
-    fills.origin.add("k", b"whole object")
+    fills.origin.add("k", STREAMED)
     d = filler.fill(BUCKET, ("k",), ORIGIN)
     fills.flush()
     pool.finish()  # creating the temporary file runs in the pool too
@@ -737,7 +776,7 @@ def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
     assert stopped.called
     assert result_of(d).reason == "stored"  # the commit went through: the object is whole and visible
     assert list(tmp.iterdir()) == []
-    assert fills.stored("k") == b"whole object"
+    assert fills.stored("k") == STREAMED
 
 
 def test_stop_during_a_failing_commit(tmp_path: Path) -> None:
@@ -747,7 +786,7 @@ def test_stop_during_a_failing_commit(tmp_path: Path) -> None:
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
     Path(tmp_path, BUCKET).mkdir()
     Path(tmp_path, BUCKET, "a").write_bytes(b"a file where a folder should be")
-    fills.origin.add("a/b", b"inner")
+    fills.origin.add("a/b", STREAMED)
     d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
     fills.flush()
     pool.finish()  # creating the temporary file runs in the pool too
@@ -765,7 +804,7 @@ def test_total_deadline_during_a_commit_waits_for_it(tmp_path: Path) -> None:
     fills = Fills(store=DiskStore(str(tmp_path)), config=FillConfig(total_timeout=10))
     pool = _ManualThreadPool()
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
-    fills.origin.add("k", b"whole object")
+    fills.origin.add("k", STREAMED)
     d = filler.fill(BUCKET, ("k",), ORIGIN)
     fills.flush()
     pool.finish()  # creating the temporary file runs in the pool too
@@ -775,7 +814,7 @@ def test_total_deadline_during_a_commit_waits_for_it(tmp_path: Path) -> None:
     pool.finish()
     assert result_of(d).reason == "stored"
     assert list(Path(tmp_path, ".cosedge", "tmp").iterdir()) == []
-    assert fills.stored("k") == b"whole object"
+    assert fills.stored("k") == STREAMED
 
 
 def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
@@ -785,7 +824,7 @@ def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
     filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
     Path(tmp_path, BUCKET).mkdir()
     Path(tmp_path, BUCKET, "a").write_bytes(b"file")
-    fills.origin.add("a/b", b"inner")
+    fills.origin.add("a/b", STREAMED)
     d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
     fills.flush()
     pool.finish()  # creating the temporary file runs in the pool too
@@ -794,6 +833,29 @@ def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
         pool.finish()
     assert result_of(d).reason == "disk-error"
     assert_clean_miss(fills, "a/b", "disk-error", events)
+
+
+def test_stop_waits_for_the_one_call_store_of_a_small_body(tmp_path: Path) -> None:
+    """
+    A small body is stored with one call in the thread pool once it is
+    whole; stop() during that call waits for it, and the object it stored is
+    whole and visible.
+    """
+    fills = Fills(store=DiskStore(str(tmp_path)))
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills.origin.add("k", b"whole object")
+    d = filler.fill(BUCKET, ("k",), ORIGIN)
+    fills.flush()
+    assert len(pool.calls) == 1  # the whole body arrived; one call stores it
+    stopped = filler.stop()
+    assert not stopped.called
+    pool.finish()
+    fills.flush()
+    assert stopped.called
+    assert result_of(d).stored
+    assert fills.stored("k") == b"whole object"
+    assert list(Path(tmp_path, ".cosedge", "tmp").iterdir()) == []
 
 
 def test_failure_reasons_name_the_real_cause() -> None:
@@ -811,7 +873,8 @@ def test_failure_reasons_name_the_real_cause() -> None:
     assert _reason(Failure(error.TimeoutError()))[0] == "connect-failed"
     assert _reason(Failure(error.ConnectingCancelledError(None)))[0] == "cancelled"
     assert _reason(Failure(defer.TimeoutError()))[0] == "timeout"
-    assert _reason(Failure(OSError(28, "No space left on device")))[0] == "disk-error"
+    assert _reason(Failure(OSError(28, "No space left on device")))[0] == "disk-full"
+    assert _reason(Failure(OSError(5, "Input/output error")))[0] == "disk-error"
 
 
 def test_unusable_header_values_and_dates_from_the_origin_are_not_kept() -> None:

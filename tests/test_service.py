@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 
 from cosedge import tap
 from cosedge.config import BucketConfig, Config, ServerConfig, load_config
+from cosedge.fill import SMALL_BODY
 from cosedge.service import EdgeService, build_service
 from cosedge.store import DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
@@ -256,7 +257,7 @@ def test_seed_example_through_the_service(tmp_path: Path, monkeypatch: pytest.Mo
 def test_stop_cancels_fills_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     """Stopping the service cancels a running fill and removes its temporary file (F16)."""
     service, _, origin = _build(_config(tmp_path))
-    origin.add("slow", b"s" * 1000, mode="stall", cut=10)
+    origin.add("slow", b"s" * (SMALL_BODY + 1000), mode="stall", cut=10)  # streamed to a file
     service.startService()
     d = service.filler.fill(BUCKET, ("slow",), service.config.buckets[BUCKET].origin)  # type: ignore[arg-type]
     origin_agent: Any = service.filler.agent

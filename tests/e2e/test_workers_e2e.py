@@ -178,12 +178,16 @@ def test_stop_ends_every_process_and_leaves_no_temporary_file(pair: Daemon, orig
     SIGTERM to the primary stops the worker too (fills cancelled, exit 0),
     and no temporary file is left.
     """
-    keys = [f"stall-mid-body/stop-{n}.bin" for n in range(6)]
-    for key in keys:
-        assert pair.request(f"/{key}").status == 302
-    wait_for(lambda: len(tmp_files(pair)) >= 1, 10, "fills under way")
-    workers = worker_pids(pair)
-    assert pair.stop() == 0
+    keys = [f"slow/stop-{n}.bin" for n in range(6)]  # 1 MiB each, held by the origin
+    try:
+        for key in keys:
+            assert pair.request(f"/{key}").status == 302
+        wait_for(lambda: len(tmp_files(pair)) >= 1, 10, "fills under way")
+        workers = worker_pids(pair)
+        assert pair.stop() == 0
+    finally:
+        for key in keys:
+            origin.release(f"/{key}")
     for pid in workers:
         wait_for(lambda pid=pid: not _alive(pid), 5, f"worker {pid} to exit")
     assert tmp_files(pair) == []
