@@ -21,7 +21,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from xml.sax.saxutils import escape
 
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPullProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -506,11 +506,35 @@ class _EdgeChannel(HTTPChannel):
     headers one byte at a time would hold a connection for ever.  Here the
     headers of each request must be complete within ``header_deadline``
     seconds of the connection opening or of the previous response ending.
+
+    That deadline replaces Twisted's idle timeout (which :class:`EdgeSite`
+    turns off): wherever the idle timer runs, the deadline is armed too and
+    fires no later, and while a response is being produced both are off.
+    One timer is kept per connection and moved by ``reset`` for each request
+    (cheap for a later time), not cancelled and made again: the headers
+    having arrived only marks it paused, and if it fires while paused it
+    does nothing and is made again at the end of that response.
     """
 
     header_deadline: float = 60.0
     _deadline: IDelayedCall | None = None
+    #: Headers are complete and the response is not done: the deadline does not apply.
+    _paused = False
     _refused = False
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        """The local address, asked of the transport once: every request reads it, and it never changes."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        """The client's address, asked of the transport once."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -520,7 +544,8 @@ class _EdgeChannel(HTTPChannel):
         # GET and HEAD carry no body worth reading, and Twisted would spool a
         # large one to a temporary file: refuse before reading any of it.
         if self.length is None or self.length > _MAX_REQUEST_BODY:
-            self._disarm()
+            # The deadline stays armed: it closes (and in the end aborts) a
+            # client that does not read the answer or close.
             self._refused = True
             body = error_body("EntityTooLarge", "Request bodies are not accepted here.", os.urandom(6).hex())
             self.transport.write(  # type: ignore[union-attr]
@@ -532,7 +557,7 @@ class _EdgeChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
-        self._disarm()  # the deadline covers a (small) body too
+        self._paused = True  # the deadline covers a (small) body too
         super().allContentReceived()
 
     def dataReceived(self, data: bytes) -> None:
@@ -551,8 +576,13 @@ class _EdgeChannel(HTTPChannel):
         super().connectionLost(reason)
 
     def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.callLater(self.header_deadline, self._too_slow)
+        """Start the headers' deadline from now."""
+        self._paused = False
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(self.header_deadline)
+        else:
+            self._deadline = self.callLater(self.header_deadline, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -561,6 +591,8 @@ class _EdgeChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._paused:  # a response is under way; the next _arm starts a new deadline
+            return
         # Twisted's own timeout path: close, and abort a client that lingers.
         self.timeoutConnection()
 
@@ -628,6 +660,12 @@ class EdgeSite(Site):
         """Build this site's channels, with the header deadline set."""
         channel = _EdgeChannel()
         channel.header_deadline = self.timeOut or _EdgeChannel.header_deadline
+        return channel
+
+    def buildProtocol(self, addr: IAddress) -> _EdgeChannel:  # type: ignore[override]
+        """A channel whose header deadline stands in for Twisted's idle timeout (off: one timer, not two)."""
+        channel: _EdgeChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+        channel.timeOut = None
         return channel
 
     def startFactory(self) -> None:

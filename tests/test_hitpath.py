@@ -135,6 +135,116 @@ def test_the_site_refuses_a_resource_tree() -> None:
 def _connect(site: EdgeSite) -> tuple[Any, StringTransport]:
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     assert channel is not None
-    transport = StringTransport()
+    transport = _CountingTransport()
     channel.makeConnection(transport)
     return channel, transport
+
+
+class _CountingTransport(StringTransport):
+    """A transport that counts how often its addresses are asked for, and tolerates unregistering."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 51000))
+        self.asked = {"host": 0, "peer": 0}
+
+    def getHost(self) -> Any:
+        self.asked["host"] += 1
+        return super().getHost()
+
+    def getPeer(self) -> Any:
+        self.asked["peer"] += 1
+        return super().getPeer()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def test_connection_addresses_are_asked_once_per_connection(edge: Edge, tmp_path: Any) -> None:
+    """
+    The local and client addresses are looked up once per connection, not
+    once per request, and every request still sees (and logs) the client's.
+    """
+    log = tmp_path / "access.log"
+    site = EdgeSite(edge.resource, edge.stats, str(log), edge.clock, 60)
+    site.doStart()
+    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 51000))
+    assert channel is not None
+    transport = _CountingTransport()
+    channel.makeConnection(transport)
+    for _ in range(3):
+        channel.dataReceived(_keep_alive("/1.jpg"))
+        assert transport.value().startswith(b"HTTP/1.1 200 ")
+        transport.clear()
+    site.doStop()
+    assert transport.asked == {"host": 1, "peer": 1}
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and all(line.startswith('"192.0.2.7" ') for line in lines)
+
+
+def test_a_keep_alive_connection_holds_one_timer(edge: Edge) -> None:
+    """However many requests a connection serves, it holds one pending timer (its headers' deadline), not more."""
+    conn = edge.connect()
+    channel = conn.transport.protocol
+
+    def timers() -> int:
+        return sum(getattr(call.func, "__self__", None) is channel for call in edge.clock.getDelayedCalls())
+
+    assert timers() == 1
+    for _ in range(5):
+        edge.clock.advance(1)
+        conn.send(_keep_alive("/1.jpg"))
+        assert timers() == 1
+    conn.transport.loseConnection()
+    assert timers() == 0
+
+
+def test_idle_keep_alive_connection_closes_at_the_deadline(edge: Edge) -> None:
+    """After a response, the next request's headers must come within the deadline (60 s), counted from that response."""
+    conn = edge.connect()
+    edge.clock.advance(50)
+    conn.send(_keep_alive("/1.jpg"))
+    edge.clock.advance(59)
+    assert not conn.transport.disconnecting
+    conn.send(_keep_alive("/1.jpg"))  # answered at t=109: the deadline moves to t=169
+    edge.clock.advance(59.5)
+    assert not conn.transport.disconnecting
+    conn.send(b"GET /1.jpg HTTP/1.1\r\nHost: ")  # trickling does not help
+    edge.clock.advance(1)
+    assert conn.transport.disconnecting
+
+
+def test_a_response_longer_than_the_deadline_is_not_cut(edge: Edge, cooperator: StepCooperator) -> None:
+    """
+    The deadline is for the headers only: a response still being sent when
+    it passes is finished, and the connection then gets a fresh deadline.
+    """
+    conn = edge.connect()
+    conn.send(_keep_alive("/big.bin"))
+    edge.clock.advance(61)  # the response is under way (the cooperator has not finished it)
+    assert not conn.transport.disconnecting
+    cooperator.run()
+    response = parse_response(conn.transport.value())
+    assert response.status == 200 and response.body == b"y" * 100_000
+    edge.clock.advance(59)
+    assert not conn.transport.disconnecting
+    conn.transport.clear()
+    conn.send(_keep_alive("/1.jpg"))
+    assert parse_response(conn.transport.value()).status == 200
+    edge.clock.advance(60)
+    assert conn.transport.disconnecting
+
+
+def test_a_refused_client_that_lingers_is_aborted(edge: Edge) -> None:
+    """A client refused with 413 that neither reads nor closes is closed at the deadline and aborted after that."""
+    channel, transport = _connect(edge.site)
+    channel.dataReceived(_keep_alive("/1.jpg", b"POST", b"Content-Length: 100000000\r\n"))
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.disconnecting  # asked to close; a client that does not read keeps it open
+    aborted: list[bool] = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    edge.clock.advance(59)
+    assert aborted == []
+    edge.clock.advance(1)  # the deadline: closed again (still not read)
+    assert aborted == []
+    edge.clock.advance(15)  # Twisted's abortTimeout after that
+    assert aborted == [True]
