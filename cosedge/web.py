@@ -149,6 +149,28 @@ def _http_date_text(seconds: int) -> bytes:
     return text
 
 
+def _guess_type(name: str) -> str:
+    """
+    ``mimetypes``' type for a file name, else application/octet-stream.
+    Cached by what the guess depends on: the name's last two suffixes, and
+    whether anything but dots comes before them (``splitext`` keeps leading
+    dots with the stem).  A name with ``:`` is parsed as a URL by
+    ``guess_type`` (``data:…``), so it is not cached.
+    """
+    last = name.rfind(".")
+    if last < 0 or ":" in name:
+        return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+    second = name.rfind(".", 0, last)
+    cut = second if second >= 0 else last
+    stem = name[:cut]
+    return _guess_type_of(("x" if stem.strip(".") else stem) + name[cut:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _guess_type_of(name: str) -> str:
+    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
 def _safe_header(name: str, value: str) -> bool:
     """A stored header that can be sent as it is: a token name, no control characters."""
     return bool(_TOKEN.match(name)) and not _BAD_VALUE.search(value)
@@ -391,9 +413,7 @@ class EdgeResource(Resource):
         size: int = obj.size
         etag = _latin1(meta.get("etag", f'"{obj.identity}"'))
         last_modified = int(obj.mtime)
-        content_type = (
-            meta.get("content-type") or mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
-        )
+        content_type = meta.get("content-type") or _guess_type(name)
         request.setHeader(b"etag", etag)
         request.setHeader(b"last-modified", _http_date_text(last_modified))
         request.setHeader(b"accept-ranges", b"bytes")
@@ -450,17 +470,19 @@ class EdgeResource(Resource):
             ]
             trailer = f"\r\n--{boundary}--\r\n".encode("latin-1")
             length = sum(len(p) + end - start for p, start, end in parts) + len(trailer)
-        request.setHeader(b"content-length", b"%d" % length)
         if request.method == b"HEAD" or length == 0:
+            request.setHeader(b"content-length", b"%d" % length)
             return b"", False
         if length <= _CHUNK:
-            # A small body goes out in one write, without a producer.
+            # A small body goes out in one write, without a producer; render()
+            # sets Content-Length from it (exactly ``length``, checked here).
             body = b"".join(prefix + obj.read(start, end - start) for prefix, start, end in parts) + trailer
             if len(body) != length:
                 _drop_short_response(request)
                 return NOT_DONE_YET, False
             self._stats.inc("bytes_served", sum(end - start for _, start, end in parts))
             return body, False
+        request.setHeader(b"content-length", b"%d" % length)
         sender = sendfile_producer(request, obj, parts, trailer, self._stats)
         (sender or _Sender(request, obj, parts, trailer, self._stats)).start()
         return NOT_DONE_YET, True

@@ -8,7 +8,9 @@ deadlines that still close slow or idle connections.
 
 from __future__ import annotations
 
+import mimetypes
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -248,3 +250,32 @@ def test_a_refused_client_that_lingers_is_aborted(edge: Edge) -> None:
     assert aborted == []
     edge.clock.advance(15)  # Twisted's abortTimeout after that
     assert aborted == [True]
+
+
+NAMES = [
+    "1.jpg", "a.JPG", "photo.2017.jpg", "a.tar.gz", "a.tgz", "b.gz", "x.svgz", "a.b.c.d", "a..jpg", "..jpg",
+    ".jpg", ".tar.gz", "..tar.gz", "...tar.gz", "a.", "a..", "...", "README", "Makefile.in",
+    "data:,x.jpg", "data:image;x.jpg", "a:b.png", "c:.jpg", "report.final.PDF", "a.tar.GZ", "x.json",
+    "é.html", "α.β.css", "page.htm.br", "a.txt.bz2", "a.unknownext", "a.jpg.unknownext", ". .jpg", " .png",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_content_type_is_what_mimetypes_guesses(edge: Edge, name: str) -> None:
+    """An object without a stored type is served with exactly mimetypes' guess for its name (cached or not)."""
+    assert isinstance(edge.store, MemoryStore)
+    expected = (mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream").encode()
+    edge.store.put(BUCKET, (name,), b"z", {}, MTIME)
+    for _ in range(2):  # the first guess and the remembered one
+        response = edge.request("/" + quote(name))
+        assert response.status == 200, (name, response.raw[:200])
+        assert response.header(b"content-type") == expected, name
+
+
+def test_each_header_is_sent_once_and_lengths_match(edge: Edge) -> None:
+    """No header appears twice in any kind of answer, and a GET's Content-Length is the length of its body."""
+    for response in _answers(edge):
+        names = [name for name, _ in response.headers]
+        assert len(names) == len(set(names)), response.raw[:400]
+        if response.status != 304 and response.header(b"content-length") is not None and response.body:
+            assert response.length == len(response.body)
