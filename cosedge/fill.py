@@ -496,7 +496,6 @@ class Filler:
         self._running += 1
         fill.started_at = self.clock.seconds()
         self.stats.inc("fills_started")
-        _log.debug("fill {bucket}/{key} started from {url}", bucket=fill.bucket, key=fill.key, url=fill.url.decode())
         d = Deferred.fromCoroutine(self._fetch(fill, cfg))
         fill.deferred = d
         d.addTimeout(cfg.total_timeout, self.clock)

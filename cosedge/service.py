@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -52,9 +52,17 @@ class _OriginEndpoints:
 
     reactor: Any
     connect_timeout: Callable[[], float]
+    #: One endpoint per origin and timeout: the agent asks for one per request.
+    _made: dict[tuple[bytes, int, float], HostnameEndpoint] = field(factory=dict, alias="_made")
 
     def endpointForURI(self, uri: URI) -> HostnameEndpoint:
-        return HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.connect_timeout())
+        key = (uri.host, uri.port, self.connect_timeout())
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            if len(self._made) >= 1024:  # origins come and go with live changes
+                self._made.clear()
+            endpoint = self._made[key] = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=key[2])
+        return endpoint
 
 
 class EdgeService(MultiService):

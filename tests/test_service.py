@@ -309,3 +309,25 @@ def test_make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert (8081, "127.0.0.1") in ports
     finally:
         result_of(service.stopService())
+
+
+def test_origin_endpoints_are_reused_and_follow_the_connect_timeout() -> None:
+    """
+    The fill agent asks for an endpoint on every request: the same origin
+    gets the same endpoint until connect_timeout changes, when the next
+    connection uses the new value.
+    """
+    from twisted.web.client import URI
+
+    from cosedge.service import _OriginEndpoints
+
+    timeout = [5.0]
+    endpoints = _OriginEndpoints(MemoryReactorClock(), lambda: timeout[0])
+    uri = URI.fromBytes(b"http://origin.example.com:8081/a.txt")
+    first = endpoints.endpointForURI(uri)
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://origin.example.com:8081/b.txt")) is first
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://other.example.com:8081/a.txt")) is not first
+    timeout[0] = 2.5
+    changed = endpoints.endpointForURI(uri)
+    assert changed is not first
+    assert changed._timeout == 2.5
