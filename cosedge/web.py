@@ -14,6 +14,7 @@ import errno
 import functools
 import itertools
 import mimetypes
+import operator
 import os
 import re
 from collections.abc import Callable
@@ -77,6 +78,11 @@ _OBJECT_HEADERS = (
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 _BAD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 _PASSED_META = ("content-encoding", "content-disposition", "cache-control", "expires")
+#: Request headers that can change a hit's answer, as ``Headers`` names them (canonical capitalisation).
+_CONDITIONAL = frozenset({b"Range", b"If-Match", b"If-None-Match", b"If-Modified-Since", b"If-Unmodified-Since"})
+_first = operator.itemgetter(0)
+#: Host headers whose bucket is remembered, at most.
+_MAX_HOSTS = 1024
 
 
 def error_body(code: str, message: str, request_id: str) -> bytes:
@@ -308,6 +314,8 @@ class EdgeResource(Resource):
         self._stats = stats
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
+        self._hosts_config: Config | None = None
+        self._hosts: dict[bytes, str | None] = {}
 
     def render(self, request: Request) -> bytes | int:  # type: ignore[override]
         request_id = f"{self._id_prefix}-{next(self._ids):x}"
@@ -339,8 +347,8 @@ class EdgeResource(Resource):
             target = parse_target(request.uri)
         except BadKey as e:
             return self._error(request, request_id, e.code, e.message)
-        bucket_name = self._bucket_for(request, target.authority)
         config = self._config()
+        bucket_name = self._bucket_for(request, target.authority, config)
         bucket = config.buckets.get(bucket_name) if bucket_name else None
         if bucket is None or bucket_name is None:
             return self._error(request, request_id, "NoSuchBucket", "The specified bucket does not exist.")
@@ -377,7 +385,7 @@ class EdgeResource(Resource):
             self._filler.start(bucket_name, target.segments, bucket.origin)
         return b""
 
-    def _bucket_for(self, request: Request, authority: bytes | None) -> str | None:
+    def _bucket_for(self, request: Request, authority: bytes | None, config: Config) -> str | None:
         if authority is not None:
             host = authority
         else:
@@ -385,6 +393,22 @@ class EdgeResource(Resource):
             if len(hosts) != 1:
                 return None
             host = hosts[0]
+        # The answer depends only on the host and the configured domains:
+        # remembered per configuration (replaced whole on any change).
+        if config is not self._hosts_config:
+            self._hosts_config, self._hosts = config, {}
+        try:
+            return self._hosts[host]
+        except KeyError:
+            pass
+        bucket = self._bucket_of(host, config.server.domains)
+        if len(self._hosts) >= _MAX_HOSTS:  # hosts are the client's choice: stay bounded
+            self._hosts.clear()
+        self._hosts[host] = bucket
+        return bucket
+
+    @staticmethod
+    def _bucket_of(host: bytes, domains: tuple[str, ...]) -> str | None:
         name, _, port = host.rpartition(b":")
         if name and port.isdigit():
             host = name
@@ -392,7 +416,7 @@ class EdgeResource(Resource):
             text = host.decode("ascii").lower().rstrip(".")
         except UnicodeDecodeError:
             return None
-        for domain in self._config().server.domains:
+        for domain in domains:
             bucket, dot, rest = text.partition(".")
             if dot and rest == domain:
                 return bucket
@@ -421,7 +445,10 @@ class EdgeResource(Resource):
             if (header in _PASSED_META or header.startswith("x-cos-meta-")) and _safe_header(header, value):
                 request.setHeader(header, _latin1(value))
 
-        status = self._preconditions(request, etag, last_modified)
+        # Most requests carry none of the headers below: one pass over the
+        # request's header names then replaces five look-ups.
+        plain = _CONDITIONAL.isdisjoint(map(_first, request.requestHeaders.getAllRawHeaders()))
+        status = None if plain else self._preconditions(request, etag, last_modified)
         if status == 412:
             message = "At least one of the preconditions you specified did not hold."
             return self._error(request, request_id, "PreconditionFailed", message), False
@@ -433,7 +460,7 @@ class EdgeResource(Resource):
             return NOT_DONE_YET, False
 
         ranges = None
-        range_header = request.getHeader(b"range")
+        range_header = None if plain else request.getHeader(b"range")
         if range_header is not None and self._if_range(request, etag, last_modified):
             ranges = parse_ranges(range_header, size)
         if ranges == []:

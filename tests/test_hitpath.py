@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from attrs import evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -279,3 +280,32 @@ def test_each_header_is_sent_once_and_lengths_match(edge: Edge) -> None:
         assert len(names) == len(set(names)), response.raw[:400]
         if response.status != 304 and response.header(b"content-length") is not None and response.body:
             assert response.length == len(response.body)
+
+
+def test_conditional_headers_in_any_capitalisation_are_honoured(edge: Edge) -> None:
+    """Range and the If-* headers count however the client capitalises them."""
+    etag = edge.request("/1.jpg").header(b"etag")
+    assert etag is not None
+    assert edge.request("/1.jpg", headers=[("rAnGe", "bytes=0-9")]).status == 206
+    assert edge.request("/1.jpg", headers=[("IF-NONE-MATCH", etag.decode())]).status == 304
+    assert edge.request("/1.jpg", headers=[("if-match", '"other"')]).status == 412
+    assert edge.request("/1.jpg", headers=[("if-modified-since", "Fri, 01 Jan 2100 00:00:00 GMT")]).status == 304
+    assert edge.request("/1.jpg", headers=[("If-Unmodified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")]).status == 412
+    assert edge.request("/1.jpg", headers=[("X-Range", "bytes=0-9"), ("If-Nothing", "x")]).status == 200
+
+
+def test_a_replaced_configuration_routes_the_next_request(edge: Edge) -> None:
+    """Hosts are routed by the configuration in force: a domain added or removed applies to the very next request."""
+    other = BUCKET + ".cos.example.com"
+    assert edge.request("/1.jpg", host=other).status == 404
+    edge.config = evolve(edge.config, server=evolve(edge.config.server, domains=("cos.example.com",)))
+    assert edge.request("/1.jpg", host=other).status == 200
+    assert edge.request("/1.jpg").status == 404  # the old domain is gone
+
+
+def test_many_distinct_hosts_are_all_routed(edge: Edge) -> None:
+    """Any number of distinct Host values (more than are remembered) are each answered correctly."""
+    for i in range(1100):
+        response = edge.request("/1.jpg", host=f"{BUCKET}.file.myqcloud.com:{i}")
+        assert response.status == 200, i
+    assert edge.request("/1.jpg", host="nobody.file.myqcloud.com").status == 404
