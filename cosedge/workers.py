@@ -243,7 +243,12 @@ class _Worker(ProcessProtocol):
         self.send({"init": {"index": self.index, "listeners": self.listeners, "config": self.pool.config()}})
 
     def send(self, message: dict[str, Any]) -> None:
-        self.transport.writeToChild(TO_WORKER_FD, frame(pickle.dumps(message)))  # type: ignore[union-attr]
+        try:
+            self.transport.writeToChild(TO_WORKER_FD, frame(pickle.dumps(message)))  # type: ignore[union-attr]
+        except KeyError:
+            # Its pipe is closed: the worker is ending, and a new one gets
+            # the configuration of the moment in its init.
+            pass
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == FROM_WORKER_FD:

@@ -169,6 +169,8 @@ class FakeProcess:
     signals: list[str] = attrs.field(factory=list)
 
     def writeToChild(self, fd: int, data: bytes) -> None:
+        if fd in self.closed:
+            raise KeyError(fd)  # as Twisted's process transport does
         self.written.append((fd, data))
 
     def closeChildFD(self, fd: int) -> None:
@@ -357,6 +359,10 @@ def test_live_changes_and_purges_reach_every_worker(tmp_path: Path) -> None:
             messages = spawn.process(n).messages()
             assert messages[1] == {"config": changed}
             assert messages[2] == {"forget": (BUCKET, ("a", "b.txt"))}
+        # A worker whose pipe has closed (it is ending) does not fail a change.
+        spawn.process(0).closed.append(TO_WORKER_FD)
+        service.replace_config(config)
+        assert spawn.process(1).messages()[-1] == {"config": config}
     finally:
         for n in (0, 1):
             spawn.protocol(n).processEnded(Failure(ProcessDone(0)))
