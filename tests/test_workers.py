@@ -528,7 +528,7 @@ def test_a_fill_claimed_elsewhere_does_not_ask_the_origin(tmp_path: Path) -> Non
         response = edge.request("/busy.txt")
         assert response.status == 302
         edge.flush_origin()
-        assert edge.origin.gets("/busy.txt") == 0
+        assert edge.origin.gets(b"/busy.txt") == 0
         assert edge.stats.events["fills_skipped_elsewhere"] == 1
     finally:
         _end(holder)
@@ -548,7 +548,7 @@ def test_a_fill_stored_by_another_process_meanwhile_is_not_repeated(tmp_path: Pa
     pending.commit({}, None)
     assert edge.filler.start(BUCKET, ("late.txt",), parse_origin(ORIGIN)) is False
     assert edge.stats.events["fills_skipped_stored"] == 1
-    assert edge.origin.gets("/late.txt") == 0
+    assert edge.origin.gets(b"/late.txt") == 0
 
 
 def test_a_finished_fill_releases_its_claim(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -393,6 +395,27 @@ def edge(_module_daemon: Daemon) -> Iterator[Daemon]:
     since = len(_module_daemon.log())
     yield _module_daemon
     assert _module_daemon.problems(since) == [], "the daemon logged an unexpected error"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def at_once(daemon: Daemon, target: str, clients: int) -> list[Reply]:
+    """``clients`` clients sending the same GET at the same moment (a barrier); their replies."""
+    barrier = threading.Barrier(clients, timeout=20)
+
+    def one(_: int) -> Reply:
+        barrier.wait()
+        return daemon.request(target)
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return list(pool.map(one, range(clients), timeout=60))
 
 
 def tmp_files(daemon: Daemon) -> list[str]:

@@ -49,6 +49,7 @@ def ensure_deferred(test: _Test) -> _Test:
     wrapped: _Test = pytest_twisted.ensureDeferred(test)
     return wrapped
 
+
 TIMEOUT = 10.0
 PASSWORD = "correct horse battery"
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[c=>]")

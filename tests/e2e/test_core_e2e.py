@@ -10,27 +10,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from .conftest import BUCKET, DEAD_BUCKET, HOST, OFF_BUCKET, Daemon, MakeDaemon, Reply, tmp_files
+from .conftest import BUCKET, DEAD_BUCKET, HOST, OFF_BUCKET, Daemon, MakeDaemon, Reply, at_once, tmp_files, wait_for
 from .origin import LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def assert_redirect(reply: Reply, origin: MisbehavingOrigin, key: str) -> None:
@@ -84,16 +72,8 @@ def test_concurrent_misses_make_one_origin_request(edge: Daemon, origin: Misbeha
     get the 302, and the origin is asked for it exactly once.
     """
     key = "slow/concurrent.bin"
-    clients = 200
-    barrier = threading.Barrier(clients, timeout=20)
-
-    def one(_: int) -> Reply:
-        barrier.wait()
-        return edge.request(f"/{key}")
-
     try:
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            replies = list(pool.map(one, range(clients), timeout=60))
+        replies = at_once(edge, f"/{key}", 200)
     finally:
         origin.release(f"/{key}")  # the fill is held in flight until every client is answered
     for reply in replies:

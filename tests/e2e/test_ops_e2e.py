@@ -34,6 +34,7 @@ from .conftest import (
     free_port,
     raw_request,
     tmp_files,
+    wait_for,
 )
 from .origin import MisbehavingOrigin, body_for
 
@@ -213,14 +214,6 @@ def ops_daemon(
         daemon.close()
     for daemon in daemons:
         assert daemon.problems() == [], "the daemon logged an unexpected error"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def accepts(port: int) -> bool:

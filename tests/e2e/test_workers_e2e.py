@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,19 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import FAST_FILL, Daemon, Reply, free_port, raw_request, tmp_files
+from .conftest import FAST_FILL, Daemon, Reply, at_once, free_port, raw_request, tmp_files, wait_for
 from .origin import MisbehavingOrigin, body_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def worker_pids(daemon: Daemon) -> list[int]:
@@ -97,16 +87,8 @@ def test_concurrent_misses_across_processes_make_one_origin_request(pair: Daemon
     they reach, all get the 302, and the origin is asked for it exactly once.
     """
     key = "slow/workers-concurrent.bin"
-    clients = 100
-    barrier = threading.Barrier(clients, timeout=20)
-
-    def one(_: int) -> Reply:
-        barrier.wait()
-        return pair.request(f"/{key}")
-
     try:
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            replies = list(pool.map(one, range(clients), timeout=60))
+        replies = at_once(pair, f"/{key}", 100)
     finally:
         origin.release(f"/{key}")
     assert {r.status for r in replies} == {302}
@@ -189,7 +171,7 @@ def test_stop_ends_every_process_and_leaves_no_temporary_file(pair: Daemon, orig
         for key in keys:
             origin.release(f"/{key}")
     for pid in workers:
-        wait_for(lambda pid=pid: not _alive(pid), 5, f"worker {pid} to exit")
+        wait_for(_gone(pid), 5, f"worker {pid} to exit")
     assert tmp_files(pair) == []
     pair.start()  # the fixture stops it again
 
@@ -203,12 +185,16 @@ def test_workers_end_with_a_killed_primary(pair: Daemon) -> None:
     assert workers
     pair.kill()
     for pid in workers:
-        wait_for(lambda pid=pid: not _alive(pid), 10, f"worker {pid} to exit")
+        wait_for(_gone(pid), 10, f"worker {pid} to exit")
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", pair.port))  # nobody listens there any more
     pair.start()  # the fixture stops it again
     pair.wait_for_log(r"worker 1 \(pid \d+\) serving")
+
+
+def _gone(pid: int) -> Callable[[], bool]:
+    return lambda: not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
