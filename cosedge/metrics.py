@@ -32,6 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .stats import FILL_DURATION_BUCKETS
+from .store import META_XATTR
 
 __all__ = [
     "AdminResource",
@@ -168,7 +169,9 @@ def make_registry(service: Any, *, process: bool = True) -> CollectorRegistry:
 def store_writable_check(store: Any) -> Check:
     """
     Can a fill write?  Writes a byte through the store's own temporary-file
-    path (``IObjectStore.begin``) and throws it away.
+    path (``IObjectStore.begin``), and for a file (a :class:`DiskStore`'s) the
+    metadata attribute too, and throws it away: a file system without user
+    extended attributes fails every fill.
     """
 
     def check() -> str | None:
@@ -178,6 +181,12 @@ def store_writable_check(store: Any) -> Check:
             return f"data directory not writable: {e}"
         try:
             pending.write(b"ok")
+            fd = getattr(pending, "fd", None)
+            if isinstance(fd, int) and fd >= 0:
+                try:
+                    os.setxattr(fd, META_XATTR, b"{}")
+                except OSError as e:
+                    return f"data directory has no user extended attributes (object metadata needs them): {e}"
         except OSError as e:
             return f"data directory not writable: {e}"
         finally:

@@ -647,6 +647,27 @@ def test_store_probe_reports_a_full_disk() -> None:
     assert store.objects == {}
 
 
+def test_store_probe_reports_a_file_system_without_user_xattrs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    On a file system without user extended attributes every fill would fail
+    (object metadata lives in one): /readyz says so, and the probe leaves
+    nothing behind.
+    """
+    store = DiskStore(str(tmp_path))
+    check = store_writable_check(store)
+    assert check() is None
+
+    def unsupported(*args: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", unsupported)
+    problem = check()
+    assert problem is not None and "no user extended attributes" in problem
+    assert os.listdir(store.tmp_dir) == []
+
+
 def test_free_disk_threshold() -> None:
     """Below the configured free space /readyz fails with the numbers; at or above it passes."""
     check = free_disk_check("/data", lambda: 1000, _free=lambda path: 999)
