@@ -124,9 +124,34 @@ class _Forward:
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
-            self._channel.send({"log": eventAsJSON(event)})
+            plain = _plain(event)
+            self._channel.send({"event": plain} if plain is not None else {"log": eventAsJSON(event)})
         except Exception:  # never let a log line take the worker down
             pass
+
+
+#: Fields of an event that only make sense in the process that emitted it.
+_LOCAL_FIELDS = ("log_logger", "log_source", "log_observer")
+
+
+def _plain(event: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    The event as plain JSON values, or None when a field holds anything else
+    (a failure, an object a format string reaches into): those take
+    Twisted's slower, complete ``eventAsJSON``.  Most events (every fill's
+    line) are plain, and this is several times faster both ways.
+    """
+    out: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in _LOCAL_FIELDS:
+            continue
+        if key == "log_level":
+            out[key] = value.name
+        elif value is None or isinstance(value, str | int | float):
+            out[key] = value
+        else:
+            return None
+    return out
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -261,8 +261,8 @@ class _Worker(ProcessProtocol):
             _log.warn("worker {index}: unreadable message; stopping it", index=self.index)
             self._kill()
             return
-        if "log" in message:
-            event = eventFromJSON(message["log"])
+        if "log" in message or "event" in message:
+            event = eventFromJSON(message["log"]) if "log" in message else _event(message["event"])
             # Shown as "[worker-1:cosedge.fill#warn]" by the text formats.
             system = f"worker-{self.index}"
             namespace = event.get("log_namespace", "log_legacy")
@@ -438,6 +438,17 @@ class WorkerPool(Service):
         if serving < self.count - 1:
             return f"{serving} of {self.count - 1} worker process(es) serving"
         return None
+
+
+def _event(plain: dict[str, Any]) -> dict[str, Any]:
+    """A worker's plain event (see ``cosedge.worker._plain``) as a log event again."""
+    level = plain.get("log_level")
+    if isinstance(level, str):
+        try:
+            plain["log_level"] = LogLevel.levelWithName(level)
+        except InvalidLogLevelError:
+            plain["log_level"] = LogLevel.info
+    return plain
 
 
 def _worker_environ() -> dict[str, str]:

@@ -19,7 +19,7 @@ import attrs
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from cosedge import workers as workers_module
@@ -41,7 +41,7 @@ from cosedge.workers import (
     parse_tcp,
 )
 
-from .helpers import BUCKET, ORIGIN, Edge, StepCooperator, edge_config, result_of
+from .helpers import BUCKET, ORIGIN, Edge, StepCooperator, capture_logs, edge_config, result_of
 
 # -- configuration ------------------------------------------------------------
 
@@ -420,8 +420,6 @@ def test_the_worker_builds_its_service_from_init_and_follows_changes() -> None:
     reports its counters every second, and applies later configurations and
     purges.
     """
-    from twisted.internet.testing import StringTransport
-
     reactor = OnceReactor()
     built: list[tuple[Any, Any, Any]] = []
 
@@ -585,3 +583,56 @@ def test_stats_travel_between_processes_intact() -> None:
         "responses_by_status": {404: 2},
     }
     assert total.fill_duration_sum == 6.0 and total.fill_duration_counts[-5] == 2
+
+
+def test_worker_log_events_reach_the_primary_log_intact(logged_failures: list[Any]) -> None:
+    """
+    A worker's log events come out of the primary's log with the same text,
+    level and fields, marked with the worker; a failure's traceback too.
+    """
+    from twisted.logger import LogLevel, formatEvent
+
+    from cosedge.worker import _Forward
+
+    reactor = OnceReactor()
+    channel = WorkerChannel(reactor)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    forward = _Forward(channel)
+    forward(
+        {
+            "log_format": "fill {bucket}/{key} stored: {received} bytes",
+            "log_level": LogLevel.warn,
+            "log_namespace": "cosedge.fill",
+            "log_time": 1.5,
+            "log_logger": object(),
+            "bucket": BUCKET,
+            "key": "a.txt",
+            "received": 12,
+        }
+    )
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        forward(
+            {
+                "log_format": "broke",
+                "log_level": LogLevel.critical,
+                "log_namespace": "x",
+                "log_time": 2.0,
+                "log_failure": Failure(),
+            }
+        )
+    worker = Spawner()
+    pool = WorkerPool(MemoryReactorClock(), 2, [], edge_config, worker)
+    pool.startService()
+    protocol = worker.protocol(0)
+    with capture_logs() as events:
+        protocol.childDataReceived(FROM_WORKER_FD, transport.value())
+    fill, failure = events
+    assert formatEvent(fill) == f"fill {BUCKET}/a.txt stored: 12 bytes"
+    assert fill["log_level"] is LogLevel.warn
+    assert fill["log_system"] == "worker-1:cosedge.fill#warn"
+    assert failure["log_level"] is LogLevel.critical
+    assert "ZeroDivisionError" in failure["log_failure"].getTraceback()
+    logged_failures.clear()  # the forwarded critical event is expected
