@@ -27,6 +27,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -588,6 +589,21 @@ class _EdgeChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._arm()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        Twisted's, writing the same bytes, but as one piece: the transport
+        checks and buffers each piece of a sequence (some forty here).
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))  # type: ignore[union-attr]
 
     def allHeadersReceived(self) -> None:
         # GET and HEAD carry no body worth reading, and Twisted would spool a

@@ -17,6 +17,8 @@ from attrs import evolve
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from cosedge.stats import Stats
@@ -309,3 +311,21 @@ def test_many_distinct_hosts_are_all_routed(edge: Edge) -> None:
         response = edge.request("/1.jpg", host=f"{BUCKET}.file.myqcloud.com:{i}")
         assert response.status == 200, i
     assert edge.request("/1.jpg", host="nobody.file.myqcloud.com").status == 404
+
+
+def test_response_heads_are_the_bytes_twisted_writes() -> None:
+    """The status line and headers go out byte for byte as Twisted's own channel writes them (repeated headers too)."""
+    headers = Headers()
+    headers.setRawHeaders(b"server", [b"cosedge"])
+    headers.setRawHeaders(b"x-cos-meta-a", [b"1", b"two words"])
+    headers.setRawHeaders(b"etag", [b'"e"'])
+    written = []
+    for channel in (HTTPChannel(), EdgeSite(_Broken(), Stats(), "", Clock(), 60).buildProtocol(None)):
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.writeHeaders(b"HTTP/1.1", b"206", b"Partial Content", headers)  # type: ignore[attr-defined]
+        written.append(transport.value())
+        channel.connectionLost(None)  # type: ignore[arg-type]
+    assert written[0] == written[1]
+    assert written[1].startswith(b"HTTP/1.1 206 Partial Content\r\nServer: cosedge\r\nX-Cos-Meta-A: 1\r\n")
