@@ -383,6 +383,40 @@ def test_socket_activation_serves_on_the_handed_socket(ops_daemon: Callable[...,
     assert any(e.get("log_namespace") == "cosedge.ops" for e in events())
 
 
+def test_socket_activation_with_workers(ops_daemon: Callable[..., OpsDaemon]) -> None:
+    """
+    With workers = 2 under socket activation, the worker serves the handed
+    socket too; READY=1 comes only once it does, and its log events reach
+    the JSON log marked with the worker.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    fd = listener.fileno()
+    daemon = ops_daemon(
+        unit_file=REPO / "etc" / "cosedge.service.d" / "socket.conf",
+        port=listener.getsockname()[1],
+        env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "cosedge-http"},
+        pass_fds=(fd,),
+        activate_fd=fd,
+        logger="cosedge.logs.json",
+        admin_listen="unix:{root}/admin.sock",
+        workers=2,
+    )
+    try:
+        daemon.launch()
+    finally:
+        listener.close()
+    ready = daemon.message()
+    assert ready.startswith("READY=1"), ready
+    events = [json.loads(line) for line in daemon.stdout_path.read_text().splitlines() if line.strip()]
+    serving = [i for i, e in enumerate(events) if str(e.get("log_format", "")).startswith("worker {index}")]
+    assert serving, "no worker reported serving before READY=1"
+    assert any(str(e.get("log_system", "")).startswith("worker-1") for e in events)
+    assert daemon.request("/missing-here").status == 302
+    assert daemon.terminate() == 0
+
+
 def test_bad_admin_section_stops_the_daemon_with_its_message(tmp_path: Path) -> None:
     """A wrong [admin] value stops twistd with a non-zero status and a message naming the field."""
     config = tmp_path / "cosedge.toml"
