@@ -366,6 +366,8 @@ class PasswordFileChecker:
     """
 
     credentialInterfaces = (cred.IUsernamePassword,)
+    #: Login attempts that may wait for the one running; more are refused at once.
+    max_waiting = 16
     _dummy = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
     def __init__(self, path: str, reactor: Any) -> None:
@@ -376,6 +378,11 @@ class PasswordFileChecker:
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username.decode("utf-8", "replace")
         password = credentials.password.decode("utf-8", "replace")
+        if len(self._one_at_a_time.waiting) >= self.max_waiting:
+            # A flood of attempts (connections that may already be gone)
+            # must not queue hashing work without bound.
+            _log.warn("manhole telnet login refused: {count} login attempts already waiting", count=self.max_waiting)
+            return fail(UnauthorizedLogin())
         try:
             users = read_password_file(self.path)
         except ConfigError as e:

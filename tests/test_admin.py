@@ -927,6 +927,32 @@ def test_password_checks_run_one_at_a_time(files: dict[str, str]) -> None:
     assert results[0].check(UnauthorizedLogin) and results[1] == b"alice" and results[2].check(UnauthorizedLogin)
 
 
+def test_a_flood_of_password_checks_is_refused_beyond_the_waiting_limit(files: dict[str, str]) -> None:
+    """
+    Login attempts beyond max_waiting queued behind the running check are
+    refused at once (no hashing queued without bound); once the queue
+    drains, logins work again.
+    """
+    from twisted.cred.credentials import UsernamePassword
+    from twisted.cred.error import UnauthorizedLogin
+
+    from cosedge.manhole import PasswordFileChecker
+
+    reactor = PoolReactor()
+    checker = PasswordFileChecker(files["passwords"], reactor)
+    checker.max_waiting = 2
+    results: list[Any] = []
+    for _ in range(5):  # one runs, two wait, two are refused
+        checker.requestAvatarId(UsernamePassword(b"alice", b"wrong")).addBoth(results.append)
+    assert len(results) == 2 and all(r.check(UnauthorizedLogin) for r in results)
+    for _ in range(3):
+        reactor.pool.run_one()
+    assert len(results) == 5 and reactor.pool.queued == []
+    checker.requestAvatarId(UsernamePassword(b"alice", b"s3cret")).addBoth(results.append)
+    reactor.pool.run_one()
+    assert results[-1] == b"alice"
+
+
 def test_the_host_key_is_created_privately_and_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     On first start the SSH host key is written to a fresh private file that
