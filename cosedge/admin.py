@@ -608,11 +608,13 @@ class Edge:
     # -- objects and fills --
 
     def fills(self) -> Table:
-        """Fills running and queued: bucket, key, state, bytes so far, expected, age (s)."""
-        return Table(
-            {k: f[k] for k in ("bucket", "key", "state", "bytes", "expected", "age")}
-            for f in self._live.service.filler.in_flight()
-        )
+        """
+        Fills running and queued: bucket, key, state, bytes so far, expected,
+        age (s); with workers, also the process (0 is this one; a worker's as
+        of its last report, at most a second old).
+        """
+        columns = ("bucket", "key", "state", "bytes", "expected", "age", "process")
+        return Table({k: f[k] for k in columns if k in f} for f in self._live.service.in_flight())
 
     def stats(self) -> Report:
         """Counters since start: hits, misses, redirects, fills by outcome and reason, bytes."""

@@ -127,6 +127,13 @@ class EdgeService(MultiService):
         if self.workers is not None:
             self.workers.tell({"forget": (bucket, segments)})
 
+    def in_flight(self) -> list[dict[str, object]]:
+        """The fills running and queued in every process (see :meth:`Filler.in_flight`)."""
+        fills = self.filler.in_flight()
+        if self.workers is None:
+            return fills
+        return [{**f, "process": 0} for f in fills] + self.workers.in_flight()
+
     def totals(self) -> Totals:
         """Counters and fill gauges of the whole daemon, every process included."""
         filler = self.filler

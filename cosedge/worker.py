@@ -35,6 +35,8 @@ __all__ = ["WorkerChannel", "main"]
 
 #: Seconds between two reports of the counters to the primary.
 REPORT_INTERVAL = 1.0
+#: The most in-flight fills a report lists (``edge.fills()`` in the primary).
+MAX_REPORTED_FILLS = 1000
 
 
 @implementer(IHalfCloseableProtocol)
@@ -102,7 +104,8 @@ class WorkerChannel(Int32StringReceiver):
         service = self.service
         filler = service.filler
         gauges = {"running": filler.running, "queued": filler.queued, "not_found": filler.remembered_not_found()}
-        self.send({"stats": service.stats.to_json(), "gauges": gauges})
+        fills = filler.in_flight()[:MAX_REPORTED_FILLS]
+        self.send({"stats": service.stats.to_json(), "gauges": gauges, "fills": fills})
 
     def _stop(self) -> Any:
         if self._reporter is not None and self._reporter.running:

@@ -235,6 +235,7 @@ class _Worker(ProcessProtocol):
         self.started_at = pool.reactor.seconds()
         self.stats: dict[str, Any] | None = None
         self.gauges: dict[str, int] = {}
+        self.fills: list[dict[str, Any]] = []
         self.ended: Deferred[None] = Deferred()
         self._frames = _Frames(self._received, self._kill)
 
@@ -273,6 +274,7 @@ class _Worker(ProcessProtocol):
         if "stats" in message:
             self.stats = message["stats"]
             self.gauges = message.get("gauges", {})
+            self.fills = message.get("fills", [])
         if message.get("ready"):
             self.ready = True
             _log.info("worker {index} (pid {pid}) serving", index=self.index, pid=self.pid)
@@ -431,6 +433,10 @@ class WorkerPool(Service):
             totals.fills_queued += worker.gauges.get("queued", 0)
             totals.not_found_remembered += worker.gauges.get("not_found", 0)
         return totals
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """The workers' fills as of their last reports, each with its ``process`` number."""
+        return [{**f, "process": w.index} for w in self.workers.values() for f in w.fills]
 
     def check(self) -> str | None:
         """Readiness: None once every worker serves."""

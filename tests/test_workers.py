@@ -359,6 +359,10 @@ def test_live_changes_and_purges_reach_every_worker(tmp_path: Path) -> None:
             messages = spawn.process(n).messages()
             assert messages[1] == {"config": changed}
             assert messages[2] == {"forget": (BUCKET, ("a", "b.txt"))}
+        # Every process's fills, numbered by process.
+        fill = {"bucket": BUCKET, "key": "w.txt", "state": "running", "bytes": 5, "expected": 9, "age": 1.0}
+        _say(spawn.protocol(1), stats=Stats().to_json(), gauges={}, fills=[fill])
+        assert service.in_flight() == [{**fill, "process": 2}]
         # A worker whose pipe has closed (it is ending) does not fail a change.
         spawn.process(0).closed.append(TO_WORKER_FD)
         service.replace_config(config)
@@ -387,6 +391,9 @@ class FakeService:
 
     def remembered_not_found(self) -> int:
         return 0
+
+    def in_flight(self) -> list[dict[str, object]]:
+        return [{"bucket": BUCKET, "key": "k", "state": "running", "bytes": 1, "expected": 2, "age": 0.5}]
 
     def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
         self.forgotten.append((bucket, segments))
@@ -447,6 +454,7 @@ def test_the_worker_builds_its_service_from_init_and_follows_changes() -> None:
     channel.service.stats.inc("hits", 3)
     reactor.advance(1.0)
     assert sent()[-1]["stats"]["events"] == {"hits": 3}
+    assert sent()[-1]["fills"] == channel.service.in_flight()
     changed = config.without_bucket(BUCKET)
     channel.dataReceived(frame(pickle.dumps({"config": changed})))
     channel.dataReceived(frame(pickle.dumps({"forget": (BUCKET, ("k",))})))
