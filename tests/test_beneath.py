@@ -99,12 +99,20 @@ def test_a_symlink_at_any_level_is_never_followed(
 
 @pytest.mark.parametrize(
     "segments",
-    [("..", "neighbour"), ("a", "..", "..", "neighbour"), ("a/../..", "neighbour"), ("", "top"), (".", "top")],
+    [
+        ("..", "neighbour"),
+        ("a", "..", "..", "neighbour"),
+        ("a/../..", "neighbour"),
+        ("", "top"),
+        (".", "top"),
+        ("a\0b",),
+        ("top\0",),
+    ],
 )
 def test_dot_dot_and_odd_segments_never_escape(
     layout: tuple[DiskStore, Path], mode: str, segments: tuple[str, ...]
 ) -> None:
-    """Segments that are not plain names ('..', '.', empty, with '/') open nothing, least of all a neighbour."""
+    """Segments that are not plain names ('..', '.', empty, with '/' or NUL) open nothing, least of all a neighbour."""
     store, _ = layout
     assert store.open(BUCKET, segments) is None
 
