@@ -504,11 +504,15 @@ class EdgeResource(Resource):
         if length <= _CHUNK:
             # A small body goes out in one write, without a producer; render()
             # sets Content-Length from it (exactly ``length``, checked here).
-            body = b"".join(prefix + obj.read(start, end - start) for prefix, start, end in parts) + trailer
+            if ranges is None:  # the whole object, the usual case
+                body, served = obj.read(0, size), size
+            else:
+                body = b"".join(prefix + obj.read(start, end - start) for prefix, start, end in parts) + trailer
+                served = sum(end - start for _, start, end in parts)
             if len(body) != length:
                 _drop_short_response(request)
                 return NOT_DONE_YET, False
-            self._stats.inc("bytes_served", sum(end - start for _, start, end in parts))
+            self._stats.inc("bytes_served", served)
             return body, False
         request.setHeader(b"content-length", b"%d" % length)
         sender = sendfile_producer(request, obj, parts, trailer, self._stats)
