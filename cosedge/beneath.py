@@ -35,7 +35,8 @@ RESOLVE_BENEATH = 0x08
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 # The starting folder: followed if it is a symlink (an operator may link a
 # bucket folder to another disk); O_PATH since only lookups go through it.
-_OPEN_ROOT = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+# As in any path lookup, the folders need search (x) permission, not read.
+_OPEN_ROOT = getattr(os, "O_PATH", 0) | os.O_DIRECTORY | os.O_CLOEXEC
 #: The kernel or a filter refuses the call itself: use the portable path.
 _REFUSED = frozenset({errno.ENOSYS, errno.EPERM, errno.E2BIG, errno.EINVAL})
 #: Worth another try, by the portable path.
