@@ -310,3 +310,41 @@ def test_special_files_are_not_objects(store: DiskStore) -> None:
     os.mkfifo(bucket / "pipe")
     assert store.open(BUCKET, ("pipe",)) is None
     assert store.usage(BUCKET) == (0, 0)
+
+
+def test_metadata_is_read_once_per_version_of_a_file(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A file's metadata is parsed once and reused while the file is unchanged;
+    a replaced object, and metadata rewritten in place (setfattr), are read
+    afresh at the next open.
+    """
+    _put(store, ("k",), b"one", {"content-type": "text/plain"})
+    reads: list[int] = []
+    real = os.getxattr
+
+    def counting(*args: object, **kwargs: object) -> bytes:
+        reads.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "getxattr", counting)
+
+    def meta() -> dict[str, str]:
+        obj = store.open(BUCKET, ("k",))
+        assert obj is not None
+        obj.close()
+        return dict(obj.meta)
+
+    assert meta() == {"content-type": "text/plain"}
+    assert meta() == {"content-type": "text/plain"}
+    assert len(reads) == 1
+    _put(store, ("k",), b"two", {"content-type": "image/png"})
+    assert meta() == {"content-type": "image/png"}
+    assert len(reads) == 2
+    path = os.path.join(store.bucket_path(BUCKET), "k")
+    os.setxattr(path, META_XATTR, json.dumps({"content-type": "text/html"}).encode())
+    assert meta() == {"content-type": "text/html"}
+    obj = store.open(BUCKET, ("k",))
+    assert obj is not None
+    with pytest.raises(TypeError):
+        obj.meta["content-type"] = "x"  # type: ignore[index]  # shared between opens: read-only
+    obj.close()
