@@ -81,8 +81,12 @@ class WorkerChannel(Int32StringReceiver):
             pass
 
     def send(self, message: dict[str, Any]) -> None:
-        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return
+        try:
             self.sendString(json.dumps(message).encode("utf-8"))
+        except Exception:  # the pipe is gone with the primary: nobody to tell
+            pass
 
     def _start(self, init: dict[str, Any]) -> None:
         if self.service is not None:
