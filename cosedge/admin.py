@@ -423,6 +423,7 @@ class LiveConfig(Service):
         self.service.reactor.callFromThread(self._reload_on_hangup)
 
     def _reload_on_hangup(self) -> None:
+        self.service.reopen_logs()  # logrotate's postrotate: a new access-log file
         try:
             self.reload("sighup")
         except AdminError:

@@ -121,6 +121,12 @@ class EdgeService(MultiService):
             self.workers.tell({"config": config})
         return old
 
+    def reopen_logs(self) -> None:
+        """Reopen the access-log file in every process (SIGHUP: after logrotate)."""
+        self.site.reopen_access_log()
+        if self.workers is not None:
+            self.workers.tell({"reopen": True})
+
     def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
         """Drop a key's remembered 404 or failure, in every process."""
         self.filler.forget(bucket, segments)

@@ -749,3 +749,30 @@ class EdgeSite(Site):
     def log(self, request: Any) -> None:
         self._stats.statuses[request.code] += 1
         super().log(request)
+
+    def _openLogFile(self, path: str) -> Any:  # type: ignore[override]
+        """
+        The access-log file, in append mode, written a line at a time: the
+        lines of several processes (``workers``) never overwrite or split
+        each other.  Rotation is logrotate's, with a SIGHUP to reopen; not
+        the 1 MB self-rotation of Twisted's ``LogFile`` that ``Site`` uses,
+        which several processes would each do on their own.
+        """
+        return open(path, "a", 1, encoding="utf-8", newline="\n")
+
+    def reopen_access_log(self) -> None:
+        """
+        Open the access-log file by its name again, so that lines go to a new
+        file once logrotate has moved the old one away (``-`` and off are
+        left as they are).  If it cannot be opened, logging goes on to the
+        old file and a warning says why.
+        """
+        if not self._access_log or self._access_log == "-" or self._logFile is None:
+            return
+        try:
+            new = self._openLogFile(os.path.abspath(self._access_log))
+        except OSError as e:
+            _log.warn("access log {path} not reopened: {error}", path=self._access_log, error=e)
+            return
+        old, self._logFile = self._logFile, new
+        old.close()

@@ -61,6 +61,8 @@ class WorkerChannel(Int32StringReceiver):
             self.service.replace_config(message["config"])
         elif "forget" in message:
             self.service.filler.forget(*message["forget"])
+        elif "reopen" in message:
+            self.service.reopen_logs()
 
     def readConnectionLost(self) -> None:
         # The primary closed the pipe: it is stopping (or died); so does this

@@ -917,6 +917,54 @@ def test_access_log_in_combined_format(cooperator: StepCooperator, tmp_path: Pat
     ), lines[0]
 
 
+def test_access_log_is_reopened_after_rotation(cooperator: StepCooperator, tmp_path: Path) -> None:
+    """
+    After logrotate moves the access log away, reopening it (what SIGHUP
+    does) sends the next lines to a new file by the configured name; a name
+    that cannot be opened keeps logging to the old file.
+    """
+    edge = Edge(cooperator)
+    log = tmp_path / "access.log"
+    site = EdgeSite(edge.resource, edge.stats, str(log), edge.clock, 60)
+    site.doStart()
+    edge.site = site
+    edge.request("/before-rotation")
+    rotated = tmp_path / "access.log.1"
+    log.rename(rotated)
+    site.reopen_access_log()
+    edge.request("/after-rotation")
+    log.rename(tmp_path / "access.log.2")
+    log.mkdir()  # a name that cannot be opened as a file now
+    site.reopen_access_log()
+    edge.request("/still-logged")
+    site.doStop()
+    assert "/before-rotation" in rotated.read_text() and "/after-rotation" not in rotated.read_text()
+    second = (tmp_path / "access.log.2").read_text()
+    assert "/after-rotation" in second and "/still-logged" in second
+
+
+def test_access_log_lines_of_several_processes_all_land_whole(cooperator: StepCooperator, tmp_path: Path) -> None:
+    """
+    Two sites writing one access log (two worker processes) append whole
+    lines that never overwrite each other, and the file is never rotated
+    by the daemon itself, however long it grows (that is logrotate's job).
+    """
+    log = tmp_path / "access.log"
+    edges = [Edge(cooperator), Edge(cooperator)]
+    for edge in edges:
+        edge.site = EdgeSite(edge.resource, edge.stats, str(log), edge.clock, 60)
+        edge.site.doStart()
+    long_key = "k" * 900
+    for n in range(1200):  # over 1 MB of lines
+        edges[n % 2].request(f"/{long_key}?n={n}")
+    for edge in edges:
+        edge.site.doStop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["access.log"]
+    lines = log.read_text().splitlines()
+    assert log.stat().st_size > 1_000_000
+    assert sorted(int(re.search(r"\?n=(\d+) ", line).group(1)) for line in lines) == list(range(1200))  # type: ignore[union-attr]
+
+
 def test_access_log_to_standard_output(cooperator: StepCooperator, capfd: pytest.CaptureFixture[str]) -> None:
     """With access_log = "-", the combined-log line goes to standard output."""
     edge = Edge(cooperator)

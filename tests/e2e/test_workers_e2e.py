@@ -204,3 +204,28 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_sighup_reopens_the_access_log_in_every_process(pair: Daemon) -> None:
+    """
+    logrotate's postrotate (SIGHUP to the primary) makes every process write
+    its access-log lines to a new file by the configured name.
+    """
+    assert pair.proc is not None
+    obj = pair.object_path("logged.txt")
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"log me\n")
+    answering_processes(pair, "/logged.txt", connections=10)
+    rotated = pair.access_log.with_name("access.log.1")
+    pair.access_log.rename(rotated)
+    pair.proc.send_signal(signal.SIGHUP)
+    pair.wait_for_log(r"configuration reloaded .* via sighup")
+    time.sleep(0.5)  # the worker reopens when the primary's message reaches it
+    by_process = answering_processes(pair, "/logged.txt?after", connections=40)
+    assert len(by_process) == 2
+    wait_for(
+        lambda: pair.access_log.exists() and pair.access_log.read_text().count("/logged.txt?after") == 40,
+        5,
+        "all 40 lines in the new access log",
+    )
+    assert "/logged.txt?after" not in rotated.read_text()
