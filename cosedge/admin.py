@@ -465,6 +465,7 @@ class Edge:
 
       edge.fills()                         fills running and queued
       edge.stats()                         hits, misses, redirects, fills, bytes
+      edge.processes()                     this daemon's processes ([server] workers)
       edge.purge(bucket, key)              delete one stored object
       edge.prefetch(bucket, key)           copy one object from the origin now;
                                            returns a Deferred (the shell shows
@@ -616,6 +617,18 @@ class Edge:
         """
         columns = ("bucket", "key", "state", "bytes", "expected", "age", "process")
         return Table({k: f[k] for k in columns if k in f} for f in self._live.service.in_flight())
+
+    def processes(self) -> Table:
+        """
+        The daemon's processes: 0 is this one (the primary), then each worker
+        with its pid, whether it serves, its uptime (s) and how many times it
+        was started again after dying.
+        """
+        service = self._live.service
+        rows = [{"process": 0, "pid": os.getpid(), "serving": True, "uptime": None, "restarts": 0}]
+        if service.workers is not None:
+            rows += service.workers.processes()
+        return Table(rows)
 
     def stats(self) -> Report:
         """Counters since start: hits, misses, redirects, fills by outcome and reason, bytes."""

@@ -319,6 +319,7 @@ class WorkerPool(Service):
         self.workers: dict[int, _Worker] = {}
         self._retired = Stats()
         self._delays: dict[int, float] = {}
+        self._restarts: dict[int, int] = {}
         self._timers: dict[int, IDelayedCall] = {}
         self._stopping = False
         #: Fires with True once every worker has served (the daemon is ready:
@@ -378,6 +379,7 @@ class WorkerPool(Service):
         delay = RESPAWN_DELAY if lived >= STABLE_AFTER else self._delays.get(worker.index, RESPAWN_DELAY / 2) * 2
         delay = min(delay, RESPAWN_MAX_DELAY)
         self._delays[worker.index] = delay
+        self._restarts[worker.index] = self._restarts.get(worker.index, 0) + 1
         _log.warn(
             "worker {index} (pid {pid}) exited: {reason}; starting it again in {delay}s",
             index=worker.index,
@@ -433,6 +435,23 @@ class WorkerPool(Service):
             totals.fills_queued += worker.gauges.get("queued", 0)
             totals.not_found_remembered += worker.gauges.get("not_found", 0)
         return totals
+
+    def processes(self) -> list[dict[str, Any]]:
+        """One row per worker slot: pid (None while it is being started again), serving, uptime, restarts."""
+        now = self.reactor.seconds()
+        rows = []
+        for index in range(1, self.count):
+            worker = self.workers.get(index)
+            rows.append(
+                {
+                    "process": index,
+                    "pid": worker.pid if worker is not None else None,
+                    "serving": worker is not None and worker.ready,
+                    "uptime": round(now - worker.started_at, 1) if worker is not None else None,
+                    "restarts": self._restarts.get(index, 0),
+                }
+            )
+        return rows
 
     def in_flight(self) -> list[dict[str, Any]]:
         """The workers' fills as of their last reports, each with its ``process`` number."""

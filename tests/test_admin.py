@@ -445,8 +445,16 @@ def test_help_names_every_command(harness: Harness) -> None:
         "prefetch",
         "reload",
         "revert",
+        "processes",
     ]:
         assert f"edge.{name}(" in text
+
+
+def test_processes_of_a_one_process_daemon(harness: Harness) -> None:
+    """edge.processes() shows the one process, serving, when workers is 1."""
+    rows = harness.edge().processes()
+    assert rows == [{"process": 0, "pid": os.getpid(), "serving": True, "uptime": None, "restarts": 0}]
+    assert repr(rows).splitlines()[0].split() == ["process", "pid", "serving", "uptime", "restarts"]
 
 
 # -- reload (SIGHUP) --

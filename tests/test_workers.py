@@ -295,6 +295,12 @@ def test_a_dead_worker_is_started_again_with_a_growing_delay(pool: Any) -> None:
     pool, reactor, spawn, endpoint = pool
     pool.startService()
     result_of(endpoint.listen(object()))
+    reactor.advance(5)
+    _say(spawn.protocol(0), ready=True)
+    assert pool.processes() == [
+        {"process": 1, "pid": 1000, "serving": True, "uptime": 5.0, "restarts": 0},
+        {"process": 2, "pid": 1001, "serving": False, "uptime": 5.0, "restarts": 0},
+    ]
     first_fd = spawn.calls[0]["fds"][FIRST_LISTENER_FD]
     for n, delay in enumerate([1.0, 2.0, 4.0]):
         spawn.protocol(len(spawn.calls) - 2 if n == 0 else -1).processEnded(Failure(ProcessTerminated(exitCode=1)))
@@ -305,6 +311,9 @@ def test_a_dead_worker_is_started_again_with_a_growing_delay(pool: Any) -> None:
         assert len(spawn.calls) == calls + 1
         assert spawn.calls[-1]["fds"][FIRST_LISTENER_FD] == first_fd
         assert spawn.process(-1).messages()[0]["init"]["index"] == 1
+        assert pool.processes()[0]["restarts"] == n + 1
+    spawn.protocol(-1).processEnded(Failure(ProcessTerminated(exitCode=1)))
+    assert pool.processes()[0] == {"process": 1, "pid": None, "serving": False, "uptime": None, "restarts": 4}
 
 
 def test_stop_closes_every_pipe_waits_then_kills(pool: Any) -> None:
