@@ -44,12 +44,15 @@ import os
 import pickle
 import re
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp, unix
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ProcessExitedAlready
@@ -94,8 +97,9 @@ def parse_tcp(description: str) -> tuple[int, str, int, int] | None:
         return None
     kind, port, rest = match.groups()
     options = {name: re.sub(r"\\(.)", r"\1", value) for name, value in _OPTION.findall(rest)}
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
     interface = options.get("interface", "::" if kind == "tcp6" else "")
+    # Like Twisted's tcp: endpoint, an IPv6 literal makes an IPv6 socket.
+    family = socket.AF_INET6 if kind == "tcp6" or isIPv6Address(interface) else socket.AF_INET
     backlog = options.get("backlog", "50")
     if not backlog.isdigit() or int(port) > 65535:
         return None
@@ -194,12 +198,43 @@ class AdoptedEndpoint:
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         try:
-            port: IListeningPort = self.reactor.adoptStreamPort(self.fd, self.family, factory)
+            port: IListeningPort
+            if self.family == socket.AF_UNIX:
+                port = _SharedUNIXPort.adopt(self.reactor, self.fd, factory)
+            else:
+                port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
         except Exception:
             return fail()
         finally:
             os.close(self.fd)  # adopted as a duplicate
         return succeed(port)
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    A UNIX listening socket whose path belongs to the primary.  Twisted's
+    port treats a socket it adopts as its own: it sets the path's mode (to
+    0666 unless told otherwise) when it starts and removes the path when it
+    stops, which would open the socket to everyone and, at a worker's stop,
+    take it away from every process; and its close shuts the socket down
+    (``shutdown(2)``), which stops every process's accepts on it.  This one
+    keeps the mode the path has, leaves the path alone and only closes its
+    own descriptor, as Twisted's TCP port does with an adopted socket.
+    """
+
+    _shouldShutdown = False
+
+    @classmethod
+    def adopt(cls, reactor: Any, fd: int, factory: IProtocolFactory) -> _SharedUNIXPort:
+        port: _SharedUNIXPort = cls._fromListeningDescriptor(reactor, fd, factory)
+        path = port._bindPath
+        if path and path[:1] not in ("\0", b"\0"):  # abstract names have no mode
+            port.mode = stat.S_IMODE(os.stat(path).st_mode)  # so the start's chmod changes nothing
+        port.startListening()
+        return port
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)  # without unix.Port's unlink of the path
 
 
 def frame(payload: bytes) -> bytes:
@@ -281,8 +316,10 @@ class _Worker(ProcessProtocol):
             self.pool._serving()
 
     def _kill(self) -> None:
+        if self.transport is None:
+            return
         try:
-            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+            self.transport.signalProcess("KILL")  # type: ignore[attr-defined]
         except ProcessExitedAlready:
             pass
 
@@ -360,13 +397,17 @@ class WorkerPool(Service):
             listeners.append((FIRST_LISTENER_FD + n, family))
         worker = _Worker(self, index, listeners)
         self.workers[index] = worker
-        self._spawn(
-            worker,
-            sys.executable,
-            [sys.executable, "-m", "cosedge.worker"],
-            env=_worker_environ(),
-            childFDs=child_fds,
-        )
+        try:
+            self._spawn(
+                worker,
+                sys.executable,
+                [sys.executable, "-m", "cosedge.worker"],
+                env=_worker_environ(),
+                childFDs=child_fds,
+            )
+        except Exception as e:  # fork or pipe refused: out of descriptors, memory, processes
+            del self.workers[index]
+            self._again(index, f"could not be started: {e}", lived=0.0)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
@@ -376,18 +417,16 @@ class WorkerPool(Service):
         if self._stopping or not self.running:
             return
         lived = self.reactor.seconds() - worker.started_at
-        delay = RESPAWN_DELAY if lived >= STABLE_AFTER else self._delays.get(worker.index, RESPAWN_DELAY / 2) * 2
+        self._again(worker.index, f"(pid {worker.pid}) exited: {reason.getErrorMessage()}", lived)
+
+    def _again(self, index: int, what: str, lived: float) -> None:
+        """Start worker ``index`` again after the back-off delay."""
+        delay = RESPAWN_DELAY if lived >= STABLE_AFTER else self._delays.get(index, RESPAWN_DELAY / 2) * 2
         delay = min(delay, RESPAWN_MAX_DELAY)
-        self._delays[worker.index] = delay
-        self._restarts[worker.index] = self._restarts.get(worker.index, 0) + 1
-        _log.warn(
-            "worker {index} (pid {pid}) exited: {reason}; starting it again in {delay}s",
-            index=worker.index,
-            pid=worker.pid,
-            reason=reason.getErrorMessage(),
-            delay=delay,
-        )
-        self._timers[worker.index] = self.reactor.callLater(delay, self._start, worker.index)
+        self._delays[index] = delay
+        self._restarts[index] = self._restarts.get(index, 0) + 1
+        _log.warn("worker {index} {what}; starting it again in {delay}s", index=index, what=what, delay=delay)
+        self._timers[index] = self.reactor.callLater(delay, self._start, index)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -399,7 +438,8 @@ class WorkerPool(Service):
         waits = []
         for worker in list(self.workers.values()):
             waits.append(worker.ended)
-            worker.transport.closeChildFD(TO_WORKER_FD)  # type: ignore[union-attr]  # "stop"
+            if worker.transport is not None:
+                worker.transport.closeChildFD(TO_WORKER_FD)  # type: ignore[attr-defined]  # "stop"
         killer = self.reactor.callLater(STOP_TIMEOUT, self._kill_all)
 
         def stopped(_: object) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -75,6 +76,7 @@ def test_a_bad_workers_value_names_the_setting(value: object) -> None:
         ("tcp:port=80:backlog=511:interface=10.0.0.1", (socket.AF_INET, "10.0.0.1", 80, 511)),
         ("tcp6:8080:interface=\\:\\:1", (socket.AF_INET6, "::1", 8080, 50)),
         ("tcp6:0", (socket.AF_INET6, "::", 0, 50)),
+        ("tcp:8080:interface=\\:\\:1", (socket.AF_INET6, "::1", 8080, 50)),  # tcp: with an IPv6 literal
         ("unix:/run/cosedge.sock", None),
         ("systemd:domain=INET:index=0", None),
         ("tcp:8080:interface=127.0.0.1:reuse=1", None),
@@ -154,6 +156,33 @@ def test_other_listeners_share_their_one_socket() -> None:
         endpoint.close_shares()
         with pytest.raises(OSError):
             os.fstat(fd_a)
+
+
+def test_a_worker_leaves_a_shared_unix_socket_as_the_primary_made_it(tmp_path: Path) -> None:
+    """
+    A worker serving a unix: listener neither opens the socket's mode
+    (Twisted would set 0666) nor removes its path nor shuts the socket down
+    when it stops: they are the primary's, and the other processes still
+    serve it.
+    """
+    from cosedge.workers import AdoptedEndpoint
+
+    path = tmp_path / "edge.sock"
+    with socket.socket(socket.AF_UNIX) as primary:
+        primary.bind(str(path))
+        os.chmod(path, 0o600)
+        primary.listen(8)
+        primary.setblocking(False)
+        reactor = MemoryReactorClock()
+        port = result_of(AdoptedEndpoint(reactor, os.dup(primary.fileno()), socket.AF_UNIX).listen(Factory()))
+        assert not isinstance(port, Failure), port
+        assert (path.stat().st_mode & 0o777) == 0o600
+        stopped = port.stopListening()
+        reactor.advance(0)
+        assert stopped.called
+        assert path.exists()
+        with socket.socket(socket.AF_UNIX) as client:  # still accepting: not shut down for everyone
+            client.connect(str(path))
 
 
 # -- the pool ------------------------------------------------------------------
@@ -337,6 +366,32 @@ def test_stop_closes_every_pipe_waits_then_kills(pool: Any) -> None:
     reactor.advance(60)
     assert len(spawn.calls) == 2
     assert endpoint.shares == []
+
+
+def test_a_worker_that_cannot_be_spawned_is_tried_again(pool: Any) -> None:
+    """
+    A spawn refused by the system (no descriptors, no memory) is logged and
+    tried again after the back-off, and stopping meanwhile still works.
+    """
+    pool, reactor, spawn, endpoint = pool
+    refusals = [OSError(24, "Too many open files")]
+
+    def flaky(*args: Any, **kwargs: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        spawn(*args, **kwargs)
+
+    pool._spawn = flaky
+    pool.startService()
+    result_of(endpoint.listen(object()))
+    assert len(spawn.calls) == 1  # the first worker slot failed, the second started
+    assert pool.processes()[0] == {"process": 1, "pid": None, "serving": False, "uptime": None, "restarts": 1}
+    reactor.advance(1.0)
+    assert len(spawn.calls) == 2
+    stopped = pool.stopService()
+    for n in (0, 1):
+        spawn.protocol(n).processEnded(Failure(ProcessDone(0)))
+    assert stopped.called
 
 
 def test_a_failed_listener_starts_no_worker(pool: Any, logged_failures: list[Any]) -> None:

@@ -9,6 +9,7 @@ after a bound), and a failing test shows the logs of the daemons it used.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -68,6 +69,8 @@ class Daemon:
     workers: int = 1
     #: More TOML appended to the configuration file.
     extra_config: str = ""
+    #: More [server] listen endpoints beside the TCP port.
+    more_listen: tuple[str, ...] = ()
     port: int = attrs.field(factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -104,7 +107,7 @@ class Daemon:
         self.config_path.write_text(
             f"""\
 [server]
-listen = ["tcp:{self.port}:interface=127.0.0.1"]
+listen = {json.dumps([f"tcp:{self.port}:interface=127.0.0.1", *self.more_listen])}
 domains = ["file.myqcloud.com"]
 data_dir = "{self.data_dir}"
 access_log = "{self.access_log}"

@@ -229,3 +229,36 @@ def test_sighup_reopens_the_access_log_in_every_process(pair: Daemon) -> None:
         "all 40 lines in the new access log",
     )
     assert "/logged.txt?after" not in rotated.read_text()
+
+
+def test_a_unix_listener_survives_a_worker_and_keeps_its_mode(
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin
+) -> None:
+    """
+    A unix: listener with mode=600 keeps that mode with two processes, and a
+    worker that stops (SIGTERM) and is started again neither removes the
+    socket path nor stops the port from answering.
+    """
+    root = tmp_path_factory.mktemp("cosedge")
+    sock = root / "edge.sock"
+    daemon = Daemon(root, origin.netloc, dict(FAST_FILL), workers=2, more_listen=(f"unix:{sock}:mode=600",))
+    daemon.start()
+    try:
+        daemon.wait_for_log(r"worker 1 \(pid \d+\) serving")
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        (old,) = worker_pids(daemon)
+        os.kill(old, signal.SIGTERM)
+        daemon.wait_for_log(rf"worker 1 \(pid (?!{old}\))\d+\) serving")
+        assert sock.exists() and (sock.stat().st_mode & 0o777) == 0o600
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(sock))
+                s.sendall(b"GET /x HTTP/1.1\r\nHost: example-1250000000.file.myqcloud.com\r\nConnection: close\r\n\r\n")
+                assert s.recv(12) == b"HTTP/1.1 302"
+        by_process = answering_processes(daemon, "/y", connections=20)  # and the TCP port
+        assert {r.status for replies in by_process.values() for r in replies} == {302}
+    finally:
+        assert daemon.stop() == 0
+    assert daemon.problems() == []
+    assert not sock.exists()  # the primary removes it at the end
