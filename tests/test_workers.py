@@ -18,8 +18,8 @@ from typing import Any
 import attrs
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
