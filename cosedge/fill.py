@@ -355,28 +355,30 @@ class Filler:
         failure is remembered (unless ``force``), the queue is full, or the
         filler is stopping.
         """
-        return self._start(bucket, segments, origin, force) is not None
+        return isinstance(self._start(bucket, segments, origin, force), _Fill)
 
-    def _start(self, bucket: str, segments: tuple[str, ...], origin: Origin, force: bool) -> _Fill | None:
+    def _start(self, bucket: str, segments: tuple[str, ...], origin: Origin, force: bool) -> _Fill | str:
+        """The fill of this key (started, queued or joined), or why there is none."""
         key = (bucket, segments)
         if key in self._fills:
             return self._fills[key]
         if self._stopping:
-            return None
+            return "stopping"
         now = self.clock.seconds()
         if not force:
             if _remembered(self._not_found, key, now):
                 self.stats.inc("fills_skipped_not_found")
-                return None
+                return "not-found"
             if _remembered(self._backoff, key, now):
                 self.stats.inc("fills_skipped_backoff")
-                return None
+                return "backoff"
         cfg = self.config()
         fill = _Fill(bucket, segments, origin_url(origin, segments), now)
         has_slot = self._running < cfg.max_concurrent
         if has_slot or len(self._queue) < cfg.max_queue:
-            if not self._claim(bucket, segments):
-                return None
+            refused = self._claim(bucket, segments, force)
+            if refused is not None:
+                return refused
             self._fills[key] = fill
             if has_slot:
                 self._run(fill)
@@ -391,7 +393,7 @@ class Filler:
                 queued=len(self._queue),
                 url=fill.url.decode(),
             )
-            return None
+            return "queue-full"
         return fill
 
     def fill(
@@ -403,9 +405,8 @@ class Filler:
         shared fill).
         """
         fill = self._start(bucket, segments, origin, force)
-        if fill is None:
-            reason = "stopping" if self._stopping else "not-started"
-            return succeed(FillResult(bucket, "/".join(segments), False, reason))
+        if isinstance(fill, str):
+            return succeed(FillResult(bucket, "/".join(segments), False, fill))
         if fill.result is not None:  # it finished synchronously
             return succeed(fill.result)
         waiter: Deferred[FillResult] = Deferred()
@@ -461,31 +462,33 @@ class Filler:
 
     # -- internals --
 
-    def _claim(self, bucket: str, segments: tuple[str, ...]) -> bool:
+    def _claim(self, bucket: str, segments: tuple[str, ...], force: bool) -> str | None:
         """
-        Claim a key against the daemon's other processes: False when one of
-        them is filling it, or has just stored it.
+        Claim a key against the daemon's other processes: the reason not to
+        fill when one of them is filling it ("elsewhere"), or has stored it
+        since this process missed it ("stored"; a forced fill, a prefetch,
+        copies it again all the same).
         """
         if self.claims is None:
-            return True
+            return None
         try:
             if not self.claims.claim(bucket, segments):
                 self.stats.inc("fills_skipped_elsewhere")
-                return False
-            stored = self.store.open(bucket, segments)
+                return "elsewhere"
+            stored = None if force else self.store.open(bucket, segments)
         except OSError as e:
             # A claim protects against a duplicate GET, not against damage:
             # filling without one is still safe (publishing is a rename).
             _log.warn(
                 "fill {bucket}/{key}: cannot check claims: {error}", bucket=bucket, key="/".join(segments), error=e
             )
-            return True
-        if stored is not None:  # stored by another process since this one missed it
+            return None
+        if stored is not None:
             stored.close()
             self.claims.release(bucket, segments)
             self.stats.inc("fills_skipped_stored")
-            return False
-        return True
+            return "stored"
+        return None
 
     def _release(self, fill: _Fill) -> None:
         if self.claims is not None:

@@ -264,7 +264,7 @@ def test_not_found_is_remembered_for_its_ttl(fills: Fills) -> None:
     fills.config = FillConfig(not_found_ttl=10, retry_backoff=0)
     assert fills.run("gone").reason == "http-404"
     assert fills.start("gone") is False
-    assert result_of(fills.fill("gone")).reason == "not-started"
+    assert result_of(fills.fill("gone")).reason == "not-found"  # the origin's 404 is remembered
     assert fills.stats.events["fills_skipped_not_found"] == 2
     assert fills.filler.remembered_not_found() == 1
     fills.clock.advance(9.9)
@@ -559,7 +559,7 @@ def test_zero_queue_refuses_beyond_the_limit(gated: Fills) -> None:
     gated.config = FillConfig(max_concurrent=1, max_queue=0)
     assert gated.start("a") is True
     assert gated.start("b") is False
-    assert result_of(gated.fill("c")).reason == "not-started"
+    assert result_of(gated.fill("c")).reason == "queue-full"
 
 
 def test_stop_cancels_running_and_queued_fills(tmp_path: Path) -> None:

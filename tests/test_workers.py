@@ -708,3 +708,30 @@ def test_worker_log_events_reach_the_primary_log_intact(logged_failures: list[An
     assert failure["log_level"] is LogLevel.critical
     assert "ZeroDivisionError" in failure["log_failure"].getTraceback()
     logged_failures.clear()  # the forwarded critical event is expected
+
+
+def test_a_prefetch_copies_again_with_workers_and_says_when_another_process_is_copying(tmp_path: Path) -> None:
+    """
+    A forced fill (edge.prefetch) copies a stored object again even with
+    claims (workers > 1), as with one process; while another process holds
+    the key, the result says so.
+    """
+    store = DiskStore(str(tmp_path))
+    edge = Edge(StepCooperator(), store=store)
+    edge.filler.claims = Claims(str(tmp_path / "claims"))
+    origin = parse_origin(ORIGIN)
+    edge.origin.add("again.txt", b"new bytes")
+    pending = store.begin(BUCKET, ("again.txt",))
+    pending.write(b"old bytes")
+    pending.commit({}, None)
+    result = result_of(edge.filler.fill(BUCKET, ("again.txt",), origin, force=True))
+    assert result.stored and edge.origin.gets(b"/again.txt") == 1
+    obj = store.open(BUCKET, ("again.txt",))
+    assert obj is not None and obj.read(0, 100) == b"new bytes"
+    obj.close()
+    holder = _holder(tmp_path / "claims", BUCKET, "again.txt")
+    try:
+        result = result_of(edge.filler.fill(BUCKET, ("again.txt",), origin, force=True))
+        assert (result.stored, result.reason) == (False, "elsewhere")
+    finally:
+        _end(holder)
