@@ -230,7 +230,9 @@ def build_service(
     )
     service.config_path = config_path
     if shared:
-        service.workers = WorkerPool(reactor, workers, shared, lambda: service.config, _spawn)
+        service.workers = WorkerPool(
+            reactor, workers, shared, lambda: service.config, _spawn, sweep=lambda pid: store.sweep(owner=pid)
+        )
         service.workers.setServiceParent(service)
     # Optional features configured by their own TOML sections; each adds its
     # child services (and checks its section) in its own module.

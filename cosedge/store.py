@@ -108,8 +108,11 @@ class IObjectStore(Interface):
     def usage(bucket: str) -> tuple[int, int]:
         """(object count, total bytes) of a bucket."""
 
-    def sweep() -> int:
-        """Remove leftover temporary files; return how many."""
+    def sweep(owner: int | None = None) -> int:
+        """
+        Remove leftover temporary files; return how many.  With ``owner``
+        (a process id), only those that process was writing.
+        """
 
 
 @implementer(IStoredObject)
@@ -287,10 +290,10 @@ class DiskStore:
 
     def begin(self, bucket: str, segments: tuple[str, ...]) -> _DiskPending:
         try:
-            fd, path = tempfile.mkstemp(prefix=f"{bucket}.", suffix=".part", dir=self.tmp_dir)
+            fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
         except FileNotFoundError:  # made by sweep() at start; removed since
             os.makedirs(self.tmp_dir, exist_ok=True)
-            fd, path = tempfile.mkstemp(prefix=f"{bucket}.", suffix=".part", dir=self.tmp_dir)
+            fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
         return _DiskPending(self, bucket, segments, fd, path)
 
     def remove(self, bucket: str, segments: tuple[str, ...]) -> bool:
@@ -322,10 +325,13 @@ class DiskStore:
                     total += st.st_size
         return count, total
 
-    def sweep(self) -> int:
+    def sweep(self, owner: int | None = None) -> int:
+        # Temporary files are named "<pid>.<bucket>.<random>.part".
         os.makedirs(self.tmp_dir, exist_ok=True)
         removed = 0
         for entry in os.scandir(self.tmp_dir):
+            if owner is not None and not entry.name.startswith(f"{owner}."):
+                continue
             try:
                 os.unlink(entry.path)
                 removed += 1

@@ -9,6 +9,7 @@ Use the fake origin in memory through ``treq.testing.RequestTraversalAgent``
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Mapping
 
 from attrs import define, field
@@ -127,7 +128,9 @@ class MemoryStore:
         sizes = [o.size for (b, _), o in self.objects.items() if b == bucket]
         return len(sizes), sum(sizes)
 
-    def sweep(self) -> int:
+    def sweep(self, owner: int | None = None) -> int:
+        if owner is not None and owner != os.getpid():
+            return 0  # everything pending here is this process's
         count = len(self.pending)
         for p in list(self.pending):
             p.abort()

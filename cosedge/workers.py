@@ -347,12 +347,14 @@ class WorkerPool(Service):
         endpoints: list[SharedEndpoint],
         config: Callable[[], Any],
         spawn: Callable[..., Any] | None = None,
+        sweep: Callable[[int], int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
         self.endpoints = endpoints
         self.config = config
         self._spawn = spawn if spawn is not None else reactor.spawnProcess
+        self._sweep = sweep
         self.workers: dict[int, _Worker] = {}
         self._retired = Stats()
         self._delays: dict[int, float] = {}
@@ -414,6 +416,15 @@ class WorkerPool(Service):
             del self.workers[worker.index]
         if worker.stats is not None:  # keep its counts: counters never go back
             self._retired.add(worker.stats)
+        if self._sweep is not None and worker.pid is not None:
+            # A worker that was killed cannot have removed its temporary files.
+            try:
+                swept = self._sweep(worker.pid)
+            except OSError as e:
+                _log.warn("worker {index}: its temporary files not removed: {error}", index=worker.index, error=e)
+            else:
+                if swept:
+                    _log.info("worker {index}: removed {count} temporary file(s)", index=worker.index, count=swept)
         if self._stopping or not self.running:
             return
         lived = self.reactor.seconds() - worker.started_at

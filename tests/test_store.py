@@ -348,3 +348,19 @@ def test_metadata_is_read_once_per_version_of_a_file(store: DiskStore, monkeypat
     with pytest.raises(TypeError):
         obj.meta["content-type"] = "x"  # type: ignore[index]  # shared between opens: read-only
     obj.close()
+
+
+def test_sweep_of_one_process_leaves_the_others_files(store: DiskStore) -> None:
+    """
+    Temporary files carry the writing process's id; sweeping one process's
+    (a worker that died) leaves every other process's fills alone.
+    """
+    mine = store.begin(BUCKET, ("mine",))
+    theirs = Path(store.tmp_dir) / f"{os.getpid() + 1}.{BUCKET}.x1.part"
+    theirs.write_bytes(b"another process's fill")
+    assert store.sweep(owner=os.getpid() + 1) == 1
+    assert not theirs.exists()
+    assert _tmp_files(store) == [Path(mine.path).name]
+    assert Path(mine.path).name.startswith(f"{os.getpid()}.{BUCKET}.")
+    assert store.sweep() == 1
+    mine.abort()

@@ -316,6 +316,17 @@ def test_counters_are_summed_over_processes_and_kept_when_a_worker_dies(pool: An
     assert after.fills_running == 1  # gauges of a dead worker are gone
 
 
+def test_a_dead_workers_temporary_files_are_removed(pool: Any) -> None:
+    """A worker that dies (a kill cannot clean up) has its temporary files swept by pid, once."""
+    pool, reactor, spawn, endpoint = pool
+    swept: list[int] = []
+    pool._sweep = lambda pid: swept.append(pid) or 2
+    pool.startService()
+    result_of(endpoint.listen(object()))
+    spawn.protocol(1).processEnded(Failure(ProcessTerminated(signal=9)))
+    assert swept == [spawn.process(1).pid]
+
+
 def test_a_dead_worker_is_started_again_with_a_growing_delay(pool: Any) -> None:
     """
     A worker that dies is started again after 1 s, then 2 s, 4 s … while it

@@ -262,3 +262,26 @@ def test_a_unix_listener_survives_a_worker_and_keeps_its_mode(
         assert daemon.stop() == 0
     assert daemon.problems() == []
     assert not sock.exists()  # the primary removes it at the end
+
+
+def test_a_killed_workers_temporary_files_are_removed(pair: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    A worker killed mid-fill (SIGKILL, an OOM kill) cannot remove its
+    temporary files: the primary removes them when it sees the worker die,
+    and leaves the primary's own fills alone.
+    """
+    keys = [f"slow/killed-{n}.bin" for n in range(8)]  # 1 MiB each, held by the origin
+    try:
+        for key in keys:
+            assert pair.request(f"/{key}").status == 302
+        (worker,) = worker_pids(pair)
+        wait_for(lambda: any(n.startswith(f"{worker}.") for n in tmp_files(pair)), 10, "the worker's fills")
+        wait_for(lambda: any(n.startswith(f"{pair.proc.pid}.") for n in tmp_files(pair)), 10, "the primary's fills")  # type: ignore[union-attr]
+        os.kill(worker, signal.SIGKILL)
+        pair.wait_for_log(r"worker 1: removed \d+ temporary file\(s\)")
+        names = tmp_files(pair)
+        assert not any(n.startswith(f"{worker}.") for n in names)
+        assert any(n.startswith(f"{pair.proc.pid}.") for n in names)  # type: ignore[union-attr]
+    finally:
+        for key in keys:
+            origin.release(f"/{key}")
