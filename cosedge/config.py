@@ -210,9 +210,17 @@ def _listen(value: object) -> tuple[str, ...]:
 MAX_WORKERS = 64
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (a container's cpuset, taskset), not all the host has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _workers(value: object) -> int:
     if value == "auto":
-        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+        return max(1, min(MAX_WORKERS, _usable_cpus()))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ConfigError(f'workers must be "auto" or a whole number from 1 to {MAX_WORKERS}, not {value!r}')
     return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import signal
+import sys
 from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
@@ -48,6 +49,8 @@ class WorkerChannel(Int32StringReceiver):
     def __init__(self, reactor: Any, build: Any = None) -> None:
         self.reactor = reactor
         self.service: Any = None
+        #: The service could not start (the process then exits with status 1).
+        self.failed = False
         self._build = build
         self._reporter: LoopingCall | None = None
 
@@ -97,10 +100,12 @@ class WorkerChannel(Int32StringReceiver):
             from .service import build_worker_service
 
             self._build = build_worker_service
+        self.failed = True  # until it serves: the exit status says so
         service = self._build(init["config"], self.reactor, init["listeners"])
         self.service = service
         self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
         service.startService()  # adopting the listeners is synchronous; a failure raises
+        self.failed = False
         self.send({"ready": True})
         self._reporter = LoopingCall(self._report)
         self._reporter.clock = self.reactor
@@ -178,6 +183,8 @@ def main() -> None:
         signal.signal(signum, lambda *_: reactor.callFromThread(channel.quit))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the primary's: it sends the result
     reactor.run(installSignalHandlers=False)
+    if channel.failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -529,7 +529,10 @@ def _event(plain: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_environ() -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
-    # The package as the primary imported it, even from a source checkout.
+    # The package as the primary imported it: a source checkout that is not
+    # on the path the interpreter starts with is added (an installed package
+    # is found as it is, with the standard library first).
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, environ.get("PYTHONPATH", "")) if p)
+    if here not in sys.path:
+        environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, environ.get("PYTHONPATH", "")) if p)
     return environ

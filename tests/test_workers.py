@@ -53,9 +53,12 @@ def test_workers_setting_takes_a_count(value: int, expected: int) -> None:
     assert ServerConfig(workers=value).workers == expected
 
 
-def test_workers_auto_is_one_per_cpu() -> None:
-    """``workers = "auto"`` runs one process per CPU."""
-    assert parse_config({"server": {"workers": "auto"}}).server.workers == min(64, os.cpu_count() or 1)
+def test_workers_auto_is_one_per_usable_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``workers = "auto"`` runs one process per CPU this process may use (a cpuset, taskset)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert parse_config({"server": {"workers": "auto"}}).server.workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)))
+    assert parse_config({"server": {"workers": "auto"}}).server.workers == 64
 
 
 @pytest.mark.parametrize("value", [0, 65, -1, True, "2", 1.5, "many"])
@@ -268,7 +271,6 @@ def test_workers_start_once_the_listeners_listen(pool: Any, monkeypatch: pytest.
     for n, call in enumerate(spawn.calls):
         assert call["args"][1:] == ["-m", "cosedge.worker"]
         assert "NOTIFY_SOCKET" not in call["env"]
-        assert call["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(Path(workers_module.__file__).parents[1])
         fds = call["fds"]
         assert fds[0] == 0 and fds[1] == 1 and fds[2] == 2
         assert fds[TO_WORKER_FD] == "w" and fds[FROM_WORKER_FD] == "r"
@@ -284,6 +286,22 @@ def test_workers_start_once_the_listeners_listen(pool: Any, monkeypatch: pytest.
     _say(spawn.protocol(1), ready=True)
     assert pool.check() is None
     assert result_of(pool.started) is True
+
+
+def test_a_worker_imports_the_same_cosedge_as_the_primary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A source checkout that the interpreter would not find by itself goes
+    first on the worker's PYTHONPATH; an installed package is left to the
+    normal path (standard library first).
+    """
+    from cosedge.workers import _worker_environ
+
+    here = str(Path(workers_module.__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != here])
+    assert _worker_environ()["PYTHONPATH"] == os.pathsep.join([here, "/elsewhere"])
+    monkeypatch.setattr(sys, "path", [*sys.path, here])
+    assert _worker_environ()["PYTHONPATH"] == "/elsewhere"
 
 
 def test_counters_are_summed_over_processes_and_kept_when_a_worker_dies(pool: Any) -> None:
@@ -746,3 +764,21 @@ def test_a_prefetch_copies_again_with_workers_and_says_when_another_process_is_c
         assert (result.stored, result.reason) == (False, "elsewhere")
     finally:
         _end(holder)
+
+
+def test_a_worker_that_cannot_start_reports_failure_in_its_exit_status() -> None:
+    """A worker whose service fails to start marks itself failed (it then exits with status 1)."""
+    reactor = OnceReactor()
+
+    def broken(*args: Any) -> Any:
+        raise CannotListenError("", 0, OSError("no"))
+
+    channel = WorkerChannel(reactor, broken)
+    channel.makeConnection(StringTransport())
+    with pytest.raises(CannotListenError):
+        channel.stringReceived(pickle.dumps({"init": {"index": 1, "listeners": [], "config": edge_config()}}))
+    assert channel.failed
+    ok = WorkerChannel(reactor, lambda *a: FakeService(a[0]))
+    ok.makeConnection(StringTransport())
+    ok.stringReceived(pickle.dumps({"init": {"index": 1, "listeners": [], "config": edge_config()}}))
+    assert not ok.failed
