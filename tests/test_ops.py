@@ -647,9 +647,7 @@ def test_store_probe_reports_a_full_disk() -> None:
     assert store.objects == {}
 
 
-def test_store_probe_reports_a_file_system_without_user_xattrs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_store_probe_reports_a_file_system_without_user_xattrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     On a file system without user extended attributes every fill would fail
     (object metadata lives in one): /readyz says so, and the probe leaves
