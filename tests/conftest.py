@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
+from .helpers import StepCooperator
+
 
 @pytest.fixture(autouse=True)
 def logged_failures() -> Iterator[list[dict[str, Any]]]:
@@ -35,3 +37,11 @@ def logged_failures() -> Iterator[list[dict[str, Any]]]:
             formatEvent(e) + ("\n" + e["log_failure"].getTraceback() if "log_failure" in e else "") for e in events
         )
         pytest.fail(f"unexpected failures were logged:\n{details}")
+
+
+@pytest.fixture
+def cooperator(monkeypatch: pytest.MonkeyPatch) -> StepCooperator:
+    """A step-by-step cooperator in place of Twisted's global one (for producers)."""
+    coop = StepCooperator()
+    coop.install(monkeypatch)
+    return coop

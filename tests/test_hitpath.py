@@ -31,13 +31,6 @@ MTIME = 1_500_000_000.0
 
 
 @pytest.fixture
-def cooperator(monkeypatch: pytest.MonkeyPatch) -> StepCooperator:
-    coop = StepCooperator()
-    coop.install(monkeypatch)
-    return coop
-
-
-@pytest.fixture
 def edge(cooperator: StepCooperator) -> Edge:
     edge = Edge(cooperator)
     assert isinstance(edge.store, MemoryStore)

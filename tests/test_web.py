@@ -69,13 +69,6 @@ class RecordingStore(MemoryStore):
 
 
 @pytest.fixture
-def cooperator(monkeypatch: pytest.MonkeyPatch) -> StepCooperator:
-    coop = StepCooperator()
-    coop.install(monkeypatch)
-    return coop
-
-
-@pytest.fixture
 def edge(cooperator: StepCooperator) -> Edge:
     edge = Edge(cooperator, store=RecordingStore())
     assert isinstance(edge.store, MemoryStore)

@@ -342,12 +342,12 @@ def test_sigterm_during_a_fill_exits_zero_and_leaves_no_temporary_file(
     assert not daemon.object_path(key).exists()
 
 
-def test_socket_activation_serves_on_the_handed_socket(ops_daemon: Callable[..., OpsDaemon]) -> None:
+def _socket_activated(ops_daemon: Callable[..., OpsDaemon], **more: object) -> OpsDaemon:
     """
-    With the socket-activation drop-in's command line, the daemon serves on
-    the listening socket systemd hands it (fd 3, named cosedge-http) rather
-    than binding one itself; with --logger cosedge.logs.json every log line
-    is a JSON event.
+    A daemon started with the socket-activation drop-in's command line on a
+    listening socket handed over as systemd does (fd 3, named cosedge-http),
+    logging JSON, its admin listener on a UNIX socket (no second TCP port to
+    race for).
     """
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -360,12 +360,24 @@ def test_socket_activation_serves_on_the_handed_socket(ops_daemon: Callable[...,
         pass_fds=(fd,),
         activate_fd=fd,
         logger="cosedge.logs.json",
-        admin_listen="unix:{root}/admin.sock",  # no second TCP port to race for
+        admin_listen="unix:{root}/admin.sock",
+        **more,
     )
     try:
         daemon.launch()
     finally:
         listener.close()  # the daemon holds its own copy now
+    return daemon
+
+
+def test_socket_activation_serves_on_the_handed_socket(ops_daemon: Callable[..., OpsDaemon]) -> None:
+    """
+    With the socket-activation drop-in's command line, the daemon serves on
+    the listening socket systemd hands it (fd 3, named cosedge-http) rather
+    than binding one itself; with --logger cosedge.logs.json every log line
+    is a JSON event.
+    """
+    daemon = _socket_activated(ops_daemon)
     ready = daemon.message()
     assert ready.startswith("READY=1") and f"tcp:{daemon.port}" in ready, ready
     key = "ok/ops-socket.bin"
@@ -389,24 +401,7 @@ def test_socket_activation_with_workers(ops_daemon: Callable[..., OpsDaemon]) ->
     socket too; READY=1 comes only once it does, and its log events reach
     the JSON log marked with the worker.
     """
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    fd = listener.fileno()
-    daemon = ops_daemon(
-        unit_file=REPO / "etc" / "cosedge.service.d" / "socket.conf",
-        port=listener.getsockname()[1],
-        env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "cosedge-http"},
-        pass_fds=(fd,),
-        activate_fd=fd,
-        logger="cosedge.logs.json",
-        admin_listen="unix:{root}/admin.sock",
-        workers=2,
-    )
-    try:
-        daemon.launch()
-    finally:
-        listener.close()
+    daemon = _socket_activated(ops_daemon, workers=2)
     ready = daemon.message()
     assert ready.startswith("READY=1"), ready
     events = [json.loads(line) for line in daemon.stdout_path.read_text().splitlines() if line.strip()]
