@@ -231,7 +231,13 @@ def build_service(
     service.config_path = config_path
     if shared:
         service.workers = WorkerPool(
-            reactor, workers, shared, lambda: service.config, _spawn, sweep=lambda pid: store.sweep(owner=pid)
+            reactor,
+            workers,
+            shared,
+            lambda: service.config,
+            _spawn,
+            sweep=lambda pid: store.sweep(owner=pid),
+            site=service.site,
         )
         service.workers.setServiceParent(service)
     # Optional features configured by their own TOML sections; each adds its

@@ -25,7 +25,8 @@ counters every second, and forwards its log events (INFO and above), which
 the primary logs as its own (``[worker-1:cosedge.fill#warn]`` in text logs).
 
 Lifetime.  A worker that dies is started again (after 1 s, doubling up to
-30 s while it keeps dying young).  The primary's stop closes every worker's
+30 s while it keeps dying young); meanwhile the primary accepts on the dead
+worker's own sockets, and its temporary files are removed.  The primary's stop closes every worker's
 pipe (each then stops like a one-process daemon: listeners closed, fills
 cancelled), waits for all of them (killing any still there after 20 s, within
 systemd's TimeoutStopSec), and
@@ -122,6 +123,8 @@ class SharedEndpoint:
         self.shares: list[tuple[int, int]] = []
         self.ready: Deferred[None] = Deferred()
         self._tcp = parse_tcp(description)
+        #: Each process has a socket of its own (else all share the primary's).
+        self.per_process = self._tcp is not None
         # Checked now, like strports: a bad endpoint string fails at start.
         self._other = None if self._tcp is not None else serverFromString(reactor, description)
 
@@ -313,7 +316,7 @@ class _Worker(ProcessProtocol):
         if message.get("ready"):
             self.ready = True
             _log.info("worker {index} (pid {pid}) serving", index=self.index, pid=self.pid)
-            self.pool._serving()
+            self.pool._serving(self.index)
 
     def _kill(self) -> None:
         if self.transport is None:
@@ -348,6 +351,7 @@ class WorkerPool(Service):
         config: Callable[[], Any],
         spawn: Callable[..., Any] | None = None,
         sweep: Callable[[int], int] | None = None,
+        site: Any = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -355,6 +359,9 @@ class WorkerPool(Service):
         self.config = config
         self._spawn = spawn if spawn is not None else reactor.spawnProcess
         self._sweep = sweep
+        #: Serves a dead worker's own sockets until it is back (see :meth:`_cover`).
+        self._site = site
+        self._covering: dict[int, list[IListeningPort]] = {}
         self.workers: dict[int, _Worker] = {}
         self._retired = Stats()
         self._delays: dict[int, float] = {}
@@ -379,9 +386,32 @@ class WorkerPool(Service):
         _log.error("workers not started: a listener failed to start")
         self.started.callback(False)
 
-    def _serving(self) -> None:
+    def _serving(self, index: int) -> None:
+        self._uncover(index)
         if not self.started.called and self.check() is None:
             self.started.callback(True)
+
+    def _cover(self, index: int) -> None:
+        """
+        Accept on the sockets of dead worker ``index`` in this process until
+        a new one serves: the kernel keeps giving them their share of new
+        connections, which would otherwise wait for the restart.
+        """
+        if self._site is None or index in self._covering:
+            return
+        ports = []
+        for endpoint in self.endpoints:
+            if endpoint.per_process:
+                fd, family = endpoint.shares[index - 1]
+                try:
+                    ports.append(self.reactor.adoptStreamPort(fd, family, self._site))
+                except Exception:
+                    _log.failure("cannot serve the sockets of worker {index} meanwhile", index=index)
+        self._covering[index] = ports
+
+    def _uncover(self, index: int) -> None:
+        for port in self._covering.pop(index, []):
+            port.stopListening()  # an adopted socket: this process's copy closes, the socket stays
 
     def _start_all(self) -> None:
         for index in range(1, self.count):
@@ -409,6 +439,7 @@ class WorkerPool(Service):
             )
         except Exception as e:  # fork or pipe refused: out of descriptors, memory, processes
             del self.workers[index]
+            self._cover(index)
             self._again(index, f"could not be started: {e}", lived=0.0)
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
@@ -427,6 +458,7 @@ class WorkerPool(Service):
                     _log.info("worker {index}: removed {count} temporary file(s)", index=worker.index, count=swept)
         if self._stopping or not self.running:
             return
+        self._cover(worker.index)
         lived = self.reactor.seconds() - worker.started_at
         self._again(worker.index, f"(pid {worker.pid}) exited: {reason.getErrorMessage()}", lived)
 
@@ -446,6 +478,8 @@ class WorkerPool(Service):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        for index in list(self._covering):
+            self._uncover(index)
         waits = []
         for worker in list(self.workers.values()):
             waits.append(worker.ended)

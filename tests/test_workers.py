@@ -345,6 +345,46 @@ def test_a_dead_workers_temporary_files_are_removed(pool: Any) -> None:
     assert swept == [spawn.process(1).pid]
 
 
+def test_the_primary_serves_a_dead_workers_sockets_until_it_is_back(pool: Any) -> None:
+    """
+    While a worker is dead, the primary accepts on that worker's own
+    sockets (the kernel keeps giving them new connections), and lets go of
+    them once the new worker serves, or when the daemon stops.
+    """
+    pool, reactor, spawn, endpoint = pool
+    site = object()
+    pool._site = site
+    pool.startService()
+    result_of(endpoint.listen(object()))
+
+    @attrs.define
+    class Port:
+        fd: int
+        stopped: bool = False
+
+        def stopListening(self) -> None:
+            self.stopped = True
+
+    ports: list[Port] = []
+
+    def adopt(fd: int, family: int, factory: object) -> Port:
+        assert (family, factory) == (socket.AF_INET, site)
+        ports.append(Port(fd))
+        return ports[-1]
+
+    reactor.adoptStreamPort = adopt  # type: ignore[method-assign]
+    spawn.protocol(0).processEnded(Failure(ProcessTerminated(signal=9)))
+    assert [p.fd for p in ports] == [endpoint.shares[0][0]]  # worker 1's own socket
+    reactor.advance(1.0)
+    assert not ports[0].stopped  # the new worker does not serve yet
+    _say(spawn.protocol(-1), ready=True)
+    assert ports[0].stopped and pool._covering == {}
+    spawn.protocol(1).processEnded(Failure(ProcessTerminated(signal=9)))
+    assert [p.fd for p in ports][1:] == [endpoint.shares[1][0]]
+    pool.stopService()
+    assert ports[1].stopped
+
+
 def test_a_dead_worker_is_started_again_with_a_growing_delay(pool: Any) -> None:
     """
     A worker that dies is started again after 1 s, then 2 s, 4 s … while it

@@ -285,3 +285,23 @@ def test_a_killed_workers_temporary_files_are_removed(pair: Daemon, origin: Misb
     finally:
         for key in keys:
             origin.release(f"/{key}")
+
+
+def test_no_connection_waits_for_a_dead_workers_restart(pair: Daemon) -> None:
+    """
+    Right after a worker dies, new connections the kernel gives its socket
+    are answered by the primary at once, not after the worker's restart
+    (at least a second away).
+    """
+    obj = pair.object_path("quick.txt")
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"at once\n")
+    (old,) = worker_pids(pair)
+    os.kill(old, signal.SIGKILL)
+    pair.wait_for_log(rf"worker 1 \(pid {old}\) exited")
+    slowest = 0.0
+    for _ in range(40):  # about half would go to the dead worker's socket
+        started = time.monotonic()
+        assert pair.request("/quick.txt").status == 200
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 0.9, f"a request waited {slowest:.2f}s"
