@@ -531,11 +531,7 @@ class Filler:
             response.deliverBody(_Discard())
             raise CancelledError()
         try:
-            body = _BodyWriter(pending, cfg.max_object_size, self.clock, cfg.idle_timeout)
-            response.deliverBody(body)
-            await body.done
-            if fill.expected is not None and pending.size != fill.expected:
-                raise FillFailed("length-mismatch")
+            await self._receive(fill, cfg, response, pending)
             # A cancelled fill whose commit still succeeded is stored: whole and visible.
             await _through_cancel(self.run_blocking(lambda: pending.commit(meta, _mtime(meta))))
         except BaseException:
@@ -543,15 +539,21 @@ class Filler:
             raise
         return FillResult(fill.bucket, fill.key, True, "stored", pending.size)
 
+    async def _receive(
+        self, fill: _Fill, cfg: FillConfig, response: IResponse, into: IPendingObject | _InMemory
+    ) -> None:
+        """Stream the body into ``into``, and check it is exactly as long as declared."""
+        fill.pending = into
+        writer = _BodyWriter(into, cfg.max_object_size, self.clock, cfg.idle_timeout)
+        response.deliverBody(writer)
+        await writer.done
+        if fill.expected is not None and into.size != fill.expected:
+            raise FillFailed("length-mismatch")
+
     async def _fetch_small(self, fill: _Fill, cfg: FillConfig, response: IResponse, meta: dict[str, str]) -> FillResult:
         """Receive a small body in memory, then store it with one call in the thread pool."""
         body = _InMemory()
-        fill.pending = body
-        writer = _BodyWriter(body, cfg.max_object_size, self.clock, cfg.idle_timeout)
-        response.deliverBody(writer)
-        await writer.done
-        if body.size != fill.expected:
-            raise FillFailed("length-mismatch")
+        await self._receive(fill, cfg, response, body)
         data = body.take()
         # A cancelled fill whose store still succeeded is stored: whole and visible.
         await _through_cancel(
