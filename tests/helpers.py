@@ -237,6 +237,23 @@ def raw_request(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def origin_agents(origin: FakeOrigin, gated: bool) -> tuple[RequestTraversalAgent, Any]:
+    """
+    An in-memory agent to ``origin``, and the agent a filler uses: a
+    :class:`GatedAgent` around it (requests held until released) or itself.
+    """
+    origin_agent = RequestTraversalAgent(origin)
+    return origin_agent, GatedAgent(origin_agent) if gated else origin_agent
+
+
+def flush_origin(agent: Any, origin_agent: RequestTraversalAgent, times: int = 5) -> None:
+    """Let bytes flow between a filler and the fake origin (releasing a gated agent first)."""
+    if isinstance(agent, GatedAgent):
+        agent.release()
+    for _ in range(times):
+        origin_agent.flush()
+
+
 @define(eq=False)
 class Edge:
     """The bucket listener wired to a fake origin, in memory, on one clock."""
@@ -255,8 +272,7 @@ class Edge:
     site: EdgeSite = field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.origin_agent = RequestTraversalAgent(self.origin)
-        self.agent = GatedAgent(self.origin_agent) if self.gated else self.origin_agent
+        self.origin_agent, self.agent = origin_agents(self.origin, self.gated)
         self.filler = Filler(self.store, self.agent, self.clock, lambda: self.config.fill, self.stats)
         self.resource = EdgeResource(lambda: self.config, self.store, self.filler, self.stats)
         self.site = EdgeSite(self.resource, self.stats, "", self.clock, 60)
@@ -283,10 +299,7 @@ class Edge:
 
     def flush_origin(self, times: int = 5) -> None:
         """Let bytes flow between the filler and the fake origin."""
-        if isinstance(self.agent, GatedAgent):
-            self.agent.release()
-        for _ in range(times):
-            self.origin_agent.flush()
+        flush_origin(self.agent, self.origin_agent, times)
 
 
 @contextmanager

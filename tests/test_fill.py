@@ -32,7 +32,7 @@ from cosedge.stats import Stats
 from cosedge.store import DiskStore, IObjectStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
-from .helpers import BUCKET, GatedAgent, capture_logs, result_of
+from .helpers import BUCKET, capture_logs, flush_origin, origin_agents, result_of
 
 ORIGIN = Origin("10.10.10.10", 8080)
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -53,8 +53,7 @@ class Fills:
     filler: Filler = field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.origin_agent = RequestTraversalAgent(self.origin)
-        self.agent = GatedAgent(self.origin_agent) if self.gated else self.origin_agent
+        self.origin_agent, self.agent = origin_agents(self.origin, self.gated)
         self.filler = Filler(self.store, self.agent, self.clock, lambda: self.config, self.stats)
 
     def fill(self, key: str, **kwargs: Any) -> Deferred[FillResult]:
@@ -64,10 +63,7 @@ class Fills:
         return self.filler.start(BUCKET, tuple(key.split("/")), ORIGIN, **kwargs)
 
     def flush(self) -> None:
-        if isinstance(self.agent, GatedAgent):
-            self.agent.release()
-        for _ in range(5):
-            self.origin_agent.flush()
+        flush_origin(self.agent, self.origin_agent)
 
     def run(self, key: str, **kwargs: Any) -> FillResult:
         """Fill ``key`` to the end and return its result."""
@@ -732,6 +728,25 @@ class _ManualThreadPool:
                 d.errback()
 
 
+def _in_a_manual_pool(tmp_path: Path, config: FillConfig | None = None) -> tuple[Fills, _ManualThreadPool, Filler]:
+    """Fills on a disk store, and a filler whose blocking calls wait in a :class:`_ManualThreadPool`."""
+    fills = Fills(store=DiskStore(str(tmp_path)), config=config or FillConfig())
+    pool = _ManualThreadPool()
+    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    return fills, pool, filler
+
+
+def _up_to_the_commit(
+    fills: Fills, pool: _ManualThreadPool, filler: Filler, segments: tuple[str, ...]
+) -> Deferred[FillResult]:
+    """Start a streamed fill and run it until its commit waits in the pool (creating the file runs there too)."""
+    d = filler.fill(BUCKET, segments, ORIGIN)
+    fills.flush()
+    pool.finish()
+    fills.flush()
+    return d
+
+
 #: A body larger than SMALL_BODY: streamed to a temporary file as it arrives,
 #: created and committed in the thread pool in two steps.
 STREAMED = b"whole object" * (SMALL_BODY // 12 + 1)
@@ -739,9 +754,7 @@ STREAMED = b"whole object" * (SMALL_BODY // 12 + 1)
 
 def test_stop_while_the_temporary_file_is_being_created(tmp_path: Path) -> None:
     """stop() while a fill creates its temporary file in a thread waits for it, then removes the file."""
-    fills = Fills(store=DiskStore(str(tmp_path)))
-    pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills, pool, filler = _in_a_manual_pool(tmp_path)
     fills.origin.add("k", STREAMED)
     d = filler.fill(BUCKET, ("k",), ORIGIN)
     fills.flush()
@@ -758,14 +771,9 @@ def test_stop_while_the_temporary_file_is_being_created(tmp_path: Path) -> None:
 
 def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
     """stop() during a commit (fsync + rename in a thread) waits for it and never pulls the file from under it."""
-    fills = Fills(store=DiskStore(str(tmp_path)))
-    pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills, pool, filler = _in_a_manual_pool(tmp_path)
     fills.origin.add("k", STREAMED)
-    d = filler.fill(BUCKET, ("k",), ORIGIN)
-    fills.flush()
-    pool.finish()  # creating the temporary file runs in the pool too
-    fills.flush()
+    d = _up_to_the_commit(fills, pool, filler, ("k",))
     assert len(pool.calls) == 1  # the commit is in the thread pool
     tmp = Path(tmp_path, ".cosedge", "tmp")
     assert len(list(tmp.iterdir())) == 1
@@ -781,16 +789,11 @@ def test_stop_waits_for_a_commit_running_in_a_thread(tmp_path: Path) -> None:
 
 def test_stop_during_a_failing_commit(tmp_path: Path) -> None:
     """A commit that fails in its thread after stop() began leaves nothing behind and reports the cancellation."""
-    fills = Fills(store=DiskStore(str(tmp_path)))
-    pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills, pool, filler = _in_a_manual_pool(tmp_path)
     Path(tmp_path, BUCKET).mkdir()
     Path(tmp_path, BUCKET, "a").write_bytes(b"a file where a folder should be")
     fills.origin.add("a/b", STREAMED)
-    d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
-    fills.flush()
-    pool.finish()  # creating the temporary file runs in the pool too
-    fills.flush()
+    d = _up_to_the_commit(fills, pool, filler, ("a", "b"))
     stopped = filler.stop()
     assert not stopped.called
     pool.finish()
@@ -801,14 +804,9 @@ def test_stop_during_a_failing_commit(tmp_path: Path) -> None:
 
 def test_total_deadline_during_a_commit_waits_for_it(tmp_path: Path) -> None:
     """The total deadline passing while a commit runs in a thread does not clean up under the commit."""
-    fills = Fills(store=DiskStore(str(tmp_path)), config=FillConfig(total_timeout=10))
-    pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills, pool, filler = _in_a_manual_pool(tmp_path, FillConfig(total_timeout=10))
     fills.origin.add("k", STREAMED)
-    d = filler.fill(BUCKET, ("k",), ORIGIN)
-    fills.flush()
-    pool.finish()  # creating the temporary file runs in the pool too
-    fills.flush()
+    d = _up_to_the_commit(fills, pool, filler, ("k",))
     fills.clock.advance(10)
     assert not d.called
     pool.finish()
@@ -819,16 +817,11 @@ def test_total_deadline_during_a_commit_waits_for_it(tmp_path: Path) -> None:
 
 def test_commit_failure_in_the_thread(tmp_path: Path) -> None:
     """A commit that fails in the thread pool is a clean miss, reported as a disk error."""
-    fills = Fills(store=DiskStore(str(tmp_path)))
-    pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills, pool, filler = _in_a_manual_pool(tmp_path)
     Path(tmp_path, BUCKET).mkdir()
     Path(tmp_path, BUCKET, "a").write_bytes(b"file")
     fills.origin.add("a/b", STREAMED)
-    d = filler.fill(BUCKET, ("a", "b"), ORIGIN)
-    fills.flush()
-    pool.finish()  # creating the temporary file runs in the pool too
-    fills.flush()
+    d = _up_to_the_commit(fills, pool, filler, ("a", "b"))
     with capture_logs() as events:
         pool.finish()
     assert result_of(d).reason == "disk-error"
@@ -841,9 +834,7 @@ def test_stop_waits_for_the_one_call_store_of_a_small_body(tmp_path: Path) -> No
     whole; stop() during that call waits for it, and the object it stored is
     whole and visible.
     """
-    fills = Fills(store=DiskStore(str(tmp_path)))
-    pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    fills, pool, filler = _in_a_manual_pool(tmp_path)
     fills.origin.add("k", b"whole object")
     d = filler.fill(BUCKET, ("k",), ORIGIN)
     fills.flush()
