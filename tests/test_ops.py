@@ -401,17 +401,23 @@ def test_ready_is_sent_after_the_listeners_and_stopping_on_stop(
     assert not ops_of(service).ready
 
 
+def started_with_a_held_listener() -> tuple[EdgeService, HeldEndpoint]:
+    """A started service with one more listener, whose start the test decides (endpoint.waiting)."""
+    service = service_with({})
+    endpoint = HeldEndpoint()
+    StreamServerEndpointService(endpoint, Site(FakeOrigin())).setServiceParent(service)
+    service.startService()
+    service.reactor.advance(0)
+    return service, endpoint
+
+
 def test_ready_waits_for_a_slow_listener(
     notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """READY=1 is not sent while any listener (even one added later) is still starting."""
     sock, path = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    service = service_with({})
-    endpoint = HeldEndpoint()
-    StreamServerEndpointService(endpoint, Site(FakeOrigin())).setServiceParent(service)
-    service.startService()
-    service.reactor.advance(0)
+    service, endpoint = started_with_a_held_listener()
     assert received(sock) == []
     assert ops_of(service).readiness.problems() == ["listeners not up yet"]
     endpoint.waiting.callback(FakePort())
@@ -428,11 +434,7 @@ def test_failed_listener_is_never_ready(
     """A listener that fails to start means no READY=1 and a /readyz reason; systemd times the start out."""
     sock, path = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    service = service_with({})
-    endpoint = HeldEndpoint()
-    StreamServerEndpointService(endpoint, Site(FakeOrigin())).setServiceParent(service)
-    service.startService()
-    service.reactor.advance(0)
+    service, endpoint = started_with_a_held_listener()
     endpoint.waiting.errback(OSError(errno.EADDRINUSE, "Address already in use"))
     assert received(sock) == ["STATUS=Not ready: a listener failed to start"]
     assert ops_of(service).readiness.problems() == ["listener(s) failed to start: HeldEndpoint"]

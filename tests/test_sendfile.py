@@ -267,13 +267,18 @@ def test_two_large_responses_on_one_connection(listener: Listener) -> None:
     assert [obj.fd for obj in listener.opened] == [-1, -1]
 
 
-def test_small_objects_and_multipart_stay_on_the_plain_path(listener: Listener, tmp_path: Path) -> None:
-    """Small bodies, several ranges, and objects without a descriptor are not sent by sendfile."""
+def _open_big(listener: Listener) -> tuple[Any, Request, Any]:
+    """A big stored object, opened, and a request on a new connection to serve it on."""
     listener.put("big.bin", b"x" * BIG)
     transport, protocol = listener.connect()
-    request = Request(protocol)
     obj = listener.store.open(BUCKET, ("big.bin",))
     assert obj is not None
+    return transport, Request(protocol), obj
+
+
+def test_small_objects_and_multipart_stay_on_the_plain_path(listener: Listener, tmp_path: Path) -> None:
+    """Small bodies, several ranges, and objects without a descriptor are not sent by sendfile."""
+    transport, request, obj = _open_big(listener)
     try:
         assert sendfile_producer(request, obj, [(b"", 0, BIG)], b"", listener.stats) is not None
         assert sendfile_producer(request, obj, [(b"", 0, SENDFILE_MIN - 1)], b"", listener.stats) is None
@@ -290,11 +295,7 @@ def test_small_objects_and_multipart_stay_on_the_plain_path(listener: Listener, 
 
 def test_tls_and_unpausable_transports_stay_on_the_plain_path(listener: Listener) -> None:
     """Over TLS, or when the transport has no streaming producer to pause, sendfile is not used."""
-    listener.put("big.bin", b"x" * BIG)
-    transport, protocol = listener.connect()
-    request = Request(protocol)
-    obj = listener.store.open(BUCKET, ("big.bin",))
-    assert obj is not None
+    transport, request, obj = _open_big(listener)
     try:
         transport.TLS = True  # type: ignore[attr-defined]
         assert sendfile_producer(request, obj, [(b"", 0, BIG)], b"", listener.stats) is None
