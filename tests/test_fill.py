@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from attrs import define, field
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -54,7 +54,11 @@ class Fills:
 
     def __attrs_post_init__(self) -> None:
         self.origin_agent, self.agent = origin_agents(self.origin, self.gated)
-        self.filler = Filler(self.store, self.agent, self.clock, lambda: self.config, self.stats)
+        self.filler = self.filler_using(self.agent)
+
+    def filler_using(self, agent: Any, run_blocking: Any = maybeDeferred) -> Filler:
+        """A filler on this store, clock, config and counters, fetching through ``agent``."""
+        return Filler(self.store, agent, self.clock, lambda: self.config, self.stats, run_blocking)
 
     def fill(self, key: str, **kwargs: Any) -> Deferred[FillResult]:
         return self.filler.fill(BUCKET, tuple(key.split("/")), ORIGIN, **kwargs)
@@ -357,7 +361,7 @@ def test_idle_timer_restarts_with_each_byte(fills: Fills) -> None:
     agent = ScriptedAgent()
     response = ScriptedResponse(length=1000)
     agent.responses[b"/trickle"] = response
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     d = filler.fill(BUCKET, ("trickle",), ORIGIN)
     for _ in range(11):
         fills.clock.advance(9)
@@ -408,7 +412,7 @@ def test_too_large_stops_reading(fills: Fills) -> None:
     fills.config = FillConfig(max_object_size=10)
     agent = ScriptedAgent()
     response = agent.responses[b"/big"] = ScriptedResponse()
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     d = filler.fill(BUCKET, ("big",), ORIGIN)
     response.send(b"x" * 8)
     assert response.transport.producerState == "producing"
@@ -421,7 +425,7 @@ def test_unframed_body_is_not_trusted(fills: Fills) -> None:
     """A body with neither length nor chunking may have been cut, so it is never stored (F3)."""
     agent = ScriptedAgent()
     response = agent.responses[b"/u"] = ScriptedResponse()
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     with capture_logs() as events:
         d = filler.fill(BUCKET, ("u",), ORIGIN)
         response.send(b"looks complete")
@@ -434,7 +438,7 @@ def test_more_bytes_than_content_length_is_not_stored(fills: Fills) -> None:
     """A body longer than its Content-Length is a clean miss, never a stored over-long object (F7)."""
     agent = ScriptedAgent()
     response = agent.responses[b"/long"] = ScriptedResponse(length=5)
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     with capture_logs() as events:
         d = filler.fill(BUCKET, ("long",), ORIGIN)
         response.send(b"0123456789")
@@ -447,7 +451,7 @@ def test_connection_refused(fills: Fills) -> None:
     """An unreachable origin fails the fill as connect-failed and backs off (F14)."""
     agent = ScriptedAgent()
     agent.failures[b"/k"] = ConnectionRefusedError()
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     with capture_logs() as events:
         result = result_of(filler.fill(BUCKET, ("k",), ORIGIN))
     assert result.reason == "connect-failed"
@@ -669,7 +673,7 @@ def test_malformed_origin_response(fills: Fills) -> None:
     """An origin whose status line or headers are cut or malformed is a 'bad-response' clean miss."""
     agent = ScriptedAgent()
     agent.failures[b"/k"] = ResponseFailed([Failure(ValueError("bad status line"))])
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     with capture_logs() as events:
         assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "bad-response"
     assert_clean_miss(fills, "k", "bad-response", events)
@@ -679,7 +683,7 @@ def test_request_cancelled_inside_the_agent(fills: Fills) -> None:
     """A request the agent reports as cancelled (wrapped in ResponseFailed) counts as cancelled, with no back-off."""
     agent = ScriptedAgent()
     agent.failures[b"/k"] = ResponseFailed([Failure(CancelledError())])
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "cancelled"
     assert fills.stats.fill_failures == {"cancelled": 1}
     assert filler.start(BUCKET, ("k",), ORIGIN) is True  # no back-off after a cancellation
@@ -689,7 +693,7 @@ def test_unexpected_error_is_logged_with_its_traceback(fills: Fills, logged_fail
     """A bug (an unexpected exception) fails the fill as 'error', logs the traceback, and no waiter hangs."""
     agent = ScriptedAgent()
     agent.failures[b"/k"] = ZeroDivisionError("bug")
-    filler = Filler(fills.store, agent, fills.clock, lambda: fills.config, fills.stats)
+    filler = fills.filler_using(agent)
     assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "error"
     assert fills.stats.fill_failures == {"error": 1}
     assert len(logged_failures) == 1
@@ -732,7 +736,7 @@ def _in_a_manual_pool(tmp_path: Path, config: FillConfig | None = None) -> tuple
     """Fills on a disk store, and a filler whose blocking calls wait in a :class:`_ManualThreadPool`."""
     fills = Fills(store=DiskStore(str(tmp_path)), config=config or FillConfig())
     pool = _ManualThreadPool()
-    filler = Filler(fills.store, fills.origin_agent, fills.clock, lambda: fills.config, fills.stats, pool)
+    filler = fills.filler_using(fills.origin_agent, pool)
     return fills, pool, filler
 
 
