@@ -234,7 +234,7 @@ origin_pull = true
 
 
 _NO_SENDFILE = (
-    "import sys, cosedge.sendfile as s; s.SENDFILE_MIN = 1 << 62; "
+    "import sys, cosedge.web.sendfile as s; s.SENDFILE_MIN = 1 << 62; "
     "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 )
 

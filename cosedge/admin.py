@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from .config import BucketConfig, Config, ConfigError, Origin, load_config, parse_origin, validate_bucket_name
 from .keys import BadKey, split_key
 from .state import MemoryStateFile, NotSynced, State, StateFile, state_path
-from .store import DiskStore
+from .storage.disk import DiskStore
 
 __all__ = [
     "AdminError",

@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .stats import FILL_DURATION_BUCKETS
-from .store import META_XATTR
+from .storage.disk import META_XATTR
 
 __all__ = [
     "AdminResource",

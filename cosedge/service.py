@@ -22,12 +22,12 @@ from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFact
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from .claims import Claims
 from .config import Config
-from .fill import Filler
+from .fill.claims import Claims
+from .fill.scheduler import Filler
 from .stats import Stats, Totals
-from .store import DiskStore, IObjectStore
-from .web import EdgeResource, EdgeSite
+from .storage.disk import DiskStore, IObjectStore
+from .web.resource import EdgeResource, EdgeSite
 from .workers import AdoptedEndpoint, SharedEndpoint, WorkerPool
 
 __all__ = ["EdgeService", "build_service", "build_worker_service"]

@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from .store import IObjectStore, IPendingObject, IStoredObject
+from .storage.disk import IObjectStore, IPendingObject, IStoredObject
 
 __all__ = ["FakeOrigin", "MemoryStore", "OriginObject"]
 
@@ -78,7 +78,7 @@ class _MemoryPending:
 @define(eq=False)
 class MemoryStore:
     """
-    An :class:`~cosedge.store.IObjectStore` in memory.
+    An :class:`~cosedge.storage.disk.IObjectStore` in memory.
 
     :ivar pending: objects being written (a clean miss leaves none).
     :ivar disk_limit: total bytes after which writes fail with ENOSPC.

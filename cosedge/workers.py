@@ -34,7 +34,7 @@ only then sweeps temporary files.  A worker whose primary dies sees its pipe
 close the same way; SIGTERM and SIGINT stop a worker too.
 
 Fills.  Each process runs each key once; across processes, a byte-range lock
-per key (:mod:`cosedge.claims`) keeps a key missed in several processes at
+per key (:mod:`cosedge.fill.claims`) keeps a key missed in several processes at
 once to one origin GET.
 """
 

@@ -33,11 +33,11 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cosedge.config import BucketConfig, Config, FillConfig, ServerConfig
-from cosedge.fill import Filler
+from cosedge.fill.scheduler import Filler
 from cosedge.stats import Stats
-from cosedge.store import IObjectStore
+from cosedge.storage.disk import IObjectStore
 from cosedge.testing import FakeOrigin, MemoryStore
-from cosedge.web import EdgeResource, EdgeSite
+from cosedge.web.resource import EdgeResource, EdgeSite
 
 BUCKET = "example-1250000000"
 NOPULL = "nopull-1250000000"

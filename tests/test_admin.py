@@ -30,7 +30,7 @@ from cosedge.admin import AdminError, Edge, LiveConfig, check_config, parse_manh
 from cosedge.config import BucketConfig, Config, ConfigError, Origin, ServerConfig, load_config
 from cosedge.service import EdgeService, build_service
 from cosedge.state import State, StateFile, state_path
-from cosedge.store import DiskStore
+from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin
 
 BUCKET = "example-1250000000"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cosedge import beneath
-from cosedge.beneath import Unsupported, open_beneath
-from cosedge.store import DiskStore, StoreError
+from cosedge.storage import beneath
+from cosedge.storage.beneath import Unsupported, open_beneath
+from cosedge.storage.disk import DiskStore, StoreError
 
 BUCKET = "example-1250000000"
 FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -252,6 +252,6 @@ def test_openat2_is_used_when_the_kernel_has_it(
     def no_walk(*args: object, **kwargs: object) -> None:
         raise AssertionError("the fallback walk was used")
 
-    monkeypatch.setattr("cosedge.store._walk", no_walk)
+    monkeypatch.setattr("cosedge.storage.disk._walk", no_walk)
     assert _read(store, "a", "b", "deep") == b"deep"
     assert _read(store, "a", "b", "deep-link") is None

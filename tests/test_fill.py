@@ -25,11 +25,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from cosedge import fill as fill_module
 from cosedge.config import FillConfig, Origin
-from cosedge.fill import SMALL_BODY, Filler, FillResult, origin_url
+from cosedge.fill import scheduler as fill_module
+from cosedge.fill.scheduler import SMALL_BODY, Filler, FillResult, origin_url
 from cosedge.stats import Stats
-from cosedge.store import DiskStore, IObjectStore
+from cosedge.storage.disk import DiskStore, IObjectStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
 from .helpers import BUCKET, capture_logs, flush_origin, origin_agents, result_of
@@ -862,7 +862,7 @@ def test_failure_reasons_name_the_real_cause() -> None:
     from twisted.internet import defer, error
     from twisted.python.failure import Failure
 
-    from cosedge.fill import _reason
+    from cosedge.fill.scheduler import _reason
 
     assert _reason(Failure(error.DNSLookupError("nonexistent.invalid")))[0] == "connect-failed"
     assert _reason(Failure(error.TimeoutError()))[0] == "connect-failed"

@@ -39,7 +39,7 @@ from cosedge.metrics import Readiness, free_disk_check, make_registry, store_wri
 from cosedge.notify import notify, notify_socket_address, watchdog_interval
 from cosedge.service import EdgeService, build_service
 from cosedge.stats import Totals
-from cosedge.store import DiskStore
+from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
 from .helpers import BUCKET, Edge, StepCooperator, edge_config, result_of

@@ -25,12 +25,12 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from cosedge.config import BucketConfig, Config, ServerConfig
-from cosedge.fill import Filler
-from cosedge.sendfile import SENDFILE_MIN, sendfile_producer
+from cosedge.fill.scheduler import Filler
 from cosedge.stats import Stats
-from cosedge.store import DiskStore
+from cosedge.storage.disk import DiskStore
 from cosedge.testing import MemoryStore
-from cosedge.web import EdgeResource, EdgeSite
+from cosedge.web.resource import EdgeResource, EdgeSite
+from cosedge.web.sendfile import SENDFILE_MIN, sendfile_producer
 
 BUCKET = "example-1250000000"
 HOST = b"example-1250000000.file.myqcloud.com"

@@ -22,9 +22,9 @@ from twisted.python.threadpool import ThreadPool
 
 from cosedge import tap
 from cosedge.config import BucketConfig, Config, ServerConfig, load_config
-from cosedge.fill import SMALL_BODY
+from cosedge.fill.scheduler import SMALL_BODY
 from cosedge.service import EdgeService, build_service
-from cosedge.store import DiskStore
+from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
 from .helpers import BUCKET, HOST, StepCooperator, result_of

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from zope.interface.verify import verifyObject
 
-from cosedge.store import META_XATTR, DiskStore, IObjectStore, IPendingObject, IStoredObject
+from cosedge.storage.disk import META_XATTR, DiskStore, IObjectStore, IPendingObject, IStoredObject
 from cosedge.testing import MemoryStore
 
 BUCKET = "example-1250000000"

@@ -19,9 +19,9 @@ from attrs import define, field
 from twisted.web.http import datetimeToString
 
 from cosedge.config import BucketConfig
-from cosedge.store import DiskStore, StoreError
+from cosedge.storage.disk import DiskStore, StoreError
 from cosedge.testing import MemoryStore
-from cosedge.web import EdgeSite, error_body, parse_ranges
+from cosedge.web.resource import EdgeSite, error_body, parse_ranges
 
 from .helpers import (
     BUCKET,
@@ -1104,7 +1104,7 @@ def test_small_and_large_bodies_are_byte_exact(disk_edge: Edge) -> None:
     whole, as are ranges that cross it: the small-body path and the
     producer path agree byte for byte.
     """
-    from cosedge.web import _CHUNK
+    from cosedge.web.resource import _CHUNK
 
     for size in (_CHUNK - 1, _CHUNK, _CHUNK + 1, 3 * _CHUNK + 7):
         data = bytes(i % 251 for i in range(size))

@@ -24,11 +24,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from cosedge import workers as workers_module
-from cosedge.claims import Claims
 from cosedge.config import Config, ConfigError, ServerConfig, parse_config, parse_origin
+from cosedge.fill.claims import Claims
 from cosedge.service import build_service
 from cosedge.stats import Stats
-from cosedge.store import DiskStore
+from cosedge.storage.disk import DiskStore
 from cosedge.testing import MemoryStore
 from cosedge.worker import WorkerChannel
 from cosedge.workers import (
@@ -609,7 +609,7 @@ def test_the_worker_stops_once_however_it_is_asked() -> None:
 
 _HOLDER = """
 import sys
-from cosedge.claims import Claims
+from cosedge.fill.claims import Claims
 claims = Claims(sys.argv[1])
 print(claims.claim(sys.argv[2], tuple(sys.argv[3:])), flush=True)
 sys.stdin.readline()

@@ -38,15 +38,15 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
+from ..config import FillConfig, Origin
+from ..keys import encode_key
+from ..stats import Stats
+from ..storage.disk import IObjectStore, IPendingObject
 from .claims import Claims
-from .config import FillConfig, Origin
-from .keys import encode_key
-from .stats import Stats
-from .store import IObjectStore, IPendingObject
 
 __all__ = ["FillFailed", "FillResult", "Filler", "KEPT_HEADERS", "origin_url"]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.fill")  # the name operators filter on, kept across moves
 _T = TypeVar("_T")
 
 #: Origin response headers kept as object metadata (besides ``x-cos-meta-*``).

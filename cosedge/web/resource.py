@@ -32,16 +32,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from .config import Config
-from .fill import Filler
-from .keys import BadKey, encode_key, encode_query, parse_target
+from ..config import Config
+from ..fill.scheduler import Filler
+from ..keys import BadKey, encode_key, encode_query, parse_target
+from ..stats import Stats
+from ..storage.disk import IObjectStore, IStoredObject, StoreError
 from .sendfile import sendfile_producer
-from .stats import Stats
-from .store import IObjectStore, IStoredObject, StoreError
 
 __all__ = ["EdgeResource", "EdgeSite", "error_body", "parse_ranges"]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.web")
 
 _STATUS = {
     "AccessDenied": 403,

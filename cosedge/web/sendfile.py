@@ -36,12 +36,12 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from .stats import Stats
-from .store import IStoredObject
+from ..stats import Stats
+from ..storage.disk import IStoredObject
 
 __all__ = ["SENDFILE_MIN", "SendfileProducer", "sendfile_producer"]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.web")
 
 #: Bodies shorter than this go on the plain read-and-write path.
 SENDFILE_MIN = 1024 * 1024

@@ -5,7 +5,7 @@ Linux 5.6 added ``openat2(2)``, whose ``RESOLVE_BENEATH`` and
 ``RESOLVE_NO_SYMLINKS`` flags make the kernel itself refuse any path that
 would leave the starting folder or pass through a symlink (``..`` past the
 start fails with ``EXDEV``, a symlink at any level with ``ELOOP``).  That is
-what :class:`cosedge.store.DiskStore` otherwise does by hand, one ``openat``
+what :class:`cosedge.storage.disk.DiskStore` otherwise does by hand, one ``openat``
 per folder level; here it is one call.
 
 Python has no binding for it (up to 3.13), so it goes through libc's

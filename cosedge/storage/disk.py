@@ -250,7 +250,7 @@ class DiskStore:
     def open(self, bucket: str, segments: tuple[str, ...]) -> _DiskObject | None:
         """
         Open an object: one ``openat2`` beneath the bucket folder where the
-        kernel allows it (see :mod:`cosedge.beneath`), else a walk of one
+        kernel allows it (see :mod:`cosedge.storage.beneath`), else a walk of one
         ``openat`` per level; either way no symlink below the bucket folder
         is followed and nothing outside it is reached.
         """

@@ -1,0 +1,1 @@
+"""Fills: copying missing objects from their origin, one flight per key."""

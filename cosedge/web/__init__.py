@@ -1,0 +1,1 @@
+"""The bucket listener: routing, hits, producers, the HTTP channel."""
