@@ -42,9 +42,12 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from . import origins
 from .config import BucketConfig, Config, ConfigError, Origin, load_config, parse_origin, validate_bucket_name
 from .keys import BadKey, split_key
+from .settle import settled
 from .state import MemoryStateFile, NotSynced, State, StateFile, state_path
 from .storage.disk import DiskStore
 
@@ -275,13 +278,13 @@ class LiveConfig(Service):
         """(objects, bytes) of each bucket in ``names``, counted in a thread, one walk at a time."""
         store = self.service.store
 
-        def walk() -> list[tuple[int, int]]:
-            return [store.usage(name) for name in names]
+        async def walk() -> list[tuple[int, int]]:
+            return [await store.usage(name) for name in names]
 
         # A Deferred of its own: the one run() returns is paused on the
-        # thread's, which the shell would show as already fired.
+        # store's, which the shell would show as already fired.
         d: Deferred[list[tuple[int, int]]] = Deferred()
-        self._walks.run(self._in_thread, walk).chainDeferred(d)
+        self._walks.run(lambda: Deferred.fromCoroutine(walk())).chainDeferred(d)
         return d
 
     def edge(self, channel: str) -> Edge:
@@ -638,7 +641,7 @@ class Edge:
         report["fills_queued"] = totals.fills_queued
         return report
 
-    def purge(self, bucket: str, key: str) -> Message:
+    def purge(self, bucket: str, key: str) -> Message | Deferred[Message]:
         """
         Delete the stored object ``key`` from ``bucket`` (the next request is
         a miss, pulled again when origin-pull is on).
@@ -646,9 +649,19 @@ class Edge:
         name = self._bucket(bucket)
         segments = self._key(key)
         try:
-            removed = self._live.service.store.remove(name, segments)
+            removed = settled(self._live.service.store.remove(name, segments))
         except OSError as e:
             raise AdminError(f"could not purge {name}/{key}: {e}") from None
+        if isinstance(removed, Deferred):  # a store that answers later
+
+            def refused(failure: Failure) -> Message:
+                failure.trap(OSError)
+                raise AdminError(f"could not purge {name}/{key}: {failure.value}")
+
+            return removed.addCallbacks(lambda r: self._purged(name, segments, r), refused)
+        return self._purged(name, segments, removed)
+
+    def _purged(self, name: str, segments: tuple[str, ...], removed: bool) -> Message:
         self._live.service.forget(name, segments)
         if not removed:
             return Message(f"{name}/{'/'.join(segments)} is not stored; nothing purged")
@@ -662,17 +675,18 @@ class Edge:
         """
         name = self._bucket(bucket)
         segments = self._key(key)
-        origin: Origin | None = self._live.config.buckets[name].origin
-        if origin is None:
+        bucket_config = self._live.config.buckets[name]
+        source = origins.prefetch_source(bucket_config, segments)
+        if source is None or bucket_config.origin is None:
             raise AdminError(f"bucket {name} has no origin address; set one with edge.set_origin first")
         _log.info(
             "prefetch {bucket}/{key} from {origin} via {channel}",
             bucket=name,
             key="/".join(segments),
-            origin=str(origin),
+            origin=str(bucket_config.origin),
             channel=self._channel,
         )
-        d: Deferred[Any] = self._live.service.filler.fill(name, segments, origin, force=True)
+        d: Deferred[Any] = self._live.service.filler.fill(name, segments, source, force=True)
         return d
 
     # -- helpers --

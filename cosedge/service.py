@@ -13,7 +13,7 @@ from typing import Any
 from attrs import field, frozen
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
@@ -25,9 +25,12 @@ from zope.interface import implementer
 from .config import Config
 from .fill.claims import Claims
 from .fill.scheduler import Filler
+from .interfaces import IObjectStore
+from .settle import settled
 from .stats import Stats, Totals
-from .storage.disk import DiskStore, IObjectStore
-from .web.resource import EdgeResource, EdgeSite
+from .storage.disk import DiskStore
+from .web.channel import EdgeSite
+from .web.resource import EdgeResource
 from .workers import AdoptedEndpoint, SharedEndpoint, WorkerPool
 
 __all__ = ["EdgeService", "build_service", "build_worker_service"]
@@ -83,7 +86,6 @@ class EdgeService(MultiService):
         store: IObjectStore,
         agent: IAgent,
         pool: HTTPConnectionPool | None,
-        run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = maybeDeferred,
         *,
         endpoints: list[IStreamServerEndpoint] | None = None,
         claims: Claims | None = None,
@@ -97,7 +99,7 @@ class EdgeService(MultiService):
         self.store = store
         self.stats = Stats()
         self._pool = pool
-        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, run_blocking, claims)
+        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims)
         #: The worker processes (``[server] workers`` above 1), or None.
         self.workers: WorkerPool | None = None
         self._primary = primary
@@ -152,9 +154,12 @@ class EdgeService(MultiService):
         if not self._primary:
             super().startService()
             return
-        swept = self.store.sweep()
-        if swept:
-            _log.info("removed {count} leftover temporary file(s) from an earlier run", count=swept)
+        # A disk store has swept when this returns, before the listeners start.
+        swept = settled(self.store.sweep())
+        if isinstance(swept, Deferred):
+            swept.addCallbacks(self._swept, lambda f: _log.failure("sweeping temporary files failed", f))
+        else:
+            self._swept(swept)
         super().startService()
         _log.info(
             "cosedge serving {buckets} bucket(s) for {domains} from {data_dir}",
@@ -163,17 +168,24 @@ class EdgeService(MultiService):
             data_dir=self.config.server.data_dir,
         )
 
+    @staticmethod
+    def _swept(count: int) -> None:
+        if count:
+            _log.info("removed {count} leftover temporary file(s) from an earlier run", count=count)
+
     def stopService(self) -> Deferred[object]:
         listeners = super().stopService()
         fills = self.filler.stop()
         steps: list[Deferred[Any]] = [d for d in (listeners, fills) if d is not None]
 
         def after_stop(_: object) -> object:
+            swept: Deferred[Any] = succeed(None)
             if self._primary:  # any temporary file a cancelled fill could not remove
-                self.store.sweep()
+                swept = self.store.sweep()
             if self._pool is not None:
-                return self._pool.closeCachedConnections()
-            return None
+                pool = self._pool
+                return swept.addCallback(lambda _: pool.closeCachedConnections())
+            return swept
 
         return DeferredList(steps, consumeErrors=True).addCallback(after_stop)
 
@@ -221,12 +233,13 @@ def build_service(
     if _agent is None:
         # ``service`` is bound below, before any fill can start.
         _agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
-    store = _store if _store is not None else DiskStore(config.server.data_dir)
+    store = _store if _store is not None else DiskStore(config.server.data_dir, run_blocking)
     workers = config.server.workers
     shared = [SharedEndpoint(reactor, d, workers - 1) for d in config.server.listen] if workers > 1 else None
-    claims = _claims(config) if workers > 1 and isinstance(store, DiskStore) else None
+    # Several processes on one data directory claim keys there (a test's own store has none).
+    claims = _claims(config) if workers > 1 and _store is None else None
     service = EdgeService(
-        config, reactor, store, _agent, pool, run_blocking, endpoints=list(shared) if shared else None, claims=claims
+        config, reactor, store, _agent, pool, endpoints=list(shared) if shared else None, claims=claims
     )
     service.config_path = config_path
     if shared:
@@ -255,9 +268,9 @@ def build_worker_service(config: Config, reactor: Any, listeners: list[tuple[int
     listeners it was given as descriptors, fills, and nothing the primary owns.
     """
     agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
-    store = DiskStore(config.server.data_dir)
+    store = DiskStore(config.server.data_dir, run_blocking)
     endpoints: list[IStreamServerEndpoint] = [AdoptedEndpoint(reactor, fd, family) for fd, family in listeners]
     service = EdgeService(
-        config, reactor, store, agent, pool, run_blocking, endpoints=endpoints, claims=_claims(config), primary=False
+        config, reactor, store, agent, pool, endpoints=endpoints, claims=_claims(config), primary=False
     )
     return service

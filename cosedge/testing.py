@@ -8,133 +8,15 @@ Use the fake origin in memory through ``treq.testing.RequestTraversalAgent``
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Mapping
 
 from attrs import define, field
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
-from .storage.disk import IObjectStore, IPendingObject, IStoredObject
+from .storage.memory import MemoryStore
 
 __all__ = ["FakeOrigin", "MemoryStore", "OriginObject"]
-
-
-@implementer(IStoredObject)
-@define(eq=False)
-class _MemoryObject:
-    data: bytes
-    mtime: float
-    identity: str
-    meta: Mapping[str, str]
-    closed: bool = False
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.data[offset : offset + length]
-
-    def fileno(self) -> int | None:
-        return None
-
-    def close(self) -> None:
-        self.closed = True
-
-
-@implementer(IPendingObject)
-@define(eq=False)
-class _MemoryPending:
-    store: MemoryStore
-    bucket: str
-    segments: tuple[str, ...]
-    buffer: bytearray = field(factory=bytearray)
-    done: bool = False
-
-    @property
-    def size(self) -> int:
-        return len(self.buffer)
-
-    def write(self, data: bytes) -> None:
-        limit = self.store.disk_limit
-        if limit is not None and self.store.used + len(self.buffer) + len(data) > limit:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.buffer += data
-
-    def commit(self, meta: Mapping[str, str], mtime: float | None) -> None:
-        self.store.put(self.bucket, self.segments, bytes(self.buffer), dict(meta), mtime or 0.0)
-        self.abort()
-
-    def abort(self) -> None:
-        if not self.done:
-            self.done = True
-            self.store.pending.remove(self)
-
-
-@implementer(IObjectStore)
-@define(eq=False)
-class MemoryStore:
-    """
-    An :class:`~cosedge.storage.disk.IObjectStore` in memory.
-
-    :ivar pending: objects being written (a clean miss leaves none).
-    :ivar disk_limit: total bytes after which writes fail with ENOSPC.
-    """
-
-    objects: dict[tuple[str, tuple[str, ...]], _MemoryObject] = field(factory=dict)
-    pending: list[_MemoryPending] = field(factory=list)
-    disk_limit: int | None = None
-    _version: int = 0
-
-    @property
-    def used(self) -> int:
-        return sum(o.size for o in self.objects.values())
-
-    def put(
-        self,
-        bucket: str,
-        segments: tuple[str, ...],
-        data: bytes,
-        meta: Mapping[str, str] | None = None,
-        mtime: float = 0.0,
-    ) -> None:
-        """Store an object directly."""
-        self._version += 1
-        self.objects[(bucket, segments)] = _MemoryObject(data, mtime, f"m{self._version}", dict(meta or {}))
-
-    def get(self, bucket: str, key: str) -> bytes | None:
-        """The stored bytes of ``bucket``/``key``, or None."""
-        obj = self.objects.get((bucket, tuple(key.split("/"))))
-        return None if obj is None else obj.data
-
-    def open(self, bucket: str, segments: tuple[str, ...]) -> _MemoryObject | None:
-        obj = self.objects.get((bucket, segments))
-        if obj is None:
-            return None
-        return _MemoryObject(obj.data, obj.mtime, obj.identity, obj.meta)
-
-    def begin(self, bucket: str, segments: tuple[str, ...]) -> _MemoryPending:
-        pending = _MemoryPending(self, bucket, segments)
-        self.pending.append(pending)
-        return pending
-
-    def remove(self, bucket: str, segments: tuple[str, ...]) -> bool:
-        return self.objects.pop((bucket, segments), None) is not None
-
-    def usage(self, bucket: str) -> tuple[int, int]:
-        sizes = [o.size for (b, _), o in self.objects.items() if b == bucket]
-        return len(sizes), sum(sizes)
-
-    def sweep(self, owner: int | None = None) -> int:
-        if owner is not None and owner != os.getpid():
-            return 0  # everything pending here is this process's
-        count = len(self.pending)
-        for p in list(self.pending):
-            p.abort()
-        return count
 
 
 @define

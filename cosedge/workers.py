@@ -350,7 +350,7 @@ class WorkerPool(Service):
         endpoints: list[SharedEndpoint],
         config: Callable[[], Any],
         spawn: Callable[..., Any] | None = None,
-        sweep: Callable[[int], int] | None = None,
+        sweep: Callable[[int], Deferred[int]] | None = None,
         site: Any = None,
     ) -> None:
         self.reactor = reactor
@@ -449,13 +449,17 @@ class WorkerPool(Service):
             self._retired.add(worker.stats)
         if self._sweep is not None and worker.pid is not None:
             # A worker that was killed cannot have removed its temporary files.
-            try:
-                swept = self._sweep(worker.pid)
-            except OSError as e:
-                _log.warn("worker {index}: its temporary files not removed: {error}", index=worker.index, error=e)
-            else:
-                if swept:
-                    _log.info("worker {index}: removed {count} temporary file(s)", index=worker.index, count=swept)
+            index = worker.index
+
+            def swept(count: int) -> None:
+                if count:
+                    _log.info("worker {index}: removed {count} temporary file(s)", index=index, count=count)
+
+            def not_swept(failure: Failure) -> None:
+                failure.trap(OSError)
+                _log.warn("worker {index}: its temporary files not removed: {error}", index=index, error=failure.value)
+
+            self._sweep(worker.pid).addCallbacks(swept, not_swept)
         if self._stopping or not self.running:
             return
         self._cover(worker.index)

@@ -28,16 +28,19 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from cosedge.config import BucketConfig, Config, FillConfig, ServerConfig
+from cosedge.config import BucketConfig, Config, FillConfig, Origin, ServerConfig
 from cosedge.fill.scheduler import Filler
+from cosedge.interfaces import IObjectStore
+from cosedge.origins import Source, origin_url
 from cosedge.stats import Stats
-from cosedge.storage.disk import IObjectStore
 from cosedge.testing import FakeOrigin, MemoryStore
-from cosedge.web.resource import EdgeResource, EdgeSite
+from cosedge.web.channel import EdgeSite
+from cosedge.web.resource import EdgeResource
 
 BUCKET = "example-1250000000"
 NOPULL = "nopull-1250000000"
@@ -317,6 +320,20 @@ def capture_logs() -> Iterator[list[dict[str, Any]]]:
 def fill_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The events cosedge.fill logged about failed or stored fills."""
     return [e for e in events if e.get("log_namespace") == "cosedge.fill" and "bucket" in e]
+
+
+def value_of(d: Deferred[Any]) -> Any:
+    """The value a Deferred has already fired with; its failure raised."""
+    result = result_of(d)
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def source_for(origin: Origin | None, segments: tuple[str, ...]) -> Source:
+    """What the origin planner names for a fill of ``segments`` from ``origin``."""
+    assert origin is not None
+    return Source(origin_url(origin, segments))
 
 
 def result_of(d: Deferred[Any]) -> Any:

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides
@@ -344,6 +346,14 @@ class PoolReactor(MemoryReactorClock):
         f(*args, **kwargs)
 
 
+def in_a_held_pool(harness: Harness) -> PoolReactor:
+    """Give the harness's service a reactor whose thread pool (the disk store's blocking calls) waits for the test."""
+    reactor = PoolReactor()
+    harness.service.reactor = reactor
+    harness.service.store.run_blocking = partial(deferToThreadPool, reactor, reactor.pool)  # type: ignore[attr-defined]
+    return reactor
+
+
 def test_buckets_lists_origin_pull_and_usage(harness: Harness) -> None:
     """
     edge.buckets() shows each bucket; usage=True adds object count and
@@ -352,8 +362,7 @@ def test_buckets_lists_origin_pull_and_usage(harness: Harness) -> None:
     """
     (harness.data_dir / BUCKET / "a").mkdir(parents=True)
     (harness.data_dir / BUCKET / "a" / "b.jpg").write_bytes(b"12345")
-    reactor = PoolReactor()
-    harness.service.reactor = reactor
+    reactor = in_a_held_pool(harness)
     edge = harness.edge()
     results: list[Any] = []
     edge.buckets(usage=True).addBoth(results.append)
@@ -1030,8 +1039,7 @@ def test_the_shell_prints_a_bucket_usage_table_when_the_walk_ends(harness: Harne
 
     from cosedge.manhole import Shell
 
-    reactor = PoolReactor()
-    harness.service.reactor = reactor
+    reactor = in_a_held_pool(harness)
     transport = StringTransport()
     protocol = insults.ServerProtocol(Shell, {"edge": harness.edge("telnet:unix")}, "telnet:unix")
     protocol.makeConnection(transport)

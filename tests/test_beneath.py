@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from cosedge.interfaces import StoreError
 from cosedge.storage import beneath
 from cosedge.storage.beneath import Unsupported, open_beneath
-from cosedge.storage.disk import DiskStore, StoreError
+from cosedge.storage.disk import DiskStore
+
+from .helpers import result_of, value_of
 
 BUCKET = "example-1250000000"
 FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -66,11 +69,11 @@ def layout(tmp_path: Path) -> Iterator[tuple[DiskStore, Path]]:
 
 
 def _read(store: DiskStore, *segments: str) -> bytes | None:
-    obj = store.open(BUCKET, segments)
+    obj = result_of(store.open(BUCKET, segments))
     if obj is None:
         return None
     try:
-        return obj.read(0, 100)
+        return result_of(obj.read(0, 100))
     finally:
         obj.close()
 
@@ -94,7 +97,7 @@ def test_a_symlink_at_any_level_is_never_followed(
 ) -> None:
     """A symlink as the object or as any folder on the way is absent, wherever it points (S1)."""
     store, _ = layout
-    assert store.open(BUCKET, segments) is None
+    assert result_of(store.open(BUCKET, segments)) is None
 
 
 @pytest.mark.parametrize(
@@ -114,7 +117,7 @@ def test_dot_dot_and_odd_segments_never_escape(
 ) -> None:
     """Segments that are not plain names ('..', '.', empty, with '/' or NUL) open nothing, least of all a neighbour."""
     store, _ = layout
-    assert store.open(BUCKET, segments) is None
+    assert result_of(store.open(BUCKET, segments)) is None
 
 
 def test_plain_objects_open_at_every_depth(layout: tuple[DiskStore, Path], mode: str) -> None:
@@ -128,7 +131,7 @@ def test_plain_objects_open_at_every_depth(layout: tuple[DiskStore, Path], mode:
     assert _read(store, "pipe") is None
     assert _read(store, "missing") is None
     assert _read(store, "top", "under-a-file") is None
-    assert store.open("missing-bucket", ("top",)) is None
+    assert result_of(store.open("missing-bucket", ("top",))) is None
 
 
 def test_bucket_folder_symlink_is_followed(tmp_path: Path, mode: str) -> None:
@@ -148,7 +151,7 @@ def test_store_errors_other_than_absence_are_raised(layout: tuple[DiskStore, Pat
     store, _ = layout
     long_store = DiskStore(store.data_dir + "/" + "x" * 5000)
     with pytest.raises(StoreError) as info:
-        long_store.open(BUCKET, ("top",))
+        value_of(long_store.open(BUCKET, ("top",)))
     assert info.value.errno == errno.ENAMETOOLONG
 
 

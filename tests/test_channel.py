@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 
 from cosedge.stats import Stats
-from cosedge.web.resource import EdgeSite
+from cosedge.web.channel import EdgeSite
 
 HEADERS = b"GET /1.jpg HTTP/1.1\r\nHost: example-1250000000.file.myqcloud.com\r\n\r\n"
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from attrs import define, field
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -27,12 +27,14 @@ from zope.interface import implementer
 
 from cosedge.config import FillConfig, Origin
 from cosedge.fill import scheduler as fill_module
-from cosedge.fill.scheduler import SMALL_BODY, Filler, FillResult, origin_url
+from cosedge.fill.scheduler import Filler, FillResult
+from cosedge.interfaces import IObjectStore
+from cosedge.origins import origin_url
 from cosedge.stats import Stats
-from cosedge.storage.disk import DiskStore, IObjectStore
+from cosedge.storage.disk import SMALL_BODY, DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
-from .helpers import BUCKET, capture_logs, flush_origin, origin_agents, result_of
+from .helpers import BUCKET, capture_logs, flush_origin, origin_agents, result_of, source_for
 
 ORIGIN = Origin("10.10.10.10", 8080)
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -56,15 +58,17 @@ class Fills:
         self.origin_agent, self.agent = origin_agents(self.origin, self.gated)
         self.filler = self.filler_using(self.agent)
 
-    def filler_using(self, agent: Any, run_blocking: Any = maybeDeferred) -> Filler:
+    def filler_using(self, agent: Any) -> Filler:
         """A filler on this store, clock, config and counters, fetching through ``agent``."""
-        return Filler(self.store, agent, self.clock, lambda: self.config, self.stats, run_blocking)
+        return Filler(self.store, agent, self.clock, lambda: self.config, self.stats)
 
     def fill(self, key: str, **kwargs: Any) -> Deferred[FillResult]:
-        return self.filler.fill(BUCKET, tuple(key.split("/")), ORIGIN, **kwargs)
+        segments = tuple(key.split("/"))
+        return self.filler.fill(BUCKET, segments, source_for(ORIGIN, segments), **kwargs)
 
     def start(self, key: str, **kwargs: Any) -> bool:
-        return self.filler.start(BUCKET, tuple(key.split("/")), ORIGIN, **kwargs)
+        segments = tuple(key.split("/"))
+        return self.filler.start(BUCKET, segments, source_for(ORIGIN, segments), **kwargs)
 
     def flush(self) -> None:
         flush_origin(self.agent, self.origin_agent)
@@ -78,11 +82,11 @@ class Fills:
         return result
 
     def stored(self, key: str) -> bytes | None:
-        obj = self.store.open(BUCKET, tuple(key.split("/")))
+        obj = result_of(self.store.open(BUCKET, tuple(key.split("/"))))
         if obj is None:
             return None
         try:
-            return bytes(obj.read(0, obj.size))
+            return bytes(result_of(obj.read(0, obj.size)))
         finally:
             obj.close()
 
@@ -146,11 +150,11 @@ def test_stores_exact_bytes_and_kept_metadata(disk: Fills) -> None:
     with capture_logs() as events:
         result = disk.run("img/1.jpg")
     assert result == FillResult(BUCKET, "img/1.jpg", True, "stored", len(body))
-    obj = disk.store.open(BUCKET, ("img", "1.jpg"))
+    obj = result_of(disk.store.open(BUCKET, ("img", "1.jpg")))
     assert obj is not None
     try:
         assert obj.size == len(body)
-        assert obj.read(0, obj.size) == body
+        assert result_of(obj.read(0, obj.size)) == body
         assert dict(obj.meta) == {
             "content-type": "image/jpeg",
             "etag": '"abc"',
@@ -208,7 +212,7 @@ def test_gzip_body_stored_raw(gated: Fills) -> None:
     gated.flush()
     assert result_of(d).stored
     assert gated.stored("app.js") == raw
-    obj = gated.store.open(BUCKET, ("app.js",))
+    obj = result_of(gated.store.open(BUCKET, ("app.js",)))
     assert obj is not None and obj.meta["content-encoding"] == "gzip"
     obj.close()
 
@@ -347,7 +351,7 @@ def test_a_small_body_is_received_in_memory_and_stored_at_once(disk: Fills) -> N
     disk.origin.add("whole", b"w" * SMALL_BODY)
     result = result_of(disk.fill("whole"))
     assert (result.stored, result.size) == (True, SMALL_BODY)
-    assert disk.store.open(BUCKET, ("whole",)) is not None
+    assert result_of(disk.store.open(BUCKET, ("whole",))) is not None
 
     disk.origin.add("bigger", b"b" * (SMALL_BODY + 1), mode="stall", cut=100)
     disk.fill("bigger")
@@ -362,7 +366,7 @@ def test_idle_timer_restarts_with_each_byte(fills: Fills) -> None:
     response = ScriptedResponse(length=1000)
     agent.responses[b"/trickle"] = response
     filler = fills.filler_using(agent)
-    d = filler.fill(BUCKET, ("trickle",), ORIGIN)
+    d = filler.fill(BUCKET, ("trickle",), source_for(ORIGIN, ("trickle",)))
     for _ in range(11):
         fills.clock.advance(9)
         response.send(b"t")
@@ -413,7 +417,7 @@ def test_too_large_stops_reading(fills: Fills) -> None:
     agent = ScriptedAgent()
     response = agent.responses[b"/big"] = ScriptedResponse()
     filler = fills.filler_using(agent)
-    d = filler.fill(BUCKET, ("big",), ORIGIN)
+    d = filler.fill(BUCKET, ("big",), source_for(ORIGIN, ("big",)))
     response.send(b"x" * 8)
     assert response.transport.producerState == "producing"
     response.send(b"x" * 8)
@@ -427,7 +431,7 @@ def test_unframed_body_is_not_trusted(fills: Fills) -> None:
     response = agent.responses[b"/u"] = ScriptedResponse()
     filler = fills.filler_using(agent)
     with capture_logs() as events:
-        d = filler.fill(BUCKET, ("u",), ORIGIN)
+        d = filler.fill(BUCKET, ("u",), source_for(ORIGIN, ("u",)))
         response.send(b"looks complete")
         response.finish(PotentialDataLoss())
     assert result_of(d).reason == "unframed"
@@ -440,7 +444,7 @@ def test_more_bytes_than_content_length_is_not_stored(fills: Fills) -> None:
     response = agent.responses[b"/long"] = ScriptedResponse(length=5)
     filler = fills.filler_using(agent)
     with capture_logs() as events:
-        d = filler.fill(BUCKET, ("long",), ORIGIN)
+        d = filler.fill(BUCKET, ("long",), source_for(ORIGIN, ("long",)))
         response.send(b"0123456789")
         response.finish(ResponseDone())
     assert result_of(d).reason == "length-mismatch"
@@ -453,10 +457,10 @@ def test_connection_refused(fills: Fills) -> None:
     agent.failures[b"/k"] = ConnectionRefusedError()
     filler = fills.filler_using(agent)
     with capture_logs() as events:
-        result = result_of(filler.fill(BUCKET, ("k",), ORIGIN))
+        result = result_of(filler.fill(BUCKET, ("k",), source_for(ORIGIN, ("k",))))
     assert result.reason == "connect-failed"
     assert_clean_miss(fills, "k", "connect-failed", events)
-    assert filler.start(BUCKET, ("k",), ORIGIN) is False
+    assert filler.start(BUCKET, ("k",), source_for(ORIGIN, ("k",))) is False
 
 
 def test_disk_full() -> None:
@@ -675,7 +679,7 @@ def test_malformed_origin_response(fills: Fills) -> None:
     agent.failures[b"/k"] = ResponseFailed([Failure(ValueError("bad status line"))])
     filler = fills.filler_using(agent)
     with capture_logs() as events:
-        assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "bad-response"
+        assert result_of(filler.fill(BUCKET, ("k",), source_for(ORIGIN, ("k",)))).reason == "bad-response"
     assert_clean_miss(fills, "k", "bad-response", events)
 
 
@@ -684,9 +688,9 @@ def test_request_cancelled_inside_the_agent(fills: Fills) -> None:
     agent = ScriptedAgent()
     agent.failures[b"/k"] = ResponseFailed([Failure(CancelledError())])
     filler = fills.filler_using(agent)
-    assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "cancelled"
+    assert result_of(filler.fill(BUCKET, ("k",), source_for(ORIGIN, ("k",)))).reason == "cancelled"
     assert fills.stats.fill_failures == {"cancelled": 1}
-    assert filler.start(BUCKET, ("k",), ORIGIN) is True  # no back-off after a cancellation
+    assert filler.start(BUCKET, ("k",), source_for(ORIGIN, ("k",))) is True  # no back-off after a cancellation
 
 
 def test_unexpected_error_is_logged_with_its_traceback(fills: Fills, logged_failures: list[Any]) -> None:
@@ -694,7 +698,7 @@ def test_unexpected_error_is_logged_with_its_traceback(fills: Fills, logged_fail
     agent = ScriptedAgent()
     agent.failures[b"/k"] = ZeroDivisionError("bug")
     filler = fills.filler_using(agent)
-    assert result_of(filler.fill(BUCKET, ("k",), ORIGIN)).reason == "error"
+    assert result_of(filler.fill(BUCKET, ("k",), source_for(ORIGIN, ("k",)))).reason == "error"
     assert fills.stats.fill_failures == {"error": 1}
     assert len(logged_failures) == 1
     assert logged_failures[0]["log_failure"].check(ZeroDivisionError)
@@ -736,7 +740,8 @@ def _in_a_manual_pool(tmp_path: Path, config: FillConfig | None = None) -> tuple
     """Fills on a disk store, and a filler whose blocking calls wait in a :class:`_ManualThreadPool`."""
     fills = Fills(store=DiskStore(str(tmp_path)), config=config or FillConfig())
     pool = _ManualThreadPool()
-    filler = fills.filler_using(fills.origin_agent, pool)
+    fills.store.run_blocking = pool  # type: ignore[attr-defined]
+    filler = fills.filler_using(fills.origin_agent)
     return fills, pool, filler
 
 
@@ -744,7 +749,7 @@ def _up_to_the_commit(
     fills: Fills, pool: _ManualThreadPool, filler: Filler, segments: tuple[str, ...]
 ) -> Deferred[FillResult]:
     """Start a streamed fill and run it until its commit waits in the pool (creating the file runs there too)."""
-    d = filler.fill(BUCKET, segments, ORIGIN)
+    d = filler.fill(BUCKET, segments, source_for(ORIGIN, segments))
     fills.flush()
     pool.finish()
     fills.flush()
@@ -760,7 +765,7 @@ def test_stop_while_the_temporary_file_is_being_created(tmp_path: Path) -> None:
     """stop() while a fill creates its temporary file in a thread waits for it, then removes the file."""
     fills, pool, filler = _in_a_manual_pool(tmp_path)
     fills.origin.add("k", STREAMED)
-    d = filler.fill(BUCKET, ("k",), ORIGIN)
+    d = filler.fill(BUCKET, ("k",), source_for(ORIGIN, ("k",)))
     fills.flush()
     assert len(pool.calls) == 1  # the file is being created in the pool
     stopped = filler.stop()
@@ -840,7 +845,7 @@ def test_stop_waits_for_the_one_call_store_of_a_small_body(tmp_path: Path) -> No
     """
     fills, pool, filler = _in_a_manual_pool(tmp_path)
     fills.origin.add("k", b"whole object")
-    d = filler.fill(BUCKET, ("k",), ORIGIN)
+    d = filler.fill(BUCKET, ("k",), source_for(ORIGIN, ("k",)))
     fills.flush()
     assert len(pool.calls) == 1  # the whole body arrived; one call stores it
     stopped = filler.stop()
@@ -862,7 +867,7 @@ def test_failure_reasons_name_the_real_cause() -> None:
     from twisted.internet import defer, error
     from twisted.python.failure import Failure
 
-    from cosedge.fill.scheduler import _reason
+    from cosedge.fill.fetch import reason_of as _reason
 
     assert _reason(Failure(error.DNSLookupError("nonexistent.invalid")))[0] == "connect-failed"
     assert _reason(Failure(error.TimeoutError()))[0] == "connect-failed"
@@ -886,5 +891,5 @@ def test_unusable_header_values_and_dates_from_the_origin_are_not_kept() -> None
     d = fills.fill("k")
     fills.flush()
     assert result_of(d).reason == "stored"
-    obj = fills.store.open(BUCKET, ("k",))
+    obj = result_of(fills.store.open(BUCKET, ("k",)))
     assert obj is not None and "x-cos-meta-bad" not in obj.meta

@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 
 from cosedge.stats import Stats
 from cosedge.testing import MemoryStore
-from cosedge.web.resource import EdgeSite
+from cosedge.web.channel import EdgeSite
 
 from .helpers import BUCKET, Edge, RawResponse, StepCooperator, parse_response, raw_request
 

@@ -29,8 +29,11 @@ from cosedge.fill.scheduler import Filler
 from cosedge.stats import Stats
 from cosedge.storage.disk import DiskStore
 from cosedge.testing import MemoryStore
-from cosedge.web.resource import EdgeResource, EdgeSite
+from cosedge.web.channel import EdgeSite
+from cosedge.web.resource import EdgeResource
 from cosedge.web.sendfile import SENDFILE_MIN, sendfile_producer
+
+from .helpers import result_of
 
 BUCKET = "example-1250000000"
 HOST = b"example-1250000000.file.myqcloud.com"
@@ -117,10 +120,12 @@ class RecordingStore(DiskStore):
     opened: list[Any] = field(factory=list)
 
     def open(self, bucket: str, segments: tuple[str, ...]) -> Any:
-        obj = super().open(bucket, segments)
-        if obj is not None:
-            self.opened.append(obj)
-        return obj
+        def record(obj: Any) -> Any:
+            if obj is not None:
+                self.opened.append(obj)
+            return obj
+
+        return super().open(bucket, segments).addCallback(record)
 
 
 class Listener:
@@ -271,7 +276,7 @@ def _open_big(listener: Listener) -> tuple[Any, Request, Any]:
     """A big stored object, opened, and a request on a new connection to serve it on."""
     listener.put("big.bin", b"x" * BIG)
     transport, protocol = listener.connect()
-    obj = listener.store.open(BUCKET, ("big.bin",))
+    obj = result_of(listener.store.open(BUCKET, ("big.bin",)))
     assert obj is not None
     return transport, Request(protocol), obj
 
@@ -288,7 +293,7 @@ def test_small_objects_and_multipart_stay_on_the_plain_path(listener: Listener, 
         obj.close()
     memory = MemoryStore()
     memory.put(BUCKET, ("big.bin",), b"x" * BIG)
-    in_memory = memory.open(BUCKET, ("big.bin",))
+    in_memory = result_of(memory.open(BUCKET, ("big.bin",)))
     assert in_memory is not None and in_memory.fileno() is None
     assert sendfile_producer(request, in_memory, [(b"", 0, BIG)], b"", listener.stats) is None
 

@@ -22,12 +22,11 @@ from twisted.python.threadpool import ThreadPool
 
 from cosedge import tap
 from cosedge.config import BucketConfig, Config, ServerConfig, load_config
-from cosedge.fill.scheduler import SMALL_BODY
 from cosedge.service import EdgeService, build_service
-from cosedge.storage.disk import DiskStore
+from cosedge.storage.disk import SMALL_BODY, DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
-from .helpers import BUCKET, HOST, StepCooperator, result_of
+from .helpers import BUCKET, HOST, StepCooperator, result_of, source_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -259,7 +258,7 @@ def test_stop_cancels_fills_and_leaves_no_temporary_file(tmp_path: Path) -> None
     service, _, origin = _build(_config(tmp_path))
     origin.add("slow", b"s" * (SMALL_BODY + 1000), mode="stall", cut=10)  # streamed to a file
     service.startService()
-    d = service.filler.fill(BUCKET, ("slow",), service.config.buckets[BUCKET].origin)  # type: ignore[arg-type]
+    d = service.filler.fill(BUCKET, ("slow",), source_for(service.config.buckets[BUCKET].origin, ("slow",)))
     origin_agent: Any = service.filler.agent
     origin_agent.flush()
     assert service.filler.running == 1

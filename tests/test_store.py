@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from zope.interface.verify import verifyObject
 
-from cosedge.storage.disk import META_XATTR, DiskStore, IObjectStore, IPendingObject, IStoredObject
+from cosedge.interfaces import IObjectStore, IObjectWriter, IStoredObject
+from cosedge.storage.disk import META_XATTR, SMALL_BODY, DiskStore
 from cosedge.testing import MemoryStore
+
+from .helpers import result_of
 
 BUCKET = "example-1250000000"
 
@@ -33,20 +36,18 @@ def _put(store: DiskStore, segments: tuple[str, ...], data: bytes, meta: dict[st
 
 
 def test_interfaces(store: DiskStore) -> None:
-    """Both stores and their objects provide the interfaces the service relies on."""
-    assert verifyObject(IObjectStore, store)
-    assert verifyObject(IObjectStore, MemoryStore())
-    pending = store.begin(BUCKET, ("a",))
-    assert verifyObject(IPendingObject, pending)
-    pending.write(b"x")
-    pending.commit({}, None)
-    obj = store.open(BUCKET, ("a",))
-    assert obj is not None and verifyObject(IStoredObject, obj)
-    obj.close()
-    memory = MemoryStore()
-    assert verifyObject(IPendingObject, memory.begin(BUCKET, ("a",)))
-    memory.put(BUCKET, ("a",), b"x")
-    assert verifyObject(IStoredObject, memory.open(BUCKET, ("a",)))
+    """Both stores, their objects and their writers (streamed, small) provide the interfaces the service uses."""
+    for any_store in (store, MemoryStore()):
+        assert verifyObject(IObjectStore, any_store)
+        for length in (None, 1, SMALL_BODY + 1):
+            writer = result_of(any_store.writer(BUCKET, ("a",), length))
+            assert verifyObject(IObjectWriter, writer)
+            writer.write(b"x")
+            assert result_of(writer.commit({}, None)) is None
+        obj = result_of(any_store.open(BUCKET, ("a",)))
+        assert obj is not None and verifyObject(IStoredObject, obj)
+        assert result_of(obj.read(0, 1)) == b"x"
+        obj.close()
 
 
 def test_objects_are_plain_files_at_bucket_key(store: DiskStore) -> None:
@@ -65,16 +66,16 @@ def test_object_and_metadata_appear_together(store: DiskStore) -> None:
     pending.write(b"abc")
     pending.write(b"def")
     assert pending.size == 6
-    assert store.open(BUCKET, ("k",)) is None
+    assert result_of(store.open(BUCKET, ("k",))) is None
     assert len(_tmp_files(store)) == 1
     tmp = Path(store.tmp_dir) / _tmp_files(store)[0]
     assert tmp.read_bytes() == b"abcdef"
     pending.commit({"content-type": "text/plain", "etag": '"e"'}, 1445412480.0)
-    obj = store.open(BUCKET, ("k",))
+    obj = result_of(store.open(BUCKET, ("k",)))
     assert obj is not None
     try:
-        assert obj.read(0, 100) == b"abcdef"
-        assert obj.read(2, 2) == b"cd"
+        assert result_of(obj.read(0, 100)) == b"abcdef"
+        assert result_of(obj.read(2, 2)) == b"cd"
         assert obj.size == 6
         assert dict(obj.meta) == {"content-type": "text/plain", "etag": '"e"'}
         assert obj.mtime == 1445412480.0
@@ -105,7 +106,7 @@ def test_abort_leaves_nothing(store: DiskStore) -> None:
     with pytest.raises((OSError, ValueError)):
         pending.commit({}, None)
     assert _tmp_files(store) == []
-    assert store.open(BUCKET, ("k",)) is None
+    assert result_of(store.open(BUCKET, ("k",))) is None
 
 
 def test_failed_publish_leaves_nothing(store: DiskStore) -> None:
@@ -122,15 +123,15 @@ def test_failed_publish_leaves_nothing(store: DiskStore) -> None:
 def test_replacing_an_object_changes_its_identity(store: DiskStore) -> None:
     """A re-published object has a new identity (so its ETag changes), and an open view keeps the old bytes."""
     _put(store, ("k",), b"one")
-    old = store.open(BUCKET, ("k",))
+    old = result_of(store.open(BUCKET, ("k",)))
     assert old is not None
     _put(store, ("k",), b"two!")
-    new = store.open(BUCKET, ("k",))
+    new = result_of(store.open(BUCKET, ("k",)))
     assert new is not None
     try:
         assert old.identity != new.identity
-        assert old.read(0, 10) == b"one" and old.size == 3
-        assert new.read(0, 10) == b"two!"
+        assert result_of(old.read(0, 10)) == b"one" and old.size == 3
+        assert result_of(new.read(0, 10)) == b"two!"
     finally:
         old.close()
         new.close()
@@ -139,11 +140,11 @@ def test_replacing_an_object_changes_its_identity(store: DiskStore) -> None:
 def test_missing_and_non_files_are_absent(store: DiskStore) -> None:
     """Missing keys, folders, keys under a file, and the bucket root open as None (never a listing)."""
     _put(store, ("dir", "f"), b"x")
-    assert store.open(BUCKET, ("nope",)) is None
-    assert store.open(BUCKET, ("dir",)) is None
-    assert store.open(BUCKET, ("dir", "f", "g")) is None
-    assert store.open(BUCKET, ()) is None
-    assert store.open("other-1", ("f",)) is None
+    assert result_of(store.open(BUCKET, ("nope",))) is None
+    assert result_of(store.open(BUCKET, ("dir",))) is None
+    assert result_of(store.open(BUCKET, ("dir", "f", "g"))) is None
+    assert result_of(store.open(BUCKET, ())) is None
+    assert result_of(store.open("other-1", ("f",))) is None
 
 
 def test_symlinks_are_never_followed(store: DiskStore, tmp_path: Path) -> None:
@@ -157,9 +158,9 @@ def test_symlinks_are_never_followed(store: DiskStore, tmp_path: Path) -> None:
     (bucket / "dirlink").symlink_to(outside)
     (bucket / "real").mkdir()
     (bucket / "real" / "up").symlink_to("..")
-    assert store.open(BUCKET, ("link",)) is None
-    assert store.open(BUCKET, ("dirlink", "secret")) is None
-    assert store.open(BUCKET, ("real", "up", "link")) is None
+    assert result_of(store.open(BUCKET, ("link",))) is None
+    assert result_of(store.open(BUCKET, ("dirlink", "secret"))) is None
+    assert result_of(store.open(BUCKET, ("real", "up", "link"))) is None
 
 
 def test_bucket_folder_symlink_is_allowed_by_the_operator(store: DiskStore, tmp_path: Path) -> None:
@@ -169,8 +170,8 @@ def test_bucket_folder_symlink_is_allowed_by_the_operator(store: DiskStore, tmp_
     (elsewhere / "1.jpg").write_bytes(b"img")
     Path(store.data_dir).mkdir(parents=True)
     Path(store.data_dir, BUCKET).symlink_to(elsewhere)
-    obj = store.open(BUCKET, ("1.jpg",))
-    assert obj is not None and obj.read(0, 10) == b"img"
+    obj = result_of(store.open(BUCKET, ("1.jpg",)))
+    assert obj is not None and result_of(obj.read(0, 10)) == b"img"
     obj.close()
 
 
@@ -184,7 +185,7 @@ def test_metadata_missing_or_corrupt(store: DiskStore) -> None:
     (bucket / "list").write_bytes(b"l")
     os.setxattr(bucket / "list", META_XATTR, b"[1, 2]")
     for name in ("plain", "corrupt", "list"):
-        obj = store.open(BUCKET, (name,))
+        obj = result_of(store.open(BUCKET, (name,)))
         assert obj is not None
         assert dict(obj.meta) == {}
         obj.close()
@@ -196,7 +197,7 @@ def test_metadata_keys_are_lowercased(store: DiskStore) -> None:
     bucket.mkdir(parents=True)
     (bucket / "f").write_bytes(b"f")
     os.setxattr(bucket / "f", META_XATTR, json.dumps({"Content-Type": "text/plain"}).encode())
-    obj = store.open(BUCKET, ("f",))
+    obj = result_of(store.open(BUCKET, ("f",)))
     assert obj is not None and dict(obj.meta) == {"content-type": "text/plain"}
     obj.close()
 
@@ -204,15 +205,15 @@ def test_metadata_keys_are_lowercased(store: DiskStore) -> None:
 def test_remove(store: DiskStore, tmp_path: Path) -> None:
     """remove() deletes an object (True), not a folder or a missing key (False), and a symlink only as a link."""
     _put(store, ("dir", "f"), b"x")
-    assert store.remove(BUCKET, ("dir", "f")) is True
-    assert store.open(BUCKET, ("dir", "f")) is None
-    assert store.remove(BUCKET, ("dir", "f")) is False
-    assert store.remove(BUCKET, ("dir",)) is False
-    assert store.remove(BUCKET, ()) is False
+    assert result_of(store.remove(BUCKET, ("dir", "f"))) is True
+    assert result_of(store.open(BUCKET, ("dir", "f"))) is None
+    assert result_of(store.remove(BUCKET, ("dir", "f"))) is False
+    assert result_of(store.remove(BUCKET, ("dir",))) is False
+    assert result_of(store.remove(BUCKET, ())) is False
     outside = tmp_path / "keep"
     outside.write_bytes(b"keep")
     Path(store.data_dir, BUCKET, "link").symlink_to(outside)
-    assert store.remove(BUCKET, ("link",)) is True
+    assert result_of(store.remove(BUCKET, ("link",))) is True
     assert outside.read_bytes() == b"keep"
 
 
@@ -224,8 +225,8 @@ def test_usage_counts_regular_files(store: DiskStore, tmp_path: Path) -> None:
     pending.write(b"ignored")
     (tmp_path / "big").write_bytes(b"x" * 1000)
     Path(store.data_dir, BUCKET, "link").symlink_to(tmp_path / "big")
-    assert store.usage(BUCKET) == (2, 8)
-    assert store.usage("empty-1") == (0, 0)
+    assert result_of(store.usage(BUCKET)) == (2, 8)
+    assert result_of(store.usage("empty-1")) == (0, 0)
     pending.abort()
 
 
@@ -236,9 +237,9 @@ def test_sweep_removes_leftover_temporary_files_only(store: DiskStore) -> None:
     for pending in leftovers:
         pending.write(b"half")
     assert len(_tmp_files(store)) == 3
-    assert store.sweep() == 3
+    assert result_of(store.sweep()) == 3
     assert _tmp_files(store) == []
-    assert store.sweep() == 0
+    assert result_of(store.sweep()) == 0
     assert Path(store.data_dir, BUCKET, "keep").read_bytes() == b"k"
     for pending in leftovers:
         pending.abort()  # the descriptors a crashed process would have lost
@@ -247,7 +248,7 @@ def test_sweep_removes_leftover_temporary_files_only(store: DiskStore) -> None:
 def test_sweep_on_a_fresh_data_dir(store: DiskStore) -> None:
     """sweep() on a data_dir that does not exist yet creates the internal folder and removes nothing."""
     assert not Path(store.data_dir).exists()
-    assert store.sweep() == 0
+    assert result_of(store.sweep()) == 0
     assert Path(store.tmp_dir).is_dir()
 
 
@@ -270,11 +271,11 @@ def test_memory_store_disk_limit_and_pending() -> None:
     other.commit({"etag": '"c"'}, 5.0)
     assert store.pending == []
     assert store.get(BUCKET, "c") == b"c"
-    assert store.usage(BUCKET) == (2, 7)
-    assert store.sweep() == 0
+    assert result_of(store.usage(BUCKET)) == (2, 7)
+    assert result_of(store.sweep()) == 0
     store.begin(BUCKET, ("d",))
-    assert store.sweep() == 1 and store.pending == []
-    assert store.remove(BUCKET, ("c",)) is True and store.remove(BUCKET, ("c",)) is False
+    assert result_of(store.sweep()) == 1 and store.pending == []
+    assert result_of(store.remove(BUCKET, ("c",))) is True and result_of(store.remove(BUCKET, ("c",))) is False
 
 
 def test_publishing_never_writes_through_a_symlinked_folder(store: DiskStore, tmp_path: Path) -> None:
@@ -308,8 +309,8 @@ def test_special_files_are_not_objects(store: DiskStore) -> None:
     bucket = Path(store.data_dir, BUCKET)
     bucket.mkdir(parents=True)
     os.mkfifo(bucket / "pipe")
-    assert store.open(BUCKET, ("pipe",)) is None
-    assert store.usage(BUCKET) == (0, 0)
+    assert result_of(store.open(BUCKET, ("pipe",))) is None
+    assert result_of(store.usage(BUCKET)) == (0, 0)
 
 
 def test_metadata_is_read_once_per_version_of_a_file(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,7 +330,7 @@ def test_metadata_is_read_once_per_version_of_a_file(store: DiskStore, monkeypat
     monkeypatch.setattr(os, "getxattr", counting)
 
     def meta() -> dict[str, str]:
-        obj = store.open(BUCKET, ("k",))
+        obj = result_of(store.open(BUCKET, ("k",)))
         assert obj is not None
         obj.close()
         return dict(obj.meta)
@@ -343,7 +344,7 @@ def test_metadata_is_read_once_per_version_of_a_file(store: DiskStore, monkeypat
     path = os.path.join(store.bucket_path(BUCKET), "k")
     os.setxattr(path, META_XATTR, json.dumps({"content-type": "text/html"}).encode())
     assert meta() == {"content-type": "text/html"}
-    obj = store.open(BUCKET, ("k",))
+    obj = result_of(store.open(BUCKET, ("k",)))
     assert obj is not None
     with pytest.raises(TypeError):
         obj.meta["content-type"] = "x"  # type: ignore[index]  # shared between opens: read-only
@@ -358,9 +359,9 @@ def test_sweep_of_one_process_leaves_the_others_files(store: DiskStore) -> None:
     mine = store.begin(BUCKET, ("mine",))
     theirs = Path(store.tmp_dir) / f"{os.getpid() + 1}.{BUCKET}.x1.part"
     theirs.write_bytes(b"another process's fill")
-    assert store.sweep(owner=os.getpid() + 1) == 1
+    assert result_of(store.sweep(owner=os.getpid() + 1)) == 1
     assert not theirs.exists()
     assert _tmp_files(store) == [Path(mine.path).name]
     assert Path(mine.path).name.startswith(f"{os.getpid()}.{BUCKET}.")
-    assert store.sweep() == 1
+    assert result_of(store.sweep()) == 1
     mine.abort()

@@ -16,12 +16,16 @@ from typing import Any
 
 import pytest
 from attrs import define, field
+from twisted.internet.defer import fail
 from twisted.web.http import datetimeToString
 
 from cosedge.config import BucketConfig
-from cosedge.storage.disk import DiskStore, StoreError
+from cosedge.interfaces import StoreError
+from cosedge.storage.disk import DiskStore
 from cosedge.testing import MemoryStore
-from cosedge.web.resource import EdgeSite, error_body, parse_ranges
+from cosedge.web.channel import EdgeSite
+from cosedge.web.errors import error_body
+from cosedge.web.hit import parse_ranges
 
 from .helpers import (
     BUCKET,
@@ -62,10 +66,13 @@ class RecordingStore(MemoryStore):
 
     def open(self, bucket: str, segments: tuple[str, ...]) -> Any:
         self.opened.append((bucket, segments))
-        obj = super().open(bucket, segments)
-        if obj is not None:
-            self.handles.append(obj)
-        return obj
+
+        def record(obj: Any) -> Any:
+            if obj is not None:
+                self.handles.append(obj)
+            return obj
+
+        return super().open(bucket, segments).addCallback(record)
 
 
 @pytest.fixture
@@ -974,7 +981,7 @@ class _FailingStore(MemoryStore):
     error: Exception = StoreError(13, "Permission denied")
 
     def open(self, bucket: str, segments: tuple[str, ...]) -> Any:
-        raise self.error
+        return fail(self.error)
 
 
 def test_unreadable_object_is_access_denied(cooperator: StepCooperator) -> None:
@@ -1104,7 +1111,7 @@ def test_small_and_large_bodies_are_byte_exact(disk_edge: Edge) -> None:
     whole, as are ranges that cross it: the small-body path and the
     producer path agree byte for byte.
     """
-    from cosedge.web.resource import _CHUNK
+    from cosedge.web.producers import SMALL_RESPONSE as _CHUNK
 
     for size in (_CHUNK - 1, _CHUNK, _CHUNK + 1, 3 * _CHUNK + 7):
         data = bytes(i % 251 for i in range(size))
@@ -1142,8 +1149,8 @@ class _ShortReads:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.inner.read(offset, length))[:-1]
+    def read(self, offset: int, length: int) -> Any:
+        return self.inner.read(offset, length).addCallback(lambda data: bytes(data)[:-1])
 
     def close(self) -> None:
         self.inner.close()
@@ -1158,8 +1165,7 @@ def test_object_shrinking_under_the_one_write_path_releases_it(edge: Edge, monke
     real_open = RecordingStore.open
 
     def shrinking_open(self: RecordingStore, bucket: str, segments: tuple[str, ...]) -> Any:
-        obj = real_open(self, bucket, segments)
-        return None if obj is None else _ShortReads(obj)
+        return real_open(self, bucket, segments).addCallback(lambda obj: None if obj is None else _ShortReads(obj))
 
     monkeypatch.setattr(RecordingStore, "open", shrinking_open)
     conn = edge.connect()
@@ -1237,7 +1243,7 @@ def test_store_errors_other_than_permission_are_503(edge: Edge, monkeypatch: pyt
     for code, status in ((errno.EMFILE, 503), (errno.EACCES, 403)):
 
         def failing_open(self: Any, bucket: str, segments: tuple[str, ...], code: int = code) -> Any:
-            raise StoreError(code, os.strerror(code))
+            return fail(StoreError(code, os.strerror(code)))
 
         monkeypatch.setattr(RecordingStore, "open", failing_open)
         with capture_logs():

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -42,7 +42,7 @@ from cosedge.workers import (
     parse_tcp,
 )
 
-from .helpers import BUCKET, ORIGIN, Edge, StepCooperator, capture_logs, edge_config, result_of
+from .helpers import BUCKET, ORIGIN, Edge, StepCooperator, capture_logs, edge_config, result_of, source_for
 
 # -- configuration ------------------------------------------------------------
 
@@ -338,7 +338,7 @@ def test_a_dead_workers_temporary_files_are_removed(pool: Any) -> None:
     """A worker that dies (a kill cannot clean up) has its temporary files swept by pid, once."""
     pool, reactor, spawn, endpoint = pool
     swept: list[int] = []
-    pool._sweep = lambda pid: swept.append(pid) or 2
+    pool._sweep = lambda pid: swept.append(pid) or succeed(2)
     pool.startService()
     result_of(endpoint.listen(object()))
     spawn.protocol(1).processEnded(Failure(ProcessTerminated(signal=9)))
@@ -685,7 +685,7 @@ def test_a_fill_stored_by_another_process_meanwhile_is_not_repeated(tmp_path: Pa
     pending = store.begin(BUCKET, ("late.txt",))
     pending.write(b"stored elsewhere")
     pending.commit({}, None)
-    assert edge.filler.start(BUCKET, ("late.txt",), parse_origin(ORIGIN)) is False
+    assert edge.filler.start(BUCKET, ("late.txt",), source_for(parse_origin(ORIGIN), ("late.txt",))) is False
     assert edge.stats.events["fills_skipped_stored"] == 1
     assert edge.origin.gets(b"/late.txt") == 0
 
@@ -793,14 +793,14 @@ def test_a_prefetch_copies_again_with_workers_and_says_when_another_process_is_c
     pending = store.begin(BUCKET, ("again.txt",))
     pending.write(b"old bytes")
     pending.commit({}, None)
-    result = result_of(edge.filler.fill(BUCKET, ("again.txt",), origin, force=True))
+    result = result_of(edge.filler.fill(BUCKET, ("again.txt",), source_for(origin, ("again.txt",)), force=True))
     assert result.stored and edge.origin.gets(b"/again.txt") == 1
-    obj = store.open(BUCKET, ("again.txt",))
-    assert obj is not None and obj.read(0, 100) == b"new bytes"
+    obj = result_of(store.open(BUCKET, ("again.txt",)))
+    assert obj is not None and result_of(obj.read(0, 100)) == b"new bytes"
     obj.close()
     holder = _holder(tmp_path / "claims", BUCKET, "again.txt")
     try:
-        result = result_of(edge.filler.fill(BUCKET, ("again.txt",), origin, force=True))
+        result = result_of(edge.filler.fill(BUCKET, ("again.txt",), source_for(origin, ("again.txt",)), force=True))
         assert (result.stored, result.reason) == (False, "elsewhere")
     finally:
         _end(holder)

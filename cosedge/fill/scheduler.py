@@ -1,307 +1,45 @@
 """
-Background fills: copying a missing object from the bucket's origin.
+The fill scheduler: which fills run, and when.
 
 A :class:`Filler` owns every fill: exactly one per key however many requests
-miss it at once, at most ``max_concurrent`` running with a bounded queue
-behind them, deadlines on the injected clock around the headers, between body
-bytes and around the whole fill, and a graceful :meth:`Filler.stop`.
+miss it at once (and, with :class:`~cosedge.fill.claims.Claims`, across the
+daemon's processes), at most ``max_concurrent`` running with a bounded queue
+behind them, a short memory of origin 404s and a back-off after failures,
+a deadline on the injected clock around the whole fill, and a graceful
+:meth:`Filler.stop`.  Callers that would rather wait than be refused
+(``queue-full``) wait for :meth:`Filler.capacity`.
 
-An object is stored only when it is provably whole: status 200, a body framed
-by Content-Length or chunked encoding that ended properly, and exactly as many
-bytes as declared.  Anything else stores nothing, leaves no temporary file,
-logs one line with the reason and counts it.
-
-The fill talks to the origin through a plain :class:`IAgent`, not through
-``treq.request``: treq always installs a gzip-decoding agent, and a fill must
-keep the origin's exact bytes and check them against Content-Length.
+Each fill is handed to a :class:`~cosedge.fill.fetch.Fetcher`, which copies
+the object from the :class:`~cosedge.origins.Source` the origin planner
+named; the outcome is one log line, counters, and a :class:`FillResult` for
+whoever waits.
 """
 
 from __future__ import annotations
 
-import errno
-import re
 from collections import deque
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from twisted.web.iweb import IAgent
 
-from ..config import FillConfig, Origin
-from ..keys import encode_key
+from ..config import FillConfig
+from ..interfaces import IObjectStore
+from ..origins import Source
+from ..settle import settled
 from ..stats import Stats
-from ..storage.disk import IObjectStore, IPendingObject
 from .claims import Claims
+from .fetch import Fetcher, Fill, FillFailed, FillResult, Reader, reason_of
 
-__all__ = ["FillFailed", "FillResult", "Filler", "KEPT_HEADERS", "origin_url"]
+__all__ = ["FillFailed", "FillResult", "Filler"]
 
 _log = Logger(namespace="cosedge.fill")  # the name operators filter on, kept across moves
-_T = TypeVar("_T")
-
-#: Origin response headers kept as object metadata (besides ``x-cos-meta-*``).
-KEPT_HEADERS = (
-    b"content-type",
-    b"content-encoding",
-    b"content-disposition",
-    b"cache-control",
-    b"expires",
-    b"etag",
-    b"last-modified",
-)
-_META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
-#: A body declared (Content-Length) this small or smaller is received in
-#: memory and written, made durable and published in one go in the thread
-#: pool: no file is created before the body is whole, and no disk write runs
-#: on the reactor thread.  Memory: at most max_concurrent times this.
-SMALL_BODY = 256 * 1024
 _MEMORY_LIMIT = 100_000  # remembered 404s / failures, oldest dropped first
-_USER_AGENT = b"cosedge (back-to-origin fill)"
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not kept: a header value never holds these
-
-
-def origin_url(origin: Origin, segments: tuple[str, ...]) -> bytes:
-    """``http://<origin>/<percent-encoded key>``."""
-    return b"http://" + origin.netloc + b"/" + encode_key(segments)
-
-
-class FillFailed(Exception):
-    """A fill did not store its object, for ``reason``."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-
-@frozen
-class FillResult:
-    """The outcome of a fill, as a waiter sees it."""
-
-    bucket: str
-    key: str
-    stored: bool
-    reason: str  # "stored" or why not
-    size: int = 0
-
-
-@define(eq=False)
-class _InMemory:
-    """A small body, received in memory (the ``pending`` of a small fill)."""
-
-    chunks: list[bytes] = field(factory=list)
-    size: int = 0
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
-
-    def take(self) -> bytes:
-        data, self.chunks = b"".join(self.chunks), []
-        return data
-
-
-def _store_whole(
-    store: IObjectStore, bucket: str, segments: tuple[str, ...], data: bytes, meta: dict[str, str]
-) -> None:
-    """Write, make durable and publish a whole object (blocking: the thread pool's work)."""
-    pending = store.begin(bucket, segments)
-    try:
-        pending.write(data)
-        pending.commit(meta, _mtime(meta))
-    except BaseException:
-        pending.abort()
-        raise
-
-
-@define(eq=False)
-class _Fill:
-    bucket: str
-    segments: tuple[str, ...]
-    url: bytes
-    queued_at: float
-    started_at: float | None = None
-    expected: int | None = None
-    pending: IPendingObject | _InMemory | None = None
-    deferred: Deferred[FillResult] | None = None
-    waiters: list[Deferred[FillResult]] = field(factory=list)
-    result: FillResult | None = None
-
-    @property
-    def key(self) -> str:
-        return "/".join(self.segments)
-
-    @property
-    def received(self) -> int:
-        return self.pending.size if self.pending is not None else 0
-
-
-class _BodyWriter(Protocol):
-    """Streams a response body into a pending object, with bounded memory."""
-
-    def __init__(self, pending: IPendingObject | _InMemory, limit: int, clock: IReactorTime, idle: float) -> None:
-        self._pending = pending
-        self._limit = limit
-        self._clock = clock
-        self._idle = idle
-        self._timer: IDelayedCall | None = None
-        self.done: Deferred[None] = Deferred(lambda d: self._abort())
-
-    def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._idle, self._fail, FillFailed("idle-timeout"))
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        if self._pending.size + len(data) > self._limit:
-            self._fail(FillFailed("too-large", f"over the {self._limit}-byte limit"))
-            return
-        try:
-            self._pending.write(data)
-        except OSError as e:
-            reason = "disk-full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "disk-error"
-            self._fail(FillFailed(reason, str(e)))
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_timer()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone):
-            self.done.callback(None)
-        elif reason.check(PotentialDataLoss):
-            # No Content-Length and no chunking: a cut-short body looks the
-            # same as a whole one, so it is never trusted.
-            self.done.errback(FillFailed("unframed", "no Content-Length and not chunked"))
-        else:
-            self.done.errback(FillFailed("truncated", reason.getErrorMessage()))
-
-    def _fail(self, failure: FillFailed) -> None:
-        self._cancel_timer()
-        if not self.done.called:
-            self.done.errback(failure)
-        self._abort()
-
-    def _abort(self) -> None:
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-
-class _Discard(Protocol):
-    """Drop a response body we will not store, closing its connection."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        pass
-
-
-def _kept_headers(response: IResponse) -> dict[str, str]:
-    meta: dict[str, str] = {}
-    for name, values in response.headers.getAllRawHeaders():
-        lower = name.lower()
-        value = b", ".join(values)
-        if (lower in KEPT_HEADERS or lower.startswith(b"x-cos-meta-")) and not _CONTROL.search(value):
-            meta[lower.decode("latin-1")] = value.decode("latin-1")
-    if sum(len(k) + len(v) for k, v in meta.items()) > _META_LIMIT:
-        raise FillFailed("metadata-too-large", f"kept headers exceed {_META_LIMIT} bytes")
-    return meta
-
-
-def _mtime(meta: dict[str, str]) -> float | None:
-    try:
-        return parsedate_to_datetime(meta["last-modified"]).timestamp()
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def _reason(failure: Failure) -> tuple[str, str]:
-    if failure.check(FillFailed):
-        e: Any = failure.value
-        return e.reason, e.detail
-    # Deferred.addTimeout (the total deadline) raises defer.TimeoutError;
-    # twisted.internet.error.TimeoutError is the connect timeout.
-    if failure.check(DeferredTimeoutError):
-        return "timeout", "deadline passed"
-    if failure.check(TimeoutError):
-        return "connect-failed", "connect timeout"
-    if failure.check(DNSLookupError):  # an OSError, but not the disk's
-        return "connect-failed", failure.getErrorMessage()
-    if failure.check(CancelledError, ConnectingCancelledError):
-        return "cancelled", "stopped"
-    # Cancelling an agent request while it waits for the response fails it
-    # with ResponseFailed / ResponseNeverReceived wrapping the CancelledError.
-    if isinstance(failure.value, ResponseFailed) and any(r.check(CancelledError) for r in failure.value.reasons):
-        return "cancelled", "stopped"
-    if failure.check(ConnectError, ResponseNeverReceived):
-        return "connect-failed", failure.getErrorMessage()
-    if failure.check(ResponseFailed):
-        # The origin's status line or headers were cut short or malformed.
-        return "bad-response", failure.getErrorMessage()
-    if failure.check(OSError):
-        full = getattr(failure.value, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        return "disk-full" if full else "disk-error", failure.getErrorMessage()
-    return "error", failure.getErrorMessage()
-
-
-def _headers_timed_out(result: object, timeout: float | None) -> Failure:
-    # The agent fails a request cancelled while it waits for the response
-    # with ResponseFailed / ResponseNeverReceived, not CancelledError, so the
-    # default conversion to TimeoutError would not apply.
-    return Failure(FillFailed("timeout", f"no response headers within {timeout}s"))
-
-
-async def _through_cancel(work: Deferred[_T]) -> tuple[_T, bool]:
-    """
-    Wait for ``work`` that may run in the thread pool, even if the fill is
-    cancelled meanwhile (a stop, the total deadline): its thread cannot be
-    stopped, and cleaning up under it would close a descriptor or remove a
-    file it is still using.  Returns its result and whether the fill was
-    cancelled; a failure is raised (as CancelledError if cancelled).
-    """
-    outcome: list[_T | Failure] = []
-    waits: list[Deferred[None]] = []
-
-    def ended(result: _T | Failure) -> None:
-        outcome.append(result)
-        for wait in waits:
-            if not wait.called:
-                wait.callback(None)
-
-    work.addBoth(ended)
-    cancelled = False
-    while not outcome:
-        wait: Deferred[None] = Deferred()
-        waits.append(wait)
-        try:
-            await wait
-        except CancelledError:
-            cancelled = True
-    result = outcome[0]
-    if isinstance(result, Failure):
-        if cancelled:
-            raise CancelledError()
-        result.raiseException()
-    return result, cancelled  # type: ignore[return-value]
 
 
 def _remember(memory: dict[Any, float], key: Any, until: float) -> None:
@@ -335,33 +73,53 @@ class Filler:
     clock: IReactorTime
     config: Callable[[], FillConfig]
     stats: Stats
-    #: Runs a blocking call (the fsync-and-rename commit) and returns a
-    #: Deferred of its result; the service passes the reactor's thread pool,
-    #: tests the default, which runs it at once.
-    run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = field(default=maybeDeferred)
     #: Claims shared with the daemon's other processes (None: the only one).
     claims: Claims | None = None
-    _fills: dict[tuple[str, tuple[str, ...]], _Fill] = field(factory=dict, init=False)
-    _queue: deque[_Fill] = field(factory=deque, init=False)
+    _fills: dict[tuple[str, tuple[str, ...]], Fill] = field(factory=dict, init=False)
+    _queue: deque[Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
     _not_found: dict[tuple[str, tuple[str, ...]], float] = field(factory=dict, init=False)
     _backoff: dict[tuple[str, tuple[str, ...]], float] = field(factory=dict, init=False)
     _stopping: bool = field(default=False, init=False)
+    _room_waiters: list[Deferred[None]] = field(factory=list, init=False)
+    _fetcher: Fetcher = field(init=False)
 
-    def start(self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False) -> bool:
+    def __attrs_post_init__(self) -> None:
+        self._fetcher = Fetcher(self.store, self.agent, self.clock)
+
+    def start(
+        self,
+        bucket: str,
+        segments: tuple[str, ...],
+        source: Source,
+        *,
+        force: bool = False,
+        reader: Reader | None = None,
+    ) -> bool:
         """
-        Start (or join) the fill of ``bucket``/``segments`` from ``origin``.
+        Start (or join) the fill of ``bucket``/``segments`` from ``source``,
+        with ``reader`` reading the body as it arrives (a reader that comes
+        after the origin has answered is told at once that it is too late:
+        ``FillFailed("joined-late")``).
         Returns False when no fill runs for this key: a recent origin 404 or
         failure is remembered (unless ``force``), the queue is full, or the
         filler is stopping.
         """
-        return isinstance(self._start(bucket, segments, origin, force), _Fill)
+        return isinstance(self._start(bucket, segments, source, force, reader), Fill)
 
-    def _start(self, bucket: str, segments: tuple[str, ...], origin: Origin, force: bool) -> _Fill | str:
+    def _start(
+        self, bucket: str, segments: tuple[str, ...], source: Source, force: bool, reader: Reader | None = None
+    ) -> Fill | str:
         """The fill of this key (started, queued or joined), or why there is none."""
         key = (bucket, segments)
         if key in self._fills:
-            return self._fills[key]
+            joined = self._fills[key]
+            if reader is not None:
+                if joined.answered:
+                    reader.finished(Failure(FillFailed("joined-late", "the origin has answered already")))
+                else:
+                    joined.readers.append(reader)
+            return joined
         if self._stopping:
             return "stopping"
         now = self.clock.seconds()
@@ -373,13 +131,15 @@ class Filler:
                 self.stats.inc("fills_skipped_backoff")
                 return "backoff"
         cfg = self.config()
-        fill = _Fill(bucket, segments, origin_url(origin, segments), now)
+        fill = Fill(bucket, segments, source, now)
         has_slot = self._running < cfg.max_concurrent
         if has_slot or len(self._queue) < cfg.max_queue:
             refused = self._claim(bucket, segments, force)
             if refused is not None:
                 return refused
             self._fills[key] = fill
+            if reader is not None:
+                fill.readers.append(reader)
             if has_slot:
                 self._run(fill)
             else:
@@ -396,15 +156,27 @@ class Filler:
             return "queue-full"
         return fill
 
+    def capacity(self) -> Deferred[None]:
+        """
+        Fires once a new fill would not be refused as ``queue-full`` (at
+        once if there is room now), for callers that would rather wait: a
+        backfill job.  Fails with CancelledError when the filler stops.
+        """
+        if self._has_room():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._room_waiters.remove(d))
+        self._room_waiters.append(waiter)
+        return waiter
+
     def fill(
-        self, bucket: str, segments: tuple[str, ...], origin: Origin, *, force: bool = False
+        self, bucket: str, segments: tuple[str, ...], source: Source, *, force: bool = False
     ) -> Deferred[FillResult]:
         """
         Like :meth:`start`, and return a Deferred that fires with the
         :class:`FillResult` (it never fails; cancelling it does not cancel the
         shared fill).
         """
-        fill = self._start(bucket, segments, origin, force)
+        fill = self._start(bucket, segments, source, force)
         if isinstance(fill, str):
             return succeed(FillResult(bucket, "/".join(segments), False, fill))
         if fill.result is not None:  # it finished synchronously
@@ -455,6 +227,9 @@ class Filler:
             del self._fills[(fill.bucket, fill.segments)]
             self._release(fill)
             self._notify(fill, FillResult(fill.bucket, fill.key, False, "cancelled"))
+        waiting, self._room_waiters = self._room_waiters, []
+        for waiter in waiting:
+            waiter.errback(CancelledError())
         running = [f.deferred for f in self._fills.values() if f.deferred is not None]
         for d in running:
             d.cancel()
@@ -475,7 +250,10 @@ class Filler:
             if not self.claims.claim(bucket, segments):
                 self.stats.inc("fills_skipped_elsewhere")
                 return "elsewhere"
-            stored = None if force else self.store.open(bucket, segments)
+            # A store on local disk answers at once; another is not waited
+            # for here (its writes refuse to replace an object anyway).
+            opened = None if force else settled(self.store.open(bucket, segments))
+            stored = None if isinstance(opened, Deferred) else opened
         except OSError as e:
             # A claim protects against a duplicate GET, not against damage:
             # filling without one is still safe (publishing is a rename).
@@ -490,78 +268,21 @@ class Filler:
             return "stored"
         return None
 
-    def _release(self, fill: _Fill) -> None:
+    def _release(self, fill: Fill) -> None:
         if self.claims is not None:
             self.claims.release(fill.bucket, fill.segments)
 
-    def _run(self, fill: _Fill) -> None:
+    def _run(self, fill: Fill) -> None:
         cfg = self.config()
         self._running += 1
         fill.started_at = self.clock.seconds()
         self.stats.inc("fills_started")
-        d = Deferred.fromCoroutine(self._fetch(fill, cfg))
+        d = Deferred.fromCoroutine(self._fetcher.fetch(fill, cfg))
         fill.deferred = d
         d.addTimeout(cfg.total_timeout, self.clock)
         d.addBoth(self._finished, fill)
 
-    async def _fetch(self, fill: _Fill, cfg: FillConfig) -> FillResult:
-        headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
-        request = self.agent.request(b"GET", fill.url, headers)
-        request.addTimeout(cfg.header_timeout, self.clock, onTimeoutCancel=_headers_timed_out)
-        response = await request
-        if response.length is not UNKNOWN_LENGTH:
-            fill.expected = response.length
-        if response.code != 200:
-            response.deliverBody(_Discard())
-            raise FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
-        if fill.expected is not None and fill.expected > cfg.max_object_size:
-            response.deliverBody(_Discard())
-            raise FillFailed("too-large", f"Content-Length over the {cfg.max_object_size}-byte limit")
-        meta = _kept_headers(response)
-        if fill.expected is not None and fill.expected <= SMALL_BODY:
-            return await self._fetch_small(fill, cfg, response, meta)
-        # Creating a file can take a millisecond: not on the reactor thread.
-        # Meanwhile the response buffers the body's first bytes.
-        pending, cancelled = await _through_cancel(
-            self.run_blocking(lambda: self.store.begin(fill.bucket, fill.segments))
-        )
-        fill.pending = pending
-        if cancelled:
-            pending.abort()
-            response.deliverBody(_Discard())
-            raise CancelledError()
-        try:
-            await self._receive(fill, cfg, response, pending)
-            # A cancelled fill whose commit still succeeded is stored: whole and visible.
-            await _through_cancel(self.run_blocking(lambda: pending.commit(meta, _mtime(meta))))
-        except BaseException:
-            pending.abort()
-            raise
-        return FillResult(fill.bucket, fill.key, True, "stored", pending.size)
-
-    async def _receive(
-        self, fill: _Fill, cfg: FillConfig, response: IResponse, into: IPendingObject | _InMemory
-    ) -> None:
-        """Stream the body into ``into``, and check it is exactly as long as declared."""
-        fill.pending = into
-        writer = _BodyWriter(into, cfg.max_object_size, self.clock, cfg.idle_timeout)
-        response.deliverBody(writer)
-        await writer.done
-        if fill.expected is not None and into.size != fill.expected:
-            raise FillFailed("length-mismatch")
-
-    async def _fetch_small(self, fill: _Fill, cfg: FillConfig, response: IResponse, meta: dict[str, str]) -> FillResult:
-        """Receive a small body in memory, then store it with one call in the thread pool."""
-        body = _InMemory()
-        await self._receive(fill, cfg, response, body)
-        data = body.take()
-        # A cancelled fill whose store still succeeded is stored: whole and visible.
-        await _through_cancel(
-            self.run_blocking(lambda: _store_whole(self.store, fill.bucket, fill.segments, data, meta))
-        )
-        return FillResult(fill.bucket, fill.key, True, "stored", len(data))
-
-    def _finished(self, result: FillResult | Failure, fill: _Fill) -> None:
+    def _finished(self, result: FillResult | Failure, fill: Fill) -> None:
         self._running -= 1
         del self._fills[(fill.bucket, fill.segments)]
         self._release(fill)
@@ -577,7 +298,7 @@ class Filler:
             seconds=round(duration, 3),
         )
         if isinstance(result, Failure):
-            reason, detail = _reason(result)
+            reason, detail = reason_of(result)
             if reason == "error":
                 _log.failure("fill {bucket}/{key} failed unexpectedly from {url}", result, **log_fields)
             else:
@@ -608,9 +329,15 @@ class Filler:
         cfg = self.config()
         while self._queue and not self._stopping and self._running < cfg.max_concurrent:
             self._run(self._queue.popleft())
+        while self._room_waiters and self._has_room():
+            self._room_waiters.pop(0).callback(None)
+
+    def _has_room(self) -> bool:
+        cfg = self.config()
+        return not self._stopping and (self._running < cfg.max_concurrent or len(self._queue) < cfg.max_queue)
 
     @staticmethod
-    def _notify(fill: _Fill, result: FillResult) -> None:
+    def _notify(fill: Fill, result: FillResult) -> None:
         fill.result = result
         waiters, fill.waiters = fill.waiters, []
         for waiter in waiters:

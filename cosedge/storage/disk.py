@@ -19,28 +19,33 @@ place, ``fsync`` the directory.  Leftover temporary files are swept at start.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
+from typing import Any
 
 from attrs import define, field
-from zope.interface import Attribute, Interface, implementer
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IConsumer
+from zope.interface import implementer
 
+from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry, StoreError
 from .beneath import Unsupported, open_beneath
+from .produce import RangeProducer, SmallWriter, Writer
 
-__all__ = [
-    "DiskStore",
-    "IObjectStore",
-    "IPendingObject",
-    "IStoredObject",
-    "META_XATTR",
-    "StoreError",
-]
+__all__ = ["DiskStore", "META_XATTR", "SMALL_BODY"]
+
+#: A body declared (Content-Length) this small or smaller is received in
+#: memory and written, made durable and published in one go in the thread
+#: pool: no file is created before the body is whole, and no disk write runs
+#: on the reactor thread.  Memory: at most one such body per running fill.
+SMALL_BODY = 256 * 1024
 
 META_XATTR = "user.cosedge.meta"
 #: Files whose parsed metadata :class:`DiskStore` keeps (reading and parsing
@@ -56,65 +61,6 @@ _ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR)
 _NOT_NAMES = frozenset({"", ".", ".."})
 
 
-class StoreError(OSError):
-    """The store failed for a reason other than a missing object."""
-
-
-class IStoredObject(Interface):
-    """An open, immutable view of one stored object."""
-
-    size = Attribute("Length in bytes, from fstat of the open descriptor.")
-    mtime = Attribute("Modification time (POSIX seconds).")
-    identity = Attribute("A string that changes whenever the object is replaced.")
-    meta = Attribute("Kept origin headers: lowercase name -> value.")
-
-    def read(offset: int, length: int) -> bytes:
-        """Read up to ``length`` bytes at ``offset`` (short only at the end)."""
-
-    def fileno() -> int | None:
-        """The descriptor, for sendfile; None when there is none."""
-
-    def close() -> None:
-        """Release the object."""
-
-
-class IPendingObject(Interface):
-    """An object being written; invisible until :meth:`commit`."""
-
-    size = Attribute("Bytes written so far.")
-
-    def write(data: bytes) -> None:
-        """Append bytes.  :raises OSError: on a disk error (ENOSPC …)."""
-
-    def commit(meta: Mapping[str, str], mtime: float | None) -> None:
-        """Make the object visible under its key, with ``meta``, atomically."""
-
-    def abort() -> None:
-        """Discard it; leaves nothing behind.  Safe to call more than once."""
-
-
-class IObjectStore(Interface):
-    """Where bucket objects are stored."""
-
-    def open(bucket: str, segments: tuple[str, ...]) -> IStoredObject | None:
-        """The object, or None if there is none.  :raises StoreError:"""
-
-    def begin(bucket: str, segments: tuple[str, ...]) -> IPendingObject:
-        """Start writing an object.  :raises OSError:"""
-
-    def remove(bucket: str, segments: tuple[str, ...]) -> bool:
-        """Delete an object; True if there was one."""
-
-    def usage(bucket: str) -> tuple[int, int]:
-        """(object count, total bytes) of a bucket."""
-
-    def sweep(owner: int | None = None) -> int:
-        """
-        Remove leftover temporary files; return how many.  With ``owner``
-        (a process id), only those that process was writing.
-        """
-
-
 @implementer(IStoredObject)
 @define(eq=False)
 class _DiskObject:
@@ -124,8 +70,15 @@ class _DiskObject:
     identity: str
     meta: Mapping[str, str]
 
-    def read(self, offset: int, length: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``, read now."""
         return os.pread(self.fd, length, offset)
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        return succeed(os.pread(self.fd, length, offset))
+
+    def produce(self, consumer: IConsumer, start: int, end: int) -> Deferred[int]:
+        return RangeProducer(self.pread, consumer, start, end).start()
 
     def fileno(self) -> int | None:
         return self.fd
@@ -183,9 +136,10 @@ def _walk(root: str, segments: tuple[str, ...], create: bool = False) -> Iterato
         os.close(fd)
 
 
-@implementer(IPendingObject)
 @define(eq=False)
 class _DiskPending:
+    """A file being written in the temporary folder (blocking calls: the thread pool's work)."""
+
     store: DiskStore
     bucket: str
     segments: tuple[str, ...]
@@ -231,9 +185,21 @@ class _DiskPending:
 @implementer(IObjectStore)
 @define(eq=False)
 class DiskStore:
-    """Buckets as folders of plain files under ``data_dir``."""
+    """
+    Buckets as folders of plain files under ``data_dir``.
+
+    The :class:`~cosedge.interfaces.IObjectStore` methods answer with
+    Deferreds; opening and reading run at once, on the reactor thread (a hit
+    costs no hand-off), and the blocking steps of a write (creating,
+    ``fsync``, ``rename``) go through ``run_blocking``, which the daemon
+    points at its thread pool.  The methods below them, ``open_file``,
+    ``begin`` and the rest, are this store's own, blocking.
+    """
 
     data_dir: str
+    #: Runs a blocking call and returns a Deferred of its result: the
+    #: daemon's thread pool, or (the default, for tests) at once.
+    run_blocking: Callable[[Callable[[], Any]], Deferred[Any]] = field(default=maybeDeferred, repr=False)
     #: Parsed metadata of files opened lately, by what changes whenever a
     #: file or its attributes do: a replaced object is a new inode, and
     #: writing the file or its extended attribute moves its ctime.
@@ -247,7 +213,55 @@ class DiskStore:
         # Bucket names are validated by the configuration (``[a-z0-9-]``).
         return os.path.join(self.data_dir, bucket)
 
-    def open(self, bucket: str, segments: tuple[str, ...]) -> _DiskObject | None:
+    # -- IObjectStore --
+
+    def open(self, bucket: str, segments: tuple[str, ...]) -> Deferred[IStoredObject | None]:
+        try:
+            return succeed(self.open_file(bucket, segments))
+        except StoreError:
+            return fail()
+
+    def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
+        if length is not None and length <= SMALL_BODY:
+            return succeed(
+                SmallWriter(
+                    lambda data, meta, mtime: self._store_whole(bucket, segments, data, meta, mtime), self.run_blocking
+                )
+            )
+        return self.run_blocking(lambda: Writer(self.begin(bucket, segments), self.run_blocking))
+
+    def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
+        return maybeDeferred(self.remove_file, bucket, segments)
+
+    def list(
+        self, bucket: str, prefix: str = "", marker: str = "", limit: int = 1000
+    ) -> Deferred[builtins.list[StoredEntry]]:
+        return self.run_blocking(lambda: self.list_files(bucket, prefix, marker, limit))
+
+    def usage(self, bucket: str) -> Deferred[tuple[int, int]]:
+        return self.run_blocking(lambda: self.count_files(bucket))
+
+    def probe(self) -> Deferred[None]:
+        return self.run_blocking(self.check_writable)
+
+    def sweep(self, owner: int | None = None) -> Deferred[int]:
+        return maybeDeferred(self.sweep_files, owner)
+
+    # -- the disk's own, blocking --
+
+    def _store_whole(
+        self, bucket: str, segments: tuple[str, ...], data: bytes, meta: Mapping[str, str], mtime: float | None
+    ) -> None:
+        """Write, make durable and publish a whole object."""
+        pending = self.begin(bucket, segments)
+        try:
+            pending.write(data)
+            pending.commit(meta, mtime)
+        except BaseException:
+            pending.abort()
+            raise
+
+    def open_file(self, bucket: str, segments: tuple[str, ...]) -> _DiskObject | None:
         """
         Open an object: one ``openat2`` beneath the bucket folder where the
         kernel allows it (see :mod:`cosedge.storage.beneath`), else a walk of one
@@ -296,7 +310,8 @@ class DiskStore:
             fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
         return _DiskPending(self, bucket, segments, fd, path)
 
-    def remove(self, bucket: str, segments: tuple[str, ...]) -> bool:
+    def remove_file(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        """Delete an object's file; True if there was one."""
         if not segments:
             return False
         try:
@@ -312,7 +327,8 @@ class DiskStore:
             raise
         return True
 
-    def usage(self, bucket: str) -> tuple[int, int]:
+    def count_files(self, bucket: str) -> tuple[int, int]:
+        """(object count, total bytes) of a bucket."""
         count = total = 0
         for dirpath, _dirs, files in os.walk(self.bucket_path(bucket)):
             for name in files:
@@ -325,7 +341,52 @@ class DiskStore:
                     total += st.st_size
         return count, total
 
-    def sweep(self, owner: int | None = None) -> int:
+    def list_files(self, bucket: str, prefix: str, marker: str, limit: int) -> builtins.list[StoredEntry]:
+        """
+        Up to ``limit`` objects whose keys start with ``prefix`` and sort
+        after ``marker``, in key order.  Only the folder the prefix names is
+        walked; symlinks and special files are not objects.
+        """
+        root = self.bucket_path(bucket)
+        folder = prefix.rpartition("/")[0]
+        segments = tuple(folder.split("/")) if folder else ()
+        if not _NOT_NAMES.isdisjoint(segments):
+            return []
+        found: builtins.list[StoredEntry] = []
+        for dirpath, _dirs, files in os.walk(os.path.join(root, *segments)):
+            rel = os.path.relpath(dirpath, root)
+            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in files:
+                key = base + name
+                if not key.startswith(prefix) or key <= marker:
+                    continue
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append(StoredEntry(key, st.st_size, st.st_mtime))
+        found.sort(key=lambda e: e.key)
+        return found[:limit]
+
+    def check_writable(self) -> None:
+        """
+        Write a byte through the temporary-file path, with the metadata
+        attribute, and throw it away.  :raises OSError: saying what is wrong
+        (a file system without user extended attributes fails every fill).
+        """
+        pending = self.begin(".readyz", ("probe",))
+        try:
+            pending.write(b"ok")
+            try:
+                os.setxattr(pending.fd, META_XATTR, b"{}")
+            except OSError as e:
+                raise OSError(e.errno, f"no user extended attributes (object metadata needs them): {e}") from e
+        finally:
+            pending.abort()
+
+    def sweep_files(self, owner: int | None = None) -> int:
+        """Remove leftover temporary files; return how many (``owner``: only that process's)."""
         # Temporary files are named "<pid>.<bucket>.<random>.part".
         os.makedirs(self.tmp_dir, exist_ok=True)
         removed = 0

@@ -36,8 +36,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from ..interfaces import IStoredObject
 from ..stats import Stats
-from ..storage.disk import IStoredObject
 
 __all__ = ["SENDFILE_MIN", "SendfileProducer", "sendfile_producer"]
 
@@ -165,7 +165,7 @@ class SendfileProducer:
         if request is None:
             return
         want = min(self._primer, self._end - self._offset)
-        data = self._obj.read(self._offset, want) if want else b""
+        data = os.pread(self._file_fd, want, self._offset) if want else b""
         if len(data) < want:
             self._shrank(request)
             return

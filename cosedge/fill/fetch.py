@@ -1,0 +1,349 @@
+"""
+Fetching one object from its origin into the store.
+
+A :class:`Fetcher` runs one fill's HTTP request and streams the body into an
+:class:`~cosedge.interfaces.IObjectWriter`, and to any :class:`Reader`
+attached to the fill (the mirror path: clients that read the object while it
+is stored).  An object is stored only when it is provably whole: status 200,
+a body framed by Content-Length or chunked encoding that ended properly, and
+exactly as many bytes as declared.  Anything else raises :class:`FillFailed`
+with a reason, and the writer is aborted: nothing is left behind.
+
+The fill talks to the origin through a plain :class:`IAgent`, not through
+``treq.request``: treq always installs a gzip-decoding agent, and a fill must
+keep the origin's exact bytes and check them against Content-Length.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+from typing import Protocol as TypingProtocol
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+
+from ..config import FillConfig
+from ..interfaces import IObjectStore, IObjectWriter
+from ..origins import Source
+
+__all__ = ["FillFailed", "FillResult", "Fetcher", "Fill", "KEPT_HEADERS", "Reader", "reason_of"]
+
+_T = TypeVar("_T")
+
+#: Origin response headers kept as object metadata (besides ``x-cos-meta-*``).
+KEPT_HEADERS = (
+    b"content-type",
+    b"content-encoding",
+    b"content-disposition",
+    b"cache-control",
+    b"expires",
+    b"etag",
+    b"last-modified",
+)
+_META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
+_USER_AGENT = b"cosedge (back-to-origin fill)"
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not kept: a header value never holds these
+
+
+class FillFailed(Exception):
+    """A fill did not store its object, for ``reason``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@frozen
+class FillResult:
+    """The outcome of a fill, as a waiter sees it."""
+
+    bucket: str
+    key: str
+    stored: bool
+    reason: str  # "stored" or why not
+    size: int = 0
+
+
+class Reader(TypingProtocol):
+    """
+    Something that reads a fill's body as it arrives, besides the store (a
+    client answered from the origin's stream).  It is told of the response
+    once its headers are accepted, given every chunk of the body, and told
+    once that the body is whole (``None``) or why the fill failed.
+    """
+
+    def response(self, meta: Mapping[str, str], length: int | None) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finished(self, failure: Failure | None) -> None: ...
+
+
+@define(eq=False)
+class Fill:
+    """One fill: what it copies, from where, and how far it has come."""
+
+    bucket: str
+    segments: tuple[str, ...]
+    source: Source
+    queued_at: float
+    started_at: float | None = None
+    expected: int | None = None
+    writer: IObjectWriter | None = None
+    readers: list[Reader] = field(factory=list)
+    #: The origin's response headers were accepted: a reader joining now would miss bytes.
+    answered: bool = False
+    deferred: Deferred[FillResult] | None = None
+    waiters: list[Deferred[FillResult]] = field(factory=list)
+    result: FillResult | None = None
+
+    @property
+    def key(self) -> str:
+        return "/".join(self.segments)
+
+    @property
+    def url(self) -> bytes:
+        return self.source.url
+
+    @property
+    def received(self) -> int:
+        return self.writer.size if self.writer is not None else 0
+
+
+class _BodyWriter(Protocol):
+    """Streams a response body into a writer (and the fill's readers), with bounded memory."""
+
+    def __init__(
+        self, pending: IObjectWriter, readers: list[Reader], limit: int, clock: IReactorTime, idle: float
+    ) -> None:
+        self._pending = pending
+        self._readers = readers
+        self._limit = limit
+        self._clock = clock
+        self._idle = idle
+        self._timer: IDelayedCall | None = None
+        self.done: Deferred[None] = Deferred(lambda d: self._abort())
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle, self._fail, FillFailed("idle-timeout"))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._pending.size + len(data) > self._limit:
+            self._fail(FillFailed("too-large", f"over the {self._limit}-byte limit"))
+            return
+        try:
+            self._pending.write(data)
+            for reader in self._readers:
+                reader.write(data)
+        except OSError as e:
+            reason = "disk-full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "disk-error"
+            self._fail(FillFailed(reason, str(e)))
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        elif reason.check(PotentialDataLoss):
+            # No Content-Length and no chunking: a cut-short body looks the
+            # same as a whole one, so it is never trusted.
+            self.done.errback(FillFailed("unframed", "no Content-Length and not chunked"))
+        else:
+            self.done.errback(FillFailed("truncated", reason.getErrorMessage()))
+
+    def _fail(self, failure: FillFailed) -> None:
+        self._cancel_timer()
+        if not self.done.called:
+            self.done.errback(failure)
+        self._abort()
+
+    def _abort(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class _Discard(Protocol):
+    """Drop a response body we will not store, closing its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pass
+
+
+def _kept_headers(response: IResponse) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for name, values in response.headers.getAllRawHeaders():
+        lower = name.lower()
+        value = b", ".join(values)
+        if (lower in KEPT_HEADERS or lower.startswith(b"x-cos-meta-")) and not _CONTROL.search(value):
+            meta[lower.decode("latin-1")] = value.decode("latin-1")
+    if sum(len(k) + len(v) for k, v in meta.items()) > _META_LIMIT:
+        raise FillFailed("metadata-too-large", f"kept headers exceed {_META_LIMIT} bytes")
+    return meta
+
+
+def _mtime(meta: dict[str, str]) -> float | None:
+    try:
+        return parsedate_to_datetime(meta["last-modified"]).timestamp()
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def reason_of(failure: Failure) -> tuple[str, str]:
+    """The reason (a counter label) and detail of a failed fill."""
+    if failure.check(FillFailed):
+        e: Any = failure.value
+        return e.reason, e.detail
+    # Deferred.addTimeout (the total deadline) raises defer.TimeoutError;
+    # twisted.internet.error.TimeoutError is the connect timeout.
+    if failure.check(DeferredTimeoutError):
+        return "timeout", "deadline passed"
+    if failure.check(TimeoutError):
+        return "connect-failed", "connect timeout"
+    if failure.check(DNSLookupError):  # an OSError, but not the disk's
+        return "connect-failed", failure.getErrorMessage()
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return "cancelled", "stopped"
+    # Cancelling an agent request while it waits for the response fails it
+    # with ResponseFailed / ResponseNeverReceived wrapping the CancelledError.
+    if isinstance(failure.value, ResponseFailed) and any(r.check(CancelledError) for r in failure.value.reasons):
+        return "cancelled", "stopped"
+    if failure.check(ConnectError, ResponseNeverReceived):
+        return "connect-failed", failure.getErrorMessage()
+    if failure.check(ResponseFailed):
+        # The origin's status line or headers were cut short or malformed.
+        return "bad-response", failure.getErrorMessage()
+    if failure.check(OSError):
+        full = getattr(failure.value, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        return "disk-full" if full else "disk-error", failure.getErrorMessage()
+    return "error", failure.getErrorMessage()
+
+
+def _headers_timed_out(result: object, timeout: float | None) -> Failure:
+    # The agent fails a request cancelled while it waits for the response
+    # with ResponseFailed / ResponseNeverReceived, not CancelledError, so the
+    # default conversion to TimeoutError would not apply.
+    return Failure(FillFailed("timeout", f"no response headers within {timeout}s"))
+
+
+async def _through_cancel(work: Deferred[_T]) -> tuple[_T, bool]:
+    """
+    Wait for ``work`` that may run in the thread pool, even if the fill is
+    cancelled meanwhile (a stop, the total deadline): its thread cannot be
+    stopped, and cleaning up under it would close a descriptor or remove a
+    file it is still using.  Returns its result and whether the fill was
+    cancelled; a failure is raised (as CancelledError if cancelled).
+    """
+    outcome: list[_T | Failure] = []
+    waits: list[Deferred[None]] = []
+
+    def ended(result: _T | Failure) -> None:
+        outcome.append(result)
+        for wait in waits:
+            if not wait.called:
+                wait.callback(None)
+
+    work.addBoth(ended)
+    cancelled = False
+    while not outcome:
+        wait: Deferred[None] = Deferred()
+        waits.append(wait)
+        try:
+            await wait
+        except CancelledError:
+            cancelled = True
+    result = outcome[0]
+    if isinstance(result, Failure):
+        if cancelled:
+            raise CancelledError()
+        result.raiseException()
+    return result, cancelled  # type: ignore[return-value]
+
+
+@define(eq=False)
+class Fetcher:
+    """Fetches a fill's object from its source into the store (see the module's docstring)."""
+
+    store: IObjectStore
+    agent: IAgent
+    clock: IReactorTime
+
+    async def fetch(self, fill: Fill, cfg: FillConfig) -> FillResult:
+        """Copy ``fill``'s object; raises :class:`FillFailed` (or CancelledError) when nothing is stored."""
+        try:
+            result = await self._fetch(fill, cfg)
+        except BaseException as e:
+            for reader in fill.readers:
+                reader.finished(Failure(e))
+            raise
+        return result
+
+    async def _fetch(self, fill: Fill, cfg: FillConfig) -> FillResult:
+        headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
+        request = self.agent.request(b"GET", fill.url, headers)
+        request.addTimeout(cfg.header_timeout, self.clock, onTimeoutCancel=_headers_timed_out)
+        response = await request
+        if response.length is not UNKNOWN_LENGTH:
+            fill.expected = response.length
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            raise FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
+        if fill.expected is not None and fill.expected > cfg.max_object_size:
+            response.deliverBody(_Discard())
+            raise FillFailed("too-large", f"Content-Length over the {cfg.max_object_size}-byte limit")
+        meta = _kept_headers(response)
+        fill.answered = True
+        for reader in fill.readers:
+            reader.response(meta, fill.expected)
+        # The store makes its writer off the reactor thread where that can
+        # block (creating a file can take a millisecond), or holds a small
+        # body in memory.  Meanwhile the response buffers the body's first bytes.
+        writer, cancelled = await _through_cancel(self.store.writer(fill.bucket, fill.segments, fill.expected))
+        fill.writer = writer
+        if cancelled:
+            writer.abort()
+            response.deliverBody(_Discard())
+            raise CancelledError()
+        try:
+            body = _BodyWriter(writer, fill.readers, cfg.max_object_size, self.clock, cfg.idle_timeout)
+            response.deliverBody(body)
+            await body.done
+            if fill.expected is not None and writer.size != fill.expected:
+                raise FillFailed("length-mismatch")
+            readers, fill.readers = fill.readers, []
+            for reader in readers:
+                reader.finished(None)
+            # A cancelled fill whose commit still succeeded is stored: whole and visible.
+            await _through_cancel(writer.commit(meta, _mtime(meta)))
+        except BaseException:
+            writer.abort()
+            raise
+        return FillResult(fill.bucket, fill.key, True, "stored", writer.size)

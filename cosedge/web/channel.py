@@ -1,0 +1,256 @@
+"""
+The bucket listener's HTTP layer: a channel with a deadline for each
+request's headers and a refusal of request bodies, a request class that does
+less per request, and the site that counts statuses and writes the access log.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ..stats import Stats
+from .errors import error_body
+
+__all__ = ["EdgeSite"]
+
+_log = Logger(namespace="cosedge.web")
+
+#: Larger request bodies (or chunked ones) are refused with 413.
+_MAX_REQUEST_BODY = 64 * 1024
+_SERVER = b"cosedge"
+
+
+class _EdgeChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel with a deadline for each request's headers.
+
+    Twisted's idle timeout restarts on every byte, so a client trickling its
+    headers one byte at a time would hold a connection for ever.  Here the
+    headers of each request must be complete within ``header_deadline``
+    seconds of the connection opening or of the previous response ending.
+
+    That deadline replaces Twisted's idle timeout (which :class:`EdgeSite`
+    turns off): wherever the idle timer runs, the deadline is armed too and
+    fires no later, and while a response is being produced both are off.
+    One timer is kept per connection and moved by ``reset`` for each request
+    (cheap for a later time), not cancelled and made again: the headers
+    having arrived only marks it paused, and if it fires while paused it
+    does nothing and is made again at the end of that response.
+    """
+
+    header_deadline: float = 60.0
+    _deadline: IDelayedCall | None = None
+    #: Headers are complete and the response is not done: the deadline does not apply.
+    _paused = False
+    _refused = False
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        """The local address, asked of the transport once: every request reads it, and it never changes."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        """The client's address, asked of the transport once."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        Twisted's, writing the same bytes, but as one piece: the transport
+        checks and buffers each piece of a sequence (some forty here).
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head))  # type: ignore[union-attr]
+
+    def allHeadersReceived(self) -> None:
+        # GET and HEAD carry no body worth reading, and Twisted would spool a
+        # large one to a temporary file: refuse before reading any of it.
+        if self.length is None or self.length > _MAX_REQUEST_BODY:
+            # The deadline stays armed: it closes (and in the end aborts) a
+            # client that does not read the answer or close.
+            self._refused = True
+            body = error_body("EntityTooLarge", "Request bodies are not accepted here.", os.urandom(6).hex())
+            self.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
+                b"Content-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            self.loseConnection()
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._paused = True  # the deadline covers a (small) body too
+        super().allContentReceived()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+    def requestDone(self, request: Request) -> None:
+        # Armed before the channel parses any pipelined request it buffered,
+        # whose complete headers then disarm it again.
+        if self.persistent:
+            self._arm()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        """Start the headers' deadline from now."""
+        self._paused = False
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(self.header_deadline)
+        else:
+            self._deadline = self.callLater(self.header_deadline, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._paused:  # a response is under way; the next _arm starts a new deadline
+            return
+        # Twisted's own timeout path: close, and abort a client that lingers.
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        self._disarm()  # whichever timer fired first, the connection closes once
+        super().timeoutConnection()
+
+
+class _EdgeRequest(Request):
+    """
+    A request to the bucket listener: Twisted's ``server.Request`` but for
+    :meth:`process`, which does less per request.
+    """
+
+    def process(self) -> None:
+        """
+        Render the site's one leaf resource.  Unlike Twisted's: Server is set
+        once, to ours; Date is formatted once a second; there is no resource
+        traversal (so ``prepath`` is empty and ``postpath`` is not computed);
+        and the ``*`` target (``OPTIONS *``, ``GET *``) reaches the resource,
+        which answers it with its own error rather than Twisted's page.
+        """
+        site: EdgeSite = self.channel.site  # type: ignore[attr-defined]
+        self.site = site
+        self.setHeader(b"server", _SERVER)
+        self.setHeader(b"date", site.http_date())
+        self.prepath = []
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+
+class EdgeSite(Site):
+    """
+    The bucket listener's factory: serves one leaf resource with
+    :class:`_EdgeRequest`, counts responses by status and writes the access
+    log in combined log format to standard output, a file, or nowhere.
+    """
+
+    displayTracebacks = False
+    requestFactory = _EdgeRequest
+
+    def __init__(
+        self, resource: Resource, stats: Stats, access_log: str, reactor: IReactorTime, timeout: float
+    ) -> None:
+        if not resource.isLeaf:
+            raise TypeError("EdgeSite serves one leaf resource; it does no traversal")
+        super().__init__(resource, timeout=timeout, reactor=reactor)
+        self._stats = stats
+        self._access_log = access_log
+        self._date_second = -1
+        self._date = b""
+
+    def http_date(self) -> bytes:
+        """The current time for a Date header, from the reactor's clock, formatted once a second."""
+        second = int(self.reactor.seconds())
+        if second != self._date_second:
+            self._date = datetimeToString(second)
+            self._date_second = second
+        return self._date
+
+    def protocol(self) -> _EdgeChannel:  # type: ignore[override]
+        """Build this site's channels, with the header deadline set."""
+        channel = _EdgeChannel()
+        channel.header_deadline = self.timeOut or _EdgeChannel.header_deadline
+        return channel
+
+    def buildProtocol(self, addr: IAddress) -> _EdgeChannel:  # type: ignore[override]
+        """A channel whose header deadline stands in for Twisted's idle timeout (off: one timer, not two)."""
+        channel: _EdgeChannel = super().buildProtocol(addr)  # type: ignore[assignment]
+        channel.timeOut = None
+        return channel
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self._access_log == "-":
+            self._logFile = open(os.dup(1), "w", 1, encoding="utf-8", newline="\n")
+        elif self._access_log:
+            self._logFile = self._openLogFile(os.path.abspath(self._access_log))
+        else:
+            self._logFile = None
+
+    def log(self, request: Any) -> None:
+        self._stats.statuses[request.code] += 1
+        super().log(request)
+
+    def _openLogFile(self, path: str) -> Any:  # type: ignore[override]
+        """
+        The access-log file, in append mode, written a line at a time: the
+        lines of several processes (``workers``) never overwrite or split
+        each other.  Rotation is logrotate's, with a SIGHUP to reopen; not
+        the 1 MB self-rotation of Twisted's ``LogFile`` that ``Site`` uses,
+        which several processes would each do on their own.
+        """
+        return open(path, "a", 1, encoding="utf-8", newline="\n")
+
+    def reopen_access_log(self) -> None:
+        """
+        Open the access-log file by its name again, so that lines go to a new
+        file once logrotate has moved the old one away (``-`` and off are
+        left as they are).  If it cannot be opened, logging goes on to the
+        old file and a warning says why.
+        """
+        if not self._access_log or self._access_log == "-" or self._logFile is None:
+            return
+        try:
+            new = self._openLogFile(os.path.abspath(self._access_log))
+        except OSError as e:
+            _log.warn("access log {path} not reopened: {error}", path=self._access_log, error=e)
+            return
+        old, self._logFile = self._logFile, new
+        old.close()

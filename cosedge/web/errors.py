@@ -1,0 +1,63 @@
+"""
+COS-style error answers: the status of each error code, and the XML body
+every error of the bucket listener carries.
+"""
+
+from __future__ import annotations
+
+from xml.sax.saxutils import escape
+
+from twisted.web.server import Request
+
+__all__ = ["STATUS", "answer_error", "error_body"]
+
+STATUS = {
+    "AccessDenied": 403,
+    "InternalError": 500,
+    "InvalidArgument": 400,
+    "InvalidRange": 416,
+    "InvalidURI": 400,
+    "KeyTooLong": 400,
+    "MethodNotAllowed": 405,
+    "NoSuchBucket": 404,
+    "NoSuchKey": 404,
+    "PreconditionFailed": 412,
+    "ServiceUnavailable": 503,
+    "EntityTooLarge": 413,
+}
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    """A COS-style XML error document."""
+    return (
+        "<?xml version='1.0' encoding='utf-8' ?>\n"
+        f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>"
+        f"<RequestId>{request_id}</RequestId></Error>\n"
+    ).encode()
+
+
+#: Headers set from an object, removed again when the answer is an error.
+_OBJECT_HEADERS = (
+    b"etag",
+    b"last-modified",
+    b"accept-ranges",
+    b"content-encoding",
+    b"content-disposition",
+    b"cache-control",
+    b"expires",
+)
+
+
+def answer_error(request: Request, request_id: str, code: str, message: str) -> bytes:
+    """Set the status and headers of a COS error on ``request`` and return its body (empty for HEAD)."""
+    request.setResponseCode(STATUS[code])
+    headers = request.responseHeaders
+    for name, _ in list(headers.getAllRawHeaders()):  # an object's headers do not describe an error
+        if name.lower() in _OBJECT_HEADERS or name.lower().startswith(b"x-cos-meta-"):
+            headers.removeHeader(name)
+    request.setHeader(b"content-type", b"application/xml")
+    body = error_body(code, message, request_id)
+    if request.method == b"HEAD":  # the headers of the GET answer, no body
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+    return body

@@ -1,0 +1,148 @@
+"""
+Sending a large response body: the object produces each byte range into a
+:class:`Sender`, which passes the bytes on to the request (with the part
+headers of a multipart answer) and counts them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IConsumer, IProducer, IPullProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from ..interfaces import IStoredObject, ShortObject
+from ..stats import Stats
+
+__all__ = ["SMALL_RESPONSE", "Sender", "drop_short_response"]
+
+_log = Logger(namespace="cosedge.web")
+
+#: A response body this long or shorter is sent in one write, without a producer.
+SMALL_RESPONSE = 64 * 1024
+
+
+def drop_short_response(request: Request) -> None:
+    """
+    The object turned out shorter than its length: drop the connection, so
+    the client cannot take a short body for a whole one.
+    """
+    _log.warn("object shrank while being served; dropping the connection")
+    request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+
+@implementer(IPullProducer, IConsumer)
+class Sender:
+    """
+    Sends byte ranges of an open object.  Registered once with the request
+    as its producer, it asks the object to produce each range into it in
+    turn (:meth:`IStoredObject.produce`), writing a part's header before its
+    first bytes and the closing boundary at the end.  The object's producer
+    reads only when the request asks for more, so memory stays bounded for
+    any object size or client speed; never more is sent than the ranges say,
+    and an object that turns out shorter drops the connection.
+    """
+
+    def __init__(
+        self, request: Request, obj: IStoredObject, parts: list[tuple[bytes, int, int]], trailer: bytes, stats: Stats
+    ) -> None:
+        self._request: Request | None = request
+        self._obj = obj
+        self._parts = parts
+        self._trailer = trailer
+        self._stats = stats
+        self._index = 0
+        self._prefix = b""
+        self._inner: IProducer | None = None
+        self._channel: Any = None
+
+    def start(self) -> None:
+        request = self._request
+        assert request is not None
+        # The channel the producer is registered with; a request forgets it
+        # when its connection is lost, before telling us.
+        self._channel = request.channel
+        request.notifyFinish().addErrback(self._lost)
+        request.registerProducer(self, False)
+        self._next_part()
+
+    # -- the request's producer --
+
+    def resumeProducing(self) -> None:
+        if self._request is not None and self._inner is not None:
+            self._inner.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        if self._request is not None:
+            self._request = None
+            self._stop_inner()
+            self._obj.close()
+
+    # -- the object's consumer --
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._inner = producer
+
+    def unregisterProducer(self) -> None:
+        self._inner = None
+
+    def write(self, data: bytes) -> None:
+        request = self._request
+        if request is None:
+            return
+        out, self._prefix = self._prefix + data if self._prefix else data, b""
+        self._stats.inc("bytes_served", len(data))
+        request.write(out)
+
+    # -- internals --
+
+    def _next_part(self) -> None:
+        request = self._request
+        if request is None:
+            return
+        if self._index == len(self._parts):
+            if self._trailer:
+                request.write(self._trailer)
+            self._done(request)
+            request.finish()
+            return
+        self._prefix, start, end = self._parts[self._index]
+        self._index += 1
+        self._obj.produce(self, start, end).addCallbacks(self._part_sent, self._part_failed)
+
+    def _part_sent(self, count: int) -> None:
+        self._next_part()
+
+    def _part_failed(self, failure: Failure) -> None:
+        request = self._request
+        if failure.check(CancelledError) or request is None:
+            return
+        self._done(request)
+        if failure.check(ShortObject):
+            drop_short_response(request)
+        else:
+            _log.failure("reading an object failed while it was being served", failure)
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _lost(self, reason: object) -> None:
+        """The client went away mid-response: release the object and unregister."""
+        if self._request is not None:
+            self._request = None
+            self._stop_inner()
+            self._obj.close()
+            if self._channel is not None:
+                self._channel.unregisterProducer()
+
+    def _stop_inner(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.stopProducing()
+
+    def _done(self, request: Request) -> None:
+        self._request = None
+        self._obj.close()
+        request.unregisterProducer()
