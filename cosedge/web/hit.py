@@ -15,11 +15,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..interfaces import IStoredObject
-from ..settle import settled
 from ..stats import Stats
 from .errors import answer_error
 from .producers import SMALL_RESPONSE, Sender, drop_short_response
@@ -169,10 +169,10 @@ def answer_hit(request: Request, request_id: str, obj: IStoredObject, name: str,
         obj.close()
         raise
     if not handed_off:  # else the producer owns and closes it
-        if isinstance(result, Deferred):
-            result.addBoth(_closing, obj)
-        else:
+        if isinstance(result, bytes | int):  # not isinstance(result, Deferred): an ABC's check, slow here
             obj.close()
+        else:
+            result.addBoth(_closing, obj)
     return result
 
 
@@ -281,10 +281,16 @@ def _answer_open(
         else:
             read = gatherResults([obj.read(start, end - start) for _, start, end in parts])
         served = size if ranges is None else sum(end - start for _, start, end in parts)
-        data = settled(read)
-        if isinstance(data, Deferred):  # a store that reads over the network
-            return data.addCallback(_small_body, request, parts, trailer, length, served, stats), False
-        return _small_body(data, request, parts, trailer, length, served, stats), False
+        got: list[Any] = []
+        read.addBoth(got.append)
+        if got:  # the disk store has read it already
+            if isinstance(got[0], Failure):
+                got[0].raiseException()
+            return _small_body(got[0], request, parts, trailer, length, served, stats), False
+        # A store that reads over the network: answer when the bytes come
+        # (append took them, or the failure, and passed on None).
+        later = read.addCallback(lambda _: got[0])
+        return later.addCallback(_small_body, request, parts, trailer, length, served, stats), False
     request.setHeader(b"content-length", b"%d" % length)
     sender = sendfile_producer(request, obj, parts, trailer, stats)
     (sender or Sender(request, obj, parts, trailer, stats)).start()

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -87,30 +88,45 @@ class EdgeResource(Resource):
             )
         # A store on local disk has answered already, and so is this request,
         # in this call; a network store answers later.
-        answer = self._store.open(bucket_name, target.segments)
-        answer.addCallbacks(
-            self._opened,
-            self._open_failed,
-            callbackArgs=(request, request_id, bucket, bucket_name, target),
-            errbackArgs=(request, request_id, bucket_name, target),
-        )
-        now: list[Any] = []
-        later: list[bool] = []
-
-        def ready(result: Any) -> None:
-            if later:
-                _deliver(request, request_id, result)
-            else:
-                now.append(result)
-
-        answer.addBoth(ready)
-        if now:
-            if isinstance(now[0], Failure):
-                now[0].raiseException()
-            result: bytes | int = now[0]
-            return result
-        later.append(True)
+        opening = self._store.open(bucket_name, target.segments)
+        opened: list[Any] = []
+        opening.addBoth(opened.append)  # cheaper than any callback of ours, on every hit
+        args = (request, request_id, bucket, bucket_name, target)
+        if opened:
+            answer = self._answer(opened[0], *args)
+            # bytes or NOT_DONE_YET (not isinstance(answer, Deferred): an ABC's check, slow here)
+            if isinstance(answer, bytes | int):
+                return answer
+            answer.addBoth(_deliver, request, request_id)
+        else:
+            # append took the result (a failure included) and passed on None.
+            opening.addCallback(lambda _: opened[0]).addBoth(self._answer_later, *args)
         return NOT_DONE_YET
+
+    def _answer(
+        self,
+        opened: IStoredObject | Failure | None,
+        request: Request,
+        request_id: str,
+        bucket: BucketConfig,
+        bucket_name: str,
+        target: Target,
+    ) -> Any:
+        """The answer once the store has opened (or not) the object: bytes, NOT_DONE_YET or a Deferred of either."""
+        if isinstance(opened, Failure):
+            return self._open_failed(opened, request, request_id, bucket_name, target)
+        return self._opened(opened, request, request_id, bucket, bucket_name, target)
+
+    def _answer_later(self, opened: IStoredObject | Failure | None, *args: Any) -> None:
+        request, request_id = args[0], args[1]
+        try:
+            answer = self._answer(opened, *args)
+        except Exception:
+            answer = Failure()
+        if isinstance(answer, Deferred):
+            answer.addBoth(_deliver, request, request_id)
+        else:
+            _deliver(answer, request, request_id)
 
     def _opened(
         self,
@@ -182,7 +198,7 @@ class EdgeResource(Resource):
         return None
 
 
-def _deliver(request: Request, request_id: str, result: Any) -> None:
+def _deliver(result: Any, request: Request, request_id: str) -> None:
     """
     Send what ``render`` would have returned, for an answer that came later
     (as ``twisted.web.server.Request.render`` does with a returned body).

@@ -1,0 +1,85 @@
+"""
+``python -m bench.hitloop``: the hit path in one process, without sockets.
+
+Builds the bucket listener over a disk store holding one 1 KiB object and
+feeds it N keep-alive GETs through an in-memory transport; prints the mean
+and the best of five rounds in CPU microseconds per request (CPU time, so
+that other work on the machine moves the figures less).  It measures only
+cosedge's own work per hit (parsing, routing, the store's open, the answer),
+which is what a change of the hit path moves; `bash bench/run` measures the
+daemon over real sockets against its peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from cosedge.config import BucketConfig, Config, ServerConfig, parse_origin
+from cosedge.stats import Stats
+
+try:
+    from cosedge.fill.scheduler import Filler
+    from cosedge.storage.disk import DiskStore
+    from cosedge.web.channel import EdgeSite
+    from cosedge.web.resource import EdgeResource
+except ImportError:  # the layout before the data-plane change, to compare with it
+    from cosedge.store import DiskStore  # type: ignore[no-redef]
+
+    from cosedge.fill import Filler  # type: ignore[no-redef]
+    from cosedge.web import EdgeResource, EdgeSite  # type: ignore[no-redef]
+
+BUCKET = "example-1250000000"
+HOST = f"{BUCKET}.file.myqcloud.com"
+
+
+def build(data_dir: str) -> EdgeSite:
+    config = Config(
+        server=ServerConfig(data_dir=data_dir, access_log=""),
+        buckets={BUCKET: BucketConfig(origin=parse_origin("127.0.0.1:9"), origin_pull=True)},
+    )
+    store = DiskStore(data_dir)
+    clock = Clock()
+    stats = Stats()
+    filler = Filler(store, None, clock, lambda: config.fill, stats)  # type: ignore[arg-type]
+    resource = EdgeResource(lambda: config, store, filler, stats)
+    return EdgeSite(resource, stats, "", clock, 60)
+
+
+def rounds(n: int, count: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, BUCKET))
+        with open(os.path.join(tmp, BUCKET, "1k.bin"), "wb") as f:
+            f.write(os.urandom(1024))
+        site = build(tmp)
+        request = f"GET /1k.bin HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+        results = []
+        for _ in range(count):
+            channel = site.buildProtocol(None)  # type: ignore[arg-type]
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            start = time.process_time()
+            for _ in range(n):
+                channel.dataReceived(request)
+                transport.clear()
+            results.append((time.process_time() - start) / n * 1e6)
+            channel.connectionLost(None)  # type: ignore[arg-type]
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=20000, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    times = rounds(args.n, args.rounds)
+    print(f"1 KiB hit, in process: best {min(times):.1f} us, mean {sum(times) / len(times):.1f} us per request")
+
+
+if __name__ == "__main__":
+    main()
