@@ -12,7 +12,7 @@ from attrs import evolve
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .admin import check_config as check_admin_config
+from .admin.live import check_config as check_admin_config
 from .config import ConfigError, load_config
 from .ops import check_config as check_ops_config
 
