@@ -242,8 +242,8 @@ def build_service(
         service.workers.setServiceParent(service)
     # Optional features configured by their own TOML sections; each adds its
     # child services (and checks its section) in its own module.
-    from . import ops
     from .admin import live
+    from .ops import service as ops
 
     live.attach(service)
     ops.attach(service)

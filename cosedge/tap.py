@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from .admin.live import check_config as check_admin_config
 from .config import ConfigError, load_config
-from .ops import check_config as check_ops_config
+from .ops.service import check_config as check_ops_config
 
 __all__ = ["Options", "makeService"]
 

@@ -104,7 +104,7 @@ class LiveConfig(Service):
     @staticmethod
     def _fixed_of(config: Config) -> dict[str, object]:
         """The settings bound at start, by the name a restart warning gives them."""
-        from .. import ops
+        from ..ops import service as ops
 
         fixed: dict[str, object] = {n: getattr(config.server, n) for n in _FIXED_SERVER}
         fixed["manhole"] = config.extra.get("manhole")
@@ -205,7 +205,7 @@ class LiveConfig(Service):
             loaded = load_config(path)
             if "manhole" in loaded.extra:
                 parse_manhole(loaded.extra["manhole"], loaded.server.data_dir)
-            from .. import ops
+            from ..ops import service as ops
 
             ops.check_config(loaded)  # [admin] and [log], which ops reads live
             state = self.state_file.load()

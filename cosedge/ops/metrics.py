@@ -31,8 +31,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .stats import FILL_DURATION_BUCKETS
-from .store import META_XATTR
+from ..stats import FILL_DURATION_BUCKETS
+from ..store import META_XATTR
 
 __all__ = [
     "AdminResource",
@@ -44,7 +44,7 @@ __all__ = [
     "store_writable_check",
 ]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.metrics")
 
 #: A readiness check: None when fine, else a short reason for the operator.
 Check = Callable[[], str | None]

@@ -4,10 +4,10 @@ daemon.
 
 - Readiness to systemd (``Type=notify``): ``READY=1`` once every listener is
   accepting connections, ``STOPPING=1`` when a shutdown begins, ``WATCHDOG=1``
-  keep-alives when ``WatchdogSec=`` asks for them (see :mod:`cosedge.notify`).
+  keep-alives when ``WatchdogSec=`` asks for them (see :mod:`cosedge.ops.notify`).
 - The ``[admin]`` section: an HTTP listener, separate from the bucket
   listener, with ``/metrics``, ``/livez`` and ``/readyz``
-  (see :mod:`cosedge.metrics`)::
+  (see :mod:`cosedge.ops.metrics`)::
 
       [admin]
       listen = "tcp:9090:interface=127.0.0.1"   # or a list of endpoint strings
@@ -40,8 +40,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python.logfile import LogFile
 
-from .config import Config, ConfigError, build_section
-from .logs import json_file_observer
+from ..config import Config, ConfigError, build_section
+from ..logs import json_file_observer
 from .metrics import AdminResource, AdminSite, Readiness, free_disk_check, make_registry, store_writable_check
 from .notify import notify, watchdog_interval
 
@@ -56,7 +56,7 @@ __all__ = [
     "parse_log",
 ]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.ops")
 
 OPS_SERVICE = "cosedge-ops"
 ADMIN_SERVICE = "cosedge-admin-http"
