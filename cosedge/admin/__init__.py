@@ -12,5 +12,6 @@ Live administration of a running cosedge daemon.
 - :mod:`~cosedge.admin.shells`: the SSH and telnet listeners (installs the
   reactor when imported);
 - :mod:`~cosedge.admin.passwords`: telnet password hashes, and
-  ``python -m cosedge.admin hash-password [USER]``.
+  ``python -m cosedge.admin hash-password [USER]``;
+- :mod:`~cosedge.admin.context`: what all of it uses of the daemon.
 """

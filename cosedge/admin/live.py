@@ -25,15 +25,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from attrs import evolve
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from ..config import Config, ConfigError, load_config
-from ..store import DiskStore
 from .changes import Change, audit, audit_unchanged, diff_configs
+from .context import AdminContext
 from .errors import AdminError
 from .manhole import check_manhole_files, parse_manhole
 from .shell import Edge
@@ -64,7 +64,7 @@ class LiveConfig(Service):
     name = "admin"
 
     def __init__(
-        self, service: Any, state_file: StateFile | MemoryStateFile, *, _in_thread: InThread | None = None
+        self, service: AdminContext, state_file: StateFile | MemoryStateFile, *, _in_thread: InThread | None = None
     ) -> None:
         self.service = service
         self.state_file = state_file
@@ -279,13 +279,6 @@ class LiveConfig(Service):
             pass  # already logged
 
 
-def _state_file(service: Any) -> StateFile | MemoryStateFile:
-    store = service.store
-    if isinstance(store, DiskStore):
-        return StateFile(state_path(store.data_dir))
-    return MemoryStateFile()
-
-
 def check_config(config: Config) -> None:
     """
     Everything this module checks before the daemon starts: the
@@ -300,7 +293,7 @@ def check_config(config: Config) -> None:
     StateFile(state_path(config.server.data_dir)).load().apply(config)
 
 
-def attach(service: Any) -> None:
+def attach(service: AdminContext) -> None:
     """
     Wire live administration into ``service`` (called by ``build_service``):
     apply the saved live changes on top of the file, handle SIGHUP, and
@@ -312,10 +305,11 @@ def attach(service: Any) -> None:
     if "manhole" in service.config.extra:
         settings = parse_manhole(service.config.extra["manhole"], service.config.server.data_dir)
         check_manhole_files(settings)
-    live = LiveConfig(service, _state_file(service))
-    live.setServiceParent(service)
+    parent = IServiceCollection(service)  # an EdgeService is a MultiService
+    live = LiveConfig(service, StateFile(state_path(service.config.server.data_dir)))
+    live.setServiceParent(parent)
     if settings is not None:
         from .shells import manhole_service  # installs the reactor: only now
 
         shells: MultiService = manhole_service(settings, lambda channel: {"edge": live.edge(channel)}, service.reactor)
-        shells.setServiceParent(service)
+        shells.setServiceParent(parent)

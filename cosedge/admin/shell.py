@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from ..config import Config, ConfigError, Origin, parse_origin, validate_bucket_name
 from ..keys import BadKey, split_key
 from .changes import Change, audit, show
+from .context import AdminContext
 from .errors import AdminError
 from .state import State
 
@@ -33,24 +34,18 @@ _log = Logger(namespace="cosedge.admin")
 class LiveAdmin(Protocol):
     """What the façade uses of the live configuration (a :class:`~cosedge.admin.live.LiveConfig`)."""
 
-    @property
-    def service(self) -> Any: ...
+    #: The daemon administered.
+    service: AdminContext
+    #: The configuration as the file gives it, before live changes.
+    base: Config
+    #: The live changes kept on top of the file.
+    state: State
+    #: Why the last change, applied and saved, may not survive a crash of the machine.
+    unsynced: str | None
 
     @property
     def config(self) -> Config:
-        """The running configuration."""
-
-    @property
-    def base(self) -> Config:
-        """The configuration as the file gives it, before live changes."""
-
-    @property
-    def state(self) -> State:
-        """The live changes kept on top of the file."""
-
-    @property
-    def unsynced(self) -> str | None:
-        """Why the last change, applied and saved, may not survive a crash of the machine."""
+        """The running configuration (the file's, with the live changes applied)."""
 
     def change(self, channel: str, new_state: State) -> list[Change]: ...
 
