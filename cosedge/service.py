@@ -255,9 +255,10 @@ def build_service(
         service.workers.setServiceParent(service)
     # Optional features configured by their own TOML sections; each adds its
     # child services (and checks its section) in its own module.
-    from . import admin, ops
+    from .admin import live
+    from .ops import service as ops
 
-    admin.attach(service)
+    live.attach(service)
     ops.attach(service)
     return service
 

@@ -12,9 +12,9 @@ from attrs import evolve
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .admin import check_config as check_admin_config
+from .admin.live import check_config as check_admin_config
 from .config import ConfigError, load_config
-from .ops import check_config as check_ops_config
+from .ops.service import check_config as check_ops_config
 
 __all__ = ["Options", "makeService"]
 

@@ -27,11 +27,15 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides
 
-from cosedge import admin
-from cosedge.admin import AdminError, Edge, LiveConfig, check_config, parse_manhole
+from cosedge.admin import manhole as admin_manhole
+from cosedge.admin import passwords as admin_passwords
+from cosedge.admin.errors import AdminError
+from cosedge.admin.live import LiveConfig, check_config
+from cosedge.admin.manhole import parse_manhole
+from cosedge.admin.shell import Edge
+from cosedge.admin.state import State, StateFile, state_path
 from cosedge.config import BucketConfig, Config, ConfigError, Origin, ServerConfig, load_config
 from cosedge.service import EdgeService, build_service
-from cosedge.state import State, StateFile, state_path
 from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin
 
@@ -700,7 +704,7 @@ def files(tmp_path: Path) -> dict[str, str]:
     authorized = tmp_path / "authorized_keys"
     authorized.write_bytes(b"# operators\n" + key.public().toString("openssh") + b" op@laptop\n")
     passwords = tmp_path / "passwd"
-    passwords.write_text("# users\nalice:" + admin.hash_password("s3cret") + "\n")
+    passwords.write_text("# users\nalice:" + admin_passwords.hash_password("s3cret") + "\n")
     return {"keys": str(authorized), "passwords": str(passwords), "dir": str(tmp_path)}
 
 
@@ -716,9 +720,9 @@ def test_a_good_manhole_section_is_accepted(files: dict[str, str]) -> None:
         "var",
     )
     assert settings.ssh_host_key == os.path.join("var", ".cosedge", "ssh_host_ed25519_key")
-    admin.check_manhole_files(settings)
+    admin_manhole.check_manhole_files(settings)
     unix = parse_manhole({"telnet": "unix:/run/cosedge/manhole.sock"}, "var")
-    assert admin.telnet_endpoint_parts(unix.telnet or "")[0] == "unix"
+    assert admin_manhole.telnet_endpoint_parts(unix.telnet or "")[0] == "unix"
 
 
 @pytest.mark.parametrize(
@@ -764,7 +768,7 @@ def test_manhole_files_are_checked_before_start(files: dict[str, str], tmp_path:
     ]
     for table, words in cases:
         with pytest.raises(ConfigError, match=words):
-            admin.check_manhole_files(parse_manhole(table, "var"))
+            admin_manhole.check_manhole_files(parse_manhole(table, "var"))
 
 
 def test_check_config_validates_the_manhole_section(files: dict[str, str]) -> None:
@@ -781,13 +785,13 @@ def test_check_config_validates_the_manhole_section(files: dict[str, str]) -> No
 
 def test_password_hashes_verify_only_the_right_password() -> None:
     """The scrypt line format verifies the right password and nothing else."""
-    encoded = admin.hash_password("correct horse")
+    encoded = admin_passwords.hash_password("correct horse")
     assert encoded.startswith("scrypt$16384$8$1$")
-    assert admin.verify_password(encoded, "correct horse")
-    assert not admin.verify_password(encoded, "correct horse ")
-    assert not admin.verify_password(encoded, "")
-    assert not admin.verify_password("scrypt$garbage", "correct horse")
-    assert admin.hash_password("x") != admin.hash_password("x")  # salted
+    assert admin_passwords.verify_password(encoded, "correct horse")
+    assert not admin_passwords.verify_password(encoded, "correct horse ")
+    assert not admin_passwords.verify_password(encoded, "")
+    assert not admin_passwords.verify_password("scrypt$garbage", "correct horse")
+    assert admin_passwords.hash_password("x") != admin_passwords.hash_password("x")  # salted
 
 
 def test_hash_password_command_prints_a_usable_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -795,16 +799,16 @@ def test_hash_password_command_prints_a_usable_line(monkeypatch: pytest.MonkeyPa
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret\n"))
     monkeypatch.setattr(sys, "stdout", out)
-    assert admin.main(["hash-password", "alice"]) == 0
+    assert admin_passwords.main(["hash-password", "alice"]) == 0
     line = out.getvalue().strip()
     path = tmp_path / "passwd"
     path.write_text(line + "\n")
-    users = admin.read_password_file(str(path))
+    users = admin_passwords.read_password_file(str(path))
     assert list(users) == ["alice"]
-    assert admin.verify_password(users["alice"], "s3cret")
+    assert admin_passwords.verify_password(users["alice"], "s3cret")
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert admin.main(["hash-password", "bad:name"]) == 2
-    assert admin.main([]) == 2
+    assert admin_passwords.main(["hash-password", "bad:name"]) == 2
+    assert admin_passwords.main([]) == 2
 
 
 def test_password_checker_accepts_the_right_password_only(files: dict[str, str]) -> None:
@@ -812,7 +816,7 @@ def test_password_checker_accepts_the_right_password_only(files: dict[str, str])
     from twisted.cred.credentials import UsernamePassword
     from twisted.cred.error import UnauthorizedLogin
 
-    from cosedge.manhole import PasswordFileChecker
+    from cosedge.admin.shells import PasswordFileChecker
 
     class InlinePool:
         def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
@@ -844,7 +848,7 @@ def telnet_login_connection(checker: Any) -> tuple[MemoryReactorClock, StringTra
     from twisted.conch.telnet import TelnetTransport
     from twisted.cred.portal import Portal
 
-    from cosedge.manhole import _Login, _TelnetRealm
+    from cosedge.admin.shells import _Login, _TelnetRealm
 
     sessions: list[str] = []
 
@@ -927,7 +931,7 @@ def test_password_checks_run_one_at_a_time(files: dict[str, str]) -> None:
     from twisted.cred.credentials import UsernamePassword
     from twisted.cred.error import UnauthorizedLogin
 
-    from cosedge.manhole import PasswordFileChecker
+    from cosedge.admin.shells import PasswordFileChecker
 
     reactor = PoolReactor()
     pool = reactor.pool
@@ -953,7 +957,7 @@ def test_a_flood_of_password_checks_is_refused_beyond_the_waiting_limit(files: d
     from twisted.cred.credentials import UsernamePassword
     from twisted.cred.error import UnauthorizedLogin
 
-    from cosedge.manhole import PasswordFileChecker
+    from cosedge.admin.shells import PasswordFileChecker
 
     reactor = PoolReactor()
     checker = PasswordFileChecker(files["passwords"], reactor)
@@ -976,7 +980,7 @@ def test_the_host_key_is_created_privately_and_durably(tmp_path: Path, monkeypat
     no planted symbolic link can redirect (not even at the name an older
     cosedge used), and the folder is synced after the rename.
     """
-    from cosedge.manhole import load_host_key
+    from cosedge.admin.shells import load_host_key
 
     folder = tmp_path / "keys"
     folder.mkdir()
@@ -1013,7 +1017,7 @@ def test_shell_runs_edge_commands_and_shows_refusals_as_one_line(harness: Harnes
     """
     from twisted.conch.insults import insults
 
-    from cosedge.manhole import Shell
+    from cosedge.admin.shells import Shell
 
     transport = StringTransport()
     protocol = insults.ServerProtocol(Shell, {"edge": harness.edge("telnet:unix")}, "telnet:unix")
@@ -1037,7 +1041,7 @@ def test_the_shell_prints_a_bucket_usage_table_when_the_walk_ends(harness: Harne
     """
     from twisted.conch.insults import insults
 
-    from cosedge.manhole import Shell
+    from cosedge.admin.shells import Shell
 
     reactor = in_a_held_pool(harness)
     transport = StringTransport()
@@ -1056,7 +1060,7 @@ def test_the_shell_prints_a_bucket_usage_table_when_the_walk_ends(harness: Harne
 
 
 def run(source: str, namespace: dict[str, Any]) -> tuple[str, list[int]]:
-    from cosedge.manhole import run_command
+    from cosedge.admin.shells import run_command
 
     written: list[bytes] = []
     codes: list[int] = []
@@ -1092,7 +1096,7 @@ def test_a_command_returning_a_deferred_waits_for_it() -> None:
     pending: Deferred[str] = Deferred()
     written: list[bytes] = []
     codes: list[int] = []
-    from cosedge.manhole import run_command
+    from cosedge.admin.shells import run_command
 
     run_command("d", {"d": pending}, written.append, codes.append)
     assert codes == []
@@ -1108,7 +1112,7 @@ def test_an_ssh_connection_that_never_logs_in_is_closed(files: dict[str, str]) -
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-    from cosedge.manhole import _ssh_factory
+    from cosedge.admin.shells import _ssh_factory
     from tests.helpers import capture_logs
 
     settings = parse_manhole(

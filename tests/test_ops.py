@@ -33,10 +33,11 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from cosedge import logs, ops
+from cosedge import logs
 from cosedge.config import Config, ConfigError, ServerConfig
-from cosedge.metrics import Readiness, free_disk_check, make_registry, store_writable_check
-from cosedge.notify import notify, notify_socket_address, watchdog_interval
+from cosedge.ops import service as ops
+from cosedge.ops.metrics import Readiness, free_disk_check, make_registry, store_writable_check
+from cosedge.ops.notify import notify, notify_socket_address, watchdog_interval
 from cosedge.service import EdgeService, build_service
 from cosedge.stats import Totals
 from cosedge.storage.disk import DiskStore
@@ -710,7 +711,7 @@ def test_a_broken_check_means_not_ready(logged_failures: list[dict[str, Any]]) -
 def test_importing_ops_modules_installs_no_reactor() -> None:
     """Loading cosedge's operations modules (as twistd does before choosing a reactor) installs none."""
     code = (
-        "import sys, cosedge.ops, cosedge.metrics, cosedge.logs, cosedge.notify;"
+        "import sys, cosedge.ops.service, cosedge.ops.metrics, cosedge.logs, cosedge.ops.notify;"
         "bad = [m for m in ('twisted.internet.reactor', 'prometheus_client.twisted') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

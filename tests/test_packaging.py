@@ -185,7 +185,7 @@ def test_wheel_carries_the_plugin_and_no_cache(wheel: Path) -> None:
     assert "twisted/plugins/cosedge_plugin.py" in names
     assert not any(name.endswith("dropin.cache") for name in names)
     assert [n for n in names if n.startswith("twisted/")] == ["twisted/plugins/cosedge_plugin.py"]
-    assert {"cosedge/__init__.py", "cosedge/tap.py", "cosedge/default.toml", "cosedge/ops.py"} <= names
+    assert {"cosedge/__init__.py", "cosedge/tap.py", "cosedge/default.toml", "cosedge/ops/service.py"} <= names
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
 
 

@@ -1,5 +1,5 @@
 """
-The persisted overlay of live changes (:mod:`cosedge.state`): what it keeps,
+The persisted overlay of live changes (:mod:`cosedge.admin.state`): what it keeps,
 how it lands on top of the configuration file, and that saving it is atomic.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cosedge.admin.state import MemoryStateFile, NotSynced, State, StateFile, state_path
 from cosedge.config import BucketConfig, Config, ConfigError, Origin
-from cosedge.state import MemoryStateFile, NotSynced, State, StateFile, state_path
 
 BUCKET = "example-1250000000"
 OTHER = "other-1250000000"

@@ -242,7 +242,8 @@ class DiskStore:
         return self.run_blocking(lambda: self.count_files(bucket))
 
     def probe(self) -> Deferred[None]:
-        return self.run_blocking(self.check_writable)
+        # At once, as readiness has always been checked: a file, written and removed.
+        return maybeDeferred(self.check_writable)
 
     def sweep(self, owner: int | None = None) -> Deferred[int]:
         return maybeDeferred(self.sweep_files, owner)
@@ -372,16 +373,23 @@ class DiskStore:
     def check_writable(self) -> None:
         """
         Write a byte through the temporary-file path, with the metadata
-        attribute, and throw it away.  :raises OSError: saying what is wrong
-        (a file system without user extended attributes fails every fill).
+        attribute, and throw it away.  :raises StoreError: saying what is
+        wrong (a file system without user extended attributes fails every fill).
         """
-        pending = self.begin(".readyz", ("probe",))
         try:
-            pending.write(b"ok")
+            pending = self.begin(".readyz", ("probe",))
+        except OSError as e:
+            raise StoreError(f"data directory not writable: {e}") from e
+        try:
+            try:
+                pending.write(b"ok")
+            except OSError as e:
+                raise StoreError(f"data directory not writable: {e}") from e
             try:
                 os.setxattr(pending.fd, META_XATTR, b"{}")
             except OSError as e:
-                raise OSError(e.errno, f"no user extended attributes (object metadata needs them): {e}") from e
+                message = f"data directory has no user extended attributes (object metadata needs them): {e}"
+                raise StoreError(message) from e
         finally:
             pending.abort()
 

@@ -34,7 +34,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
-from cosedge.admin import hash_password
+from cosedge.admin.passwords import hash_password
 
 from .conftest import BUCKET, FAST_FILL, HOST, Daemon, _twistd, free_port
 from .origin import MisbehavingOrigin

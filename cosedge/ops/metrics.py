@@ -28,11 +28,12 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .stats import FILL_DURATION_BUCKETS
-from .storage.disk import META_XATTR
+from ..interfaces import IObjectStore
+from ..stats import FILL_DURATION_BUCKETS
 
 __all__ = [
     "AdminResource",
@@ -44,7 +45,7 @@ __all__ = [
     "store_writable_check",
 ]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.metrics")
 
 #: A readiness check: None when fine, else a short reason for the operator.
 Check = Callable[[], str | None]
@@ -166,32 +167,25 @@ def make_registry(service: Any, *, process: bool = True) -> CollectorRegistry:
 # -- readiness --
 
 
-def store_writable_check(store: Any) -> Check:
+def store_writable_check(store: IObjectStore) -> Check:
     """
-    Can a fill write?  Writes a byte through the store's own temporary-file
-    path (``IObjectStore.begin``), and for a file (a :class:`DiskStore`'s) the
-    metadata attribute too, and throws it away: a file system without user
-    extended attributes fails every fill.
+    Can a fill write?  Asks the store's probe (the disk store writes a byte
+    and the metadata attribute through its temporary-file path, at once, and
+    throws them away: a file system without user extended attributes fails
+    every fill).  A probe that answers later (a network store) is reported
+    at the next check; until the first has answered, that is the problem.
     """
+    last: list[str | None] = ["store not probed yet"]
+
+    def problem(result: object) -> str | None:
+        if isinstance(result, Failure):
+            return str(result.value) or result.getErrorMessage()
+        return None
 
     def check() -> str | None:
-        try:
-            pending = store.begin(".readyz", ("probe",))
-        except OSError as e:
-            return f"data directory not writable: {e}"
-        try:
-            pending.write(b"ok")
-            fd = getattr(pending, "fd", None)
-            if isinstance(fd, int) and fd >= 0:
-                try:
-                    os.setxattr(fd, META_XATTR, b"{}")
-                except OSError as e:
-                    return f"data directory has no user extended attributes (object metadata needs them): {e}"
-        except OSError as e:
-            return f"data directory not writable: {e}"
-        finally:
-            pending.abort()
-        return None
+        outcome: list[object] = []
+        store.probe().addBoth(outcome.append).addCallback(lambda _: last.__setitem__(0, problem(outcome[0])))
+        return last[0]
 
     return check
 

@@ -4,10 +4,10 @@ daemon.
 
 - Readiness to systemd (``Type=notify``): ``READY=1`` once every listener is
   accepting connections, ``STOPPING=1`` when a shutdown begins, ``WATCHDOG=1``
-  keep-alives when ``WatchdogSec=`` asks for them (see :mod:`cosedge.notify`).
+  keep-alives when ``WatchdogSec=`` asks for them (see :mod:`cosedge.ops.notify`).
 - The ``[admin]`` section: an HTTP listener, separate from the bucket
   listener, with ``/metrics``, ``/livez`` and ``/readyz``
-  (see :mod:`cosedge.metrics`)::
+  (see :mod:`cosedge.ops.metrics`)::
 
       [admin]
       listen = "tcp:9090:interface=127.0.0.1"   # or a list of endpoint strings
@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import field, frozen
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall
@@ -40,8 +40,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python.logfile import LogFile
 
-from .config import Config, ConfigError, build_section
-from .logs import json_file_observer
+from ..config import Config, ConfigError, build_section
+from ..interfaces import IObjectStore
+from ..logs import json_file_observer
+from ..stats import Totals
 from .metrics import AdminResource, AdminSite, Readiness, free_disk_check, make_registry, store_writable_check
 from .notify import notify, watchdog_interval
 
@@ -49,6 +51,7 @@ __all__ = [
     "AdminConfig",
     "JsonLogService",
     "LogConfig",
+    "OpsContext",
     "OpsService",
     "attach",
     "check_config",
@@ -56,7 +59,7 @@ __all__ = [
     "parse_log",
 ]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.ops")
 
 OPS_SERVICE = "cosedge-ops"
 ADMIN_SERVICE = "cosedge-admin-http"
@@ -64,6 +67,39 @@ JSON_LOG_SERVICE = "cosedge-json-log"
 _MiB = 1024 * 1024
 #: Seconds an admin connection may sit idle (Twisted's default is 12 hours).
 _ADMIN_IDLE_TIMEOUT = 60
+
+
+class Workers(Protocol):
+    """What readiness uses of the worker pool."""
+
+    @property
+    def started(self) -> Deferred[bool]:
+        """Fires once every worker process serves (True) or one could not start (False)."""
+
+    def check(self) -> str | None:
+        """Readiness: None while every worker process serves."""
+
+
+class OpsContext(Protocol):
+    """What the operations services use of the daemon (an ``EdgeService``)."""
+
+    @property
+    def config(self) -> Config:
+        """The running configuration: ``[admin]`` is read at every check, buckets at every scrape."""
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def store(self) -> IObjectStore:
+        """Probed by ``/readyz``: can a fill write?"""
+
+    @property
+    def workers(self) -> Workers | None:
+        """The worker processes, or None when the daemon is one process."""
+
+    def totals(self) -> Totals:
+        """Counters and fill gauges of every process, read at every scrape of ``/metrics``."""
 
 
 def _endpoints(value: object) -> tuple[str, ...]:
@@ -142,7 +178,7 @@ def check_config(config: Config) -> None:
 # -- listeners --
 
 
-def _listeners(root: IService) -> Iterator[StreamServerEndpointService]:
+def _listeners(root: object) -> Iterator[StreamServerEndpointService]:
     if isinstance(root, StreamServerEndpointService):
         yield root
     if isinstance(root, MultiService):
@@ -169,7 +205,7 @@ class OpsService(Service):
 
     name = OPS_SERVICE
 
-    def __init__(self, root: Any, reactor: Any, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, root: OpsContext, reactor: Any, environ: Mapping[str, str] | None = None) -> None:
         self._root = root
         self._reactor = reactor
         self._environ = environ
@@ -227,7 +263,7 @@ class OpsService(Service):
     def _watch(self) -> None:
         self._call = None
         observed = [self._observe(listener) for listener in _listeners(self._root)]
-        workers = getattr(self._root, "workers", None)
+        workers = self._root.workers
         if workers is not None:  # ready once every worker process serves too
             observed.append(workers.started)
         DeferredList(observed, consumeErrors=True).addCallback(self._all_started)
@@ -302,7 +338,7 @@ class JsonLogService(Service):
         self.logfile.close()
 
 
-def attach(service: Any, *, _environ: Mapping[str, str] | None = None) -> None:
+def attach(service: OpsContext, *, _environ: Mapping[str, str] | None = None) -> None:
     """
     Add the operations services to ``service`` (an
     :class:`~cosedge.service.EdgeService`): the admin listener when
@@ -314,13 +350,13 @@ def attach(service: Any, *, _environ: Mapping[str, str] | None = None) -> None:
     admin = parse_admin(service.config.extra)
     log_config = parse_log(service.config.extra)
     ops = OpsService(service, service.reactor, _environ)
+    parent = IServiceCollection(service)  # an EdgeService is a MultiService
 
     if admin is not None:
         ops.readiness.checks.append(store_writable_check(service.store))
-        data_dir = getattr(service.store, "data_dir", None)
-        if data_dir is not None:
-            # Read at every check, so a live configuration change applies.
-            ops.readiness.checks.append(free_disk_check(data_dir, lambda: _min_free(service, admin)))
+        data_dir = service.config.server.data_dir
+        # Read at every check, so a live configuration change applies.
+        ops.readiness.checks.append(free_disk_check(data_dir, lambda: _min_free(service, admin)))
         site = AdminSite(ops.resource, reactor=service.reactor, timeout=_ADMIN_IDLE_TIMEOUT)
         listeners = MultiService()
         listeners.setName(ADMIN_SERVICE)
@@ -332,7 +368,7 @@ def attach(service: Any, *, _environ: Mapping[str, str] | None = None) -> None:
             listener = StreamServerEndpointService(endpoint, site)
             listener._raiseSynchronously = True
             listener.setServiceParent(listeners)
-        listeners.setServiceParent(service)
+        listeners.setServiceParent(parent)
 
     if log_config is not None and log_config.json_file:
         try:
@@ -341,15 +377,14 @@ def attach(service: Any, *, _environ: Mapping[str, str] | None = None) -> None:
             )
         except OSError as e:
             raise ConfigError(f"[log] json_file: cannot open {log_config.json_file!r}: {e}") from None
-        JsonLogService(observer, logfile).setServiceParent(service)
+        JsonLogService(observer, logfile).setServiceParent(parent)
 
-    workers = getattr(service, "workers", None)
-    if workers is not None:
-        ops.readiness.checks.append(workers.check)
-    ops.setServiceParent(service)
+    if service.workers is not None:
+        ops.readiness.checks.append(service.workers.check)
+    ops.setServiceParent(parent)
 
 
-def _min_free(service: Any, started_with: AdminConfig) -> int:
+def _min_free(service: OpsContext, started_with: AdminConfig) -> int:
     try:
         current = parse_admin(service.config.extra)
     except ConfigError:

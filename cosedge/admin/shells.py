@@ -1,7 +1,7 @@
 """
 The manhole: a Python shell inside the running daemon, over SSH or telnet.
 
-Each session gets its own namespace holding ``edge`` (:class:`cosedge.admin.Edge`),
+Each session gets its own namespace holding ``edge`` (:class:`cosedge.admin.shell.Edge`),
 bound to the session's channel (``ssh:admin@127.0.0.1``, ``telnet:alice@…``,
 ``telnet:unix``) so that audit lines say who changed what.
 
@@ -12,10 +12,10 @@ bound to the session's channel (``ssh:admin@127.0.0.1``, ``telnet:alice@…``,
 - Telnet: on a UNIX socket created with mode 0600 (the file system is the
   authentication), or on a loopback TCP port with a user name and a password
   checked against a file of scrypt hashes (re-read at every login; one attempt
-  per connection).  :func:`cosedge.admin.parse_manhole` refuses anything else.
+  per connection).  :func:`cosedge.admin.manhole.parse_manhole` refuses anything else.
 
 Importing this module installs the reactor (``twisted.conch.manhole`` does), so
-:func:`cosedge.admin.attach` imports it only when a manhole is configured.
+:func:`cosedge.admin.live.attach` imports it only when a manhole is configured.
 """
 
 from __future__ import annotations
@@ -48,20 +48,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .admin import (
-    AdminError,
-    ManholeSettings,
-    read_authorized_keys,
-    read_password_file,
-    telnet_endpoint_parts,
-    verify_password,
-)
-from .config import ConfigError
+from ..config import ConfigError
+from .errors import AdminError
+from .manhole import ManholeSettings, read_authorized_keys, telnet_endpoint_parts
+from .passwords import read_password_file, verify_password
 from .state import write_atomically
 
 __all__ = ["PasswordFileChecker", "Shell", "load_host_key", "manhole_service", "run_command"]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.manhole")
 
 #: Builds the namespace of one shell session from its channel name.
 NamespaceFactory = Callable[[str], dict[str, Any]]

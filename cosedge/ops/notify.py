@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 __all__ = ["notify", "notify_socket_address", "watchdog_interval"]
 
-_log = Logger()
+_log = Logger(namespace="cosedge.notify")
 
 
 def notify_socket_address(environ: Mapping[str, str] | None = None) -> str | bytes | None:

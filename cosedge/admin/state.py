@@ -37,7 +37,7 @@ from typing import Any
 
 from attrs import define, evolve, field, frozen
 
-from .config import BucketConfig, Config, ConfigError, parse_origin, validate_bucket_name
+from ..config import BucketConfig, Config, ConfigError, parse_origin, validate_bucket_name
 
 __all__ = ["STATE_FILE_NAME", "MemoryStateFile", "NotSynced", "State", "StateFile", "state_path"]
 

@@ -1,0 +1,95 @@
+"""
+What a live change or a reload changed, as operators name it, and the audit
+line that records it (one structured event per change in the
+``cosedge.audit`` log namespace: what, from, to, through which channel).
+"""
+
+from __future__ import annotations
+
+from attrs import fields, frozen
+from twisted.logger import Logger
+
+from ..config import BucketConfig, Config
+
+__all__ = ["Change", "audit", "audit_unchanged", "diff_configs", "show"]
+
+_audit = Logger(namespace="cosedge.audit")
+
+
+@frozen
+class Change:
+    """One effective change of the running configuration."""
+
+    what: str
+    subject: str
+    old: object
+    new: object
+
+    def __str__(self) -> str:
+        if self.what == "bucket" and self.old is None:
+            return f"bucket {self.subject} added: {self.new}"
+        if self.what == "bucket" and self.new is None:
+            return f"bucket {self.subject} removed (was {self.old})"
+        return f"{self.what} of {self.subject}: {show(self.old)} -> {show(self.new)}"
+
+
+def show(value: object) -> str:
+    """A configuration value as a change line (and ``edge.changes()``) shows it."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _describe(bucket: BucketConfig) -> str:
+    origin = str(bucket.origin) if bucket.origin is not None else "(none)"
+    return f"origin={origin} origin_pull={'on' if bucket.origin_pull else 'off'}"
+
+
+def diff_configs(old: Config, new: Config) -> list[Change]:
+    """What differs between two configurations, as operators name it."""
+    changes: list[Change] = []
+    for name in sorted(set(old.buckets) | set(new.buckets)):
+        a, b = old.buckets.get(name), new.buckets.get(name)
+        if a == b:
+            continue
+        if a is None or b is None:
+            changes.append(Change("bucket", name, a and _describe(a), b and _describe(b)))
+            continue
+        if a.origin != b.origin:
+            changes.append(Change("origin", name, a.origin and str(a.origin), b.origin and str(b.origin)))
+        if a.origin_pull != b.origin_pull:
+            changes.append(Change("origin_pull", name, a.origin_pull, b.origin_pull))
+    if old.server.domains != new.server.domains:
+        changes.append(Change("domains", "server", old.server.domains, new.server.domains))
+    for f in fields(type(old.fill)):
+        a_value, b_value = getattr(old.fill, f.name), getattr(new.fill, f.name)
+        if a_value != b_value:
+            changes.append(Change(f.name, "fill", a_value, b_value))
+    return changes
+
+
+def audit(channel: str, change: Change) -> None:
+    """Log one structured audit line for ``change``."""
+    _audit.info(
+        "audit: {change} via {channel}",
+        audit=True,
+        change=str(change),
+        what=change.what,
+        subject=change.subject,
+        old=show(change.old),
+        new=show(change.new),
+        channel=channel,
+    )
+
+
+def audit_unchanged(channel: str) -> None:
+    """Log the audit line of live changes saved that leave the running configuration the same."""
+    _audit.info(
+        "audit: live changes saved via {channel}; the running configuration is the same",
+        audit=True,
+        channel=channel,
+    )
