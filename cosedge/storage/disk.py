@@ -67,8 +67,14 @@ class _DiskObject:
     fd: int
     size: int
     mtime: float
-    identity: str
+    _stat: os.stat_result = field(alias="stat", repr=False)
     meta: Mapping[str, str]
+
+    @property
+    def identity(self) -> str:
+        """From the inode, modification time and size (made only when asked: most objects have an ETag)."""
+        st = self._stat
+        return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``, read now."""
@@ -300,8 +306,7 @@ class DiskStore:
         except BaseException:
             os.close(fd)
             raise
-        identity = f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
-        return _DiskObject(fd, st.st_size, st.st_mtime, identity, meta)
+        return _DiskObject(fd, st.st_size, st.st_mtime, st, meta)
 
     def begin(self, bucket: str, segments: tuple[str, ...]) -> _DiskPending:
         try:

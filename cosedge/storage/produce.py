@@ -39,7 +39,7 @@ class RangeProducer:
         self._offset = start
         self._end = end
         self._sent = 0
-        self._deferred: Deferred[int] = Deferred(lambda d: self.stopProducing())
+        self._deferred: Deferred[int] = Deferred(self._cancel)
 
     def start(self) -> Deferred[int]:
         """Register with the consumer; the Deferred fires with the byte count once the range is written."""
@@ -62,6 +62,9 @@ class RangeProducer:
         self._offset += want
         self._sent += want
         consumer.write(data)
+
+    def _cancel(self, d: Deferred[int]) -> None:
+        self.stopProducing()
 
     def stopProducing(self) -> None:
         """The consumer is gone: stop, and fail the Deferred with CancelledError."""

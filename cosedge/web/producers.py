@@ -100,7 +100,8 @@ class Sender:
 
     # -- internals --
 
-    def _next_part(self) -> None:
+    def _next_part(self, _sent: object = None) -> None:
+        """Produce the next part, or end the response (also the callback of a part's Deferred)."""
         request = self._request
         if request is None:
             return
@@ -112,10 +113,7 @@ class Sender:
             return
         self._prefix, start, end = self._parts[self._index]
         self._index += 1
-        self._obj.produce(self, start, end).addCallbacks(self._part_sent, self._part_failed)
-
-    def _part_sent(self, count: int) -> None:
-        self._next_part()
+        self._obj.produce(self, start, end).addCallbacks(self._next_part, self._part_failed)
 
     def _part_failed(self, failure: Failure) -> None:
         request = self._request

@@ -60,7 +60,7 @@ class EdgeResource(Resource):
     def render(self, request: Request) -> bytes | int:  # type: ignore[override]
         request_id = f"{self._id_prefix}-{next(self._ids):x}"
         # Server and Date come from _EdgeRequest.process, before anything can fail.
-        request.setHeader(b"x-cos-request-id", request_id.encode("ascii"))
+        request.responseHeaders.setRawHeaders(b"x-cos-request-id", [request_id.encode("ascii")])
         try:
             return self._render(request, request_id)
         except Exception:
@@ -89,18 +89,23 @@ class EdgeResource(Resource):
         # A store on local disk has answered already, and so is this request,
         # in this call; a network store answers later.
         opening = self._store.open(bucket_name, target.segments)
-        opened: list[Any] = []
-        opening.addBoth(opened.append)  # cheaper than any callback of ours, on every hit
-        args = (request, request_id, bucket, bucket_name, target)
-        if opened:
-            answer = self._answer(opened[0], *args)
-            # bytes or NOT_DONE_YET (not isinstance(answer, Deferred): an ABC's check, slow here)
-            if isinstance(answer, bytes | int):
-                return answer
-            answer.addBoth(_deliver, request, request_id)
+        # settle.now(), inline: this runs on every hit.
+        if opening.called and not opening.paused and not isinstance(opening.result, Failure):
+            answer = self._opened(opening.result, request, request_id, bucket, bucket_name, target)  # type: ignore[arg-type]
         else:
-            # append took the result (a failure included) and passed on None.
-            opening.addCallback(lambda _: opened[0]).addBoth(self._answer_later, *args)
+            args = (request, request_id, bucket, bucket_name, target)
+            opened: list[Any] = []
+            opening.addBoth(opened.append)
+            if not opened:
+                # A store that answers later; append took the result (a
+                # failure included) and passed on None.
+                opening.addCallback(lambda _: opened[0]).addBoth(self._answer_later, *args)
+                return NOT_DONE_YET
+            answer = self._answer(opened[0], *args)  # a failure
+        # bytes or NOT_DONE_YET (not isinstance(answer, Deferred): an ABC's check, slow here)
+        if isinstance(answer, bytes | int):
+            return answer
+        answer.addBoth(_deliver, request, request_id)
         return NOT_DONE_YET
 
     def _answer(
