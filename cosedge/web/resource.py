@@ -91,7 +91,7 @@ class EdgeResource(Resource):
         opening = self._store.open(bucket_name, target.segments)
         # settle.now(), inline: this runs on every hit.
         if opening.called and not opening.paused and not isinstance(opening.result, Failure):
-            answer = self._opened(opening.result, request, request_id, bucket, bucket_name, target)  # type: ignore[arg-type]
+            answer = self._answer(opening.result, request, request_id, bucket, bucket_name, target)  # type: ignore[arg-type]
         else:
             args = (request, request_id, bucket, bucket_name, target)
             opened: list[Any] = []
@@ -117,34 +117,15 @@ class EdgeResource(Resource):
         bucket_name: str,
         target: Target,
     ) -> Any:
-        """The answer once the store has opened (or not) the object: bytes, NOT_DONE_YET or a Deferred of either."""
+        """
+        The answer once the store has opened the object (or found none, or
+        failed): bytes, NOT_DONE_YET or a Deferred of either.
+        """
         if isinstance(opened, Failure):
             return self._open_failed(opened, request, request_id, bucket_name, target)
-        return self._opened(opened, request, request_id, bucket, bucket_name, target)
-
-    def _answer_later(self, opened: IStoredObject | Failure | None, *args: Any) -> None:
-        request, request_id = args[0], args[1]
-        try:
-            answer = self._answer(opened, *args)
-        except Exception:
-            answer = Failure()
-        if isinstance(answer, Deferred):
-            answer.addBoth(_deliver, request, request_id)
-        else:
-            _deliver(answer, request, request_id)
-
-    def _opened(
-        self,
-        obj: IStoredObject | None,
-        request: Request,
-        request_id: str,
-        bucket: BucketConfig,
-        bucket_name: str,
-        target: Target,
-    ) -> Any:
-        if obj is not None:
+        if opened is not None:
             self._stats.inc("hits")
-            return answer_hit(request, request_id, obj, target.segments[-1], self._stats)
+            return answer_hit(request, request_id, opened, target.segments[-1], self._stats)
         self._stats.inc("misses")
         plan = origins.plan(bucket, target.segments, target.query, request.method)
         if plan.answer == "not-found" or plan.location is None:
@@ -156,6 +137,18 @@ class EdgeResource(Resource):
         if plan.fetch is not None:
             self._filler.start(bucket_name, target.segments, plan.fetch)
         return b""
+
+    def _answer_later(self, opened: IStoredObject | Failure | None, *args: Any) -> None:
+        """The answer of a store that answered later, sent when it comes."""
+        request, request_id = args[0], args[1]
+        try:
+            answer = self._answer(opened, *args)
+        except Exception:
+            answer = Failure()
+        if isinstance(answer, Deferred):
+            answer.addBoth(_deliver, request, request_id)
+        else:
+            _deliver(answer, request, request_id)
 
     @staticmethod
     def _open_failed(failure: Failure, request: Request, request_id: str, bucket_name: str, target: Target) -> bytes:
