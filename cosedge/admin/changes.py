@@ -9,7 +9,7 @@ from __future__ import annotations
 from attrs import fields, frozen
 from twisted.logger import Logger
 
-from ..config import BucketConfig, Config
+from ..config import BUCKET_FIELDS, BucketConfig, Config, plain
 
 __all__ = ["Change", "audit", "audit_unchanged", "diff_configs", "show"]
 
@@ -45,8 +45,7 @@ def show(value: object) -> str:
 
 
 def _describe(bucket: BucketConfig) -> str:
-    origin = str(bucket.origin) if bucket.origin is not None else "(none)"
-    return f"origin={origin} origin_pull={'on' if bucket.origin_pull else 'off'}"
+    return " ".join(f"{name}={show(getattr(bucket, name))}" for name in BUCKET_FIELDS)
 
 
 def diff_configs(old: Config, new: Config) -> list[Change]:
@@ -59,10 +58,10 @@ def diff_configs(old: Config, new: Config) -> list[Change]:
         if a is None or b is None:
             changes.append(Change("bucket", name, a and _describe(a), b and _describe(b)))
             continue
-        if a.origin != b.origin:
-            changes.append(Change("origin", name, a.origin and str(a.origin), b.origin and str(b.origin)))
-        if a.origin_pull != b.origin_pull:
-            changes.append(Change("origin_pull", name, a.origin_pull, b.origin_pull))
+        for setting in BUCKET_FIELDS:
+            a_value, b_value = getattr(a, setting), getattr(b, setting)
+            if a_value != b_value:
+                changes.append(Change(setting, name, plain(a_value), plain(b_value)))
     if old.server.domains != new.server.domains:
         changes.append(Change("domains", "server", old.server.domains, new.server.domains))
     for f in fields(type(old.fill)):

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import origins
-from ..config import Config, ConfigError, Origin, parse_origin, validate_bucket_name
+from ..config import BUCKET_FIELDS, Config, ConfigError, Origin, parse_origin, plain, validate_bucket_name
 from ..keys import BadKey, split_key
 from ..settle import settled
 from .changes import Change, audit, show
@@ -169,8 +169,7 @@ class Edge:
             rows.append(
                 {
                     "bucket": name,
-                    "origin": str(bucket.origin) if bucket.origin is not None else None,
-                    "origin_pull": bucket.origin_pull,
+                    **{setting: plain(getattr(bucket, setting)) for setting in BUCKET_FIELDS},
                     "live": "changed" if self._live.state.touches(name) else "",
                 }
             )
@@ -249,11 +248,11 @@ class Edge:
         rows = Table()
         for name, entry in self._live.state.buckets.items():
             row = {"bucket": name, "change": "added" if entry.get("added") else "changed"}
-            for key in ("origin", "origin_pull"):
+            for key in BUCKET_FIELDS:
                 row[key] = show(entry[key]) if key in entry else "(file)"
             rows.append(row)
         rows += [
-            {"bucket": name, "change": "removed", "origin": "", "origin_pull": ""}
+            {"bucket": name, "change": "removed", **dict.fromkeys(BUCKET_FIELDS, "")}
             for name in sorted(self._live.state.removed)
         ]
         return rows

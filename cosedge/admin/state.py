@@ -37,14 +37,14 @@ from typing import Any
 
 from attrs import define, evolve, field, frozen
 
-from ..config import BucketConfig, Config, ConfigError, parse_origin, validate_bucket_name
+from ..config import BUCKET_FIELDS, BucketConfig, Config, ConfigError, parse_origin, validate_bucket_name
 
 __all__ = ["STATE_FILE_NAME", "MemoryStateFile", "NotSynced", "State", "StateFile", "state_path"]
 
 #: Where the state file lives, relative to the data directory.
 STATE_FILE_NAME = os.path.join(".cosedge", "state.json")
 _VERSION = 1
-_FIELDS = frozenset({"origin", "origin_pull", "added"})
+_FIELDS = frozenset({*BUCKET_FIELDS, "added"})
 
 
 def state_path(data_dir: str) -> str:
@@ -114,10 +114,9 @@ class State:
                     # A change to a bucket the file no longer defines.
                     continue
                 base = BucketConfig()
-            origin = entry["origin"] if "origin" in entry else base.origin
-            origin_pull = entry["origin_pull"] if "origin_pull" in entry else base.origin_pull
+            settings = {f: entry[f] if f in entry else getattr(base, f) for f in BUCKET_FIELDS}
             try:
-                buckets[name] = BucketConfig(origin=origin, origin_pull=origin_pull)
+                buckets[name] = BucketConfig(**settings)
             except ConfigError as e:
                 raise ConfigError(f"live change to bucket {name} no longer fits the configuration: {e}") from None
         return evolve(config, buckets=buckets)
