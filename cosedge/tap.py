@@ -13,8 +13,10 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .admin.live import check_config as check_admin_config
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .ops.service import check_config as check_ops_config
+from .ops.service import parse_admin
+from .workers import listen_problem
 
 __all__ = ["Options", "makeService"]
 
@@ -57,7 +59,22 @@ class Options(usage.Options):
             check_ops_config(config)  # [admin] and [log]
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
+        # A port already in use: the same one line, not a traceback from the
+        # start (the listeners bind later; this is the common mistake, caught early).
+        for description in _tcp_listeners(config):
+            problem = listen_problem(description)
+            if problem is not None:
+                raise usage.UsageError(problem)
         self["parsed"] = config
+
+
+def _tcp_listeners(config: Config) -> list[str]:
+    """The bucket and admin listeners' endpoint strings."""
+    found = list(config.server.listen)
+    admin = parse_admin(config.extra)
+    if admin is not None:
+        found += admin.listen
+    return found
 
 
 def makeService(options: Options) -> IService:

@@ -107,6 +107,31 @@ def parse_tcp(description: str) -> tuple[int, str, int, int] | None:
     return family, interface, int(port), int(backlog)
 
 
+def check_free(family: int, interface: str, port: int) -> None:
+    """
+    Bind a plain socket (no SO_REUSEPORT, which would share the port with
+    another daemon) to the address and let it go.  :raises OSError: the
+    kernel's reason (EADDRINUSE: in use; EACCES: a port below 1024 without
+    the privilege; EADDRNOTAVAIL: not this machine's address).
+    """
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((interface, port))
+
+
+def listen_problem(description: str) -> str | None:
+    """Why a ``tcp:``/``tcp6:`` listener could not be bound now (None: it can, or it is another kind)."""
+    parsed = parse_tcp(description)
+    if parsed is None or parsed[2] == 0:
+        return None
+    family, interface, port, _ = parsed
+    try:
+        check_free(family, interface, port)
+    except OSError as e:
+        return f"cannot listen on {description}: {e.strerror or e}"
+    return None
+
+
 @implementer(IStreamServerEndpoint)
 class SharedEndpoint:
     """
@@ -160,9 +185,7 @@ class SharedEndpoint:
         if port:
             # SO_REUSEPORT would let this bind beside another daemon's
             # listener: check with a plain socket that the address is free.
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((interface, port))
+            check_free(family, interface, port)
         sockets: list[socket.socket] = []
         try:
             for _ in range(1 + self.copies):

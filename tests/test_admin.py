@@ -816,7 +816,7 @@ def test_password_checker_accepts_the_right_password_only(files: dict[str, str])
     from twisted.cred.credentials import UsernamePassword
     from twisted.cred.error import UnauthorizedLogin
 
-    from cosedge.admin.shells import PasswordFileChecker
+    from cosedge.admin.telnet import PasswordFileChecker
 
     class InlinePool:
         def callInThreadWithCallback(self, on_result: Callable[..., None], f: Callable[[], Any]) -> None:
@@ -848,7 +848,7 @@ def telnet_login_connection(checker: Any) -> tuple[MemoryReactorClock, StringTra
     from twisted.conch.telnet import TelnetTransport
     from twisted.cred.portal import Portal
 
-    from cosedge.admin.shells import _Login, _TelnetRealm
+    from cosedge.admin.telnet import _Login, _TelnetRealm
 
     sessions: list[str] = []
 
@@ -931,7 +931,7 @@ def test_password_checks_run_one_at_a_time(files: dict[str, str]) -> None:
     from twisted.cred.credentials import UsernamePassword
     from twisted.cred.error import UnauthorizedLogin
 
-    from cosedge.admin.shells import PasswordFileChecker
+    from cosedge.admin.telnet import PasswordFileChecker
 
     reactor = PoolReactor()
     pool = reactor.pool
@@ -957,7 +957,7 @@ def test_a_flood_of_password_checks_is_refused_beyond_the_waiting_limit(files: d
     from twisted.cred.credentials import UsernamePassword
     from twisted.cred.error import UnauthorizedLogin
 
-    from cosedge.admin.shells import PasswordFileChecker
+    from cosedge.admin.telnet import PasswordFileChecker
 
     reactor = PoolReactor()
     checker = PasswordFileChecker(files["passwords"], reactor)
@@ -980,7 +980,7 @@ def test_the_host_key_is_created_privately_and_durably(tmp_path: Path, monkeypat
     no planted symbolic link can redirect (not even at the name an older
     cosedge used), and the folder is synced after the rename.
     """
-    from cosedge.admin.shells import load_host_key
+    from cosedge.admin.ssh import load_host_key
 
     folder = tmp_path / "keys"
     folder.mkdir()
@@ -1112,7 +1112,7 @@ def test_an_ssh_connection_that_never_logs_in_is_closed(files: dict[str, str]) -
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-    from cosedge.admin.shells import _ssh_factory
+    from cosedge.admin.ssh import _ssh_factory
     from tests.helpers import capture_logs
 
     settings = parse_manhole(

@@ -300,7 +300,12 @@ def attach(service: AdminContext) -> None:
     live = LiveConfig(service, StateFile(state_path(service.config.server.data_dir)))
     live.setServiceParent(parent)
     if settings is not None:
-        from .shells import manhole_service  # installs the reactor: only now
+        from .listeners import manhole_service  # installs the reactor: only now
 
-        shells: MultiService = manhole_service(settings, lambda channel: {"edge": live.edge(channel)}, service.reactor)
+        shells: MultiService = manhole_service(
+            settings,
+            lambda channel: {"edge": live.edge(channel)},
+            service.reactor,
+            data_dir=service.config.server.data_dir,
+        )
         shells.setServiceParent(parent)

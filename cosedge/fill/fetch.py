@@ -52,6 +52,7 @@ KEPT_HEADERS = (
     b"expires",
     b"etag",
     b"last-modified",
+    b"vary",
 )
 _META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
 _USER_AGENT = b"cosedge (back-to-origin fill)"

@@ -299,6 +299,10 @@ class Filler:
         )
         if isinstance(result, Failure):
             reason, detail = reason_of(result)
+            if self._stopping and reason != "error":
+                # Stopped by stop(): however the cancellation surfaced (a
+                # name lookup cut short reads as a DNS failure), it is one.
+                reason, detail = "cancelled", f"stopped ({detail})"
             if reason == "error":
                 _log.failure("fill {bucket}/{key} failed unexpectedly from {url}", result, **log_fields)
             else:

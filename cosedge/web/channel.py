@@ -91,17 +91,42 @@ class _EdgeChannel(HTTPChannel):
         # GET and HEAD carry no body worth reading, and Twisted would spool a
         # large one to a temporary file: refuse before reading any of it.
         if self.length is None or self.length > _MAX_REQUEST_BODY:
-            # The deadline stays armed: it closes (and in the end aborts) a
-            # client that does not read the answer or close.
-            self._refused = True
-            body = error_body("EntityTooLarge", "Request bodies are not accepted here.", os.urandom(6).hex())
-            self.transport.write(  # type: ignore[union-attr]
-                b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
-                b"Content-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
-            self.loseConnection()
+            self._refuse(b"413 Payload Too Large", "EntityTooLarge", "Request bodies are not accepted here.")
             return
         super().allHeadersReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header line over ``MAX_LENGTH`` (16 KiB): a COS error, not a silent close."""
+        self._refuse(
+            b"400 Bad Request", "RequestHeaderSectionTooLarge", "The request's headers exceed the maximum allowed size."
+        )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        Twisted's answer to a request it cannot parse (a bad request line or
+        version, Content-Length with Transfer-Encoding, a duplicate or bad
+        Content-Length, headers over 16 KiB in all or over 500 of them),
+        made a COS error with a request id instead of a bare 400.
+        """
+        self._refuse(b"400 Bad Request", "InvalidRequest", "The request could not be parsed as HTTP/1.1.")
+
+    def _refuse(self, status: bytes, code: str, message: str) -> None:
+        """
+        Answer with a COS error and close, reading nothing more.  The
+        deadline stays armed: it closes (and in the end aborts) a client
+        that does not read the answer or close.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        request_id = os.urandom(6).hex()
+        body = error_body(code, message, request_id)
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %s\r\nConnection: close\r\nServer: %s\r\nx-cos-request-id: %s\r\n"
+            b"Content-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, _SERVER, request_id.encode(), len(body), body)
+        )
+        self.loseConnection()
 
     def allContentReceived(self) -> None:
         self._paused = True  # the deadline covers a (small) body too
@@ -173,6 +198,19 @@ class _EdgeRequest(Request):
             self.render(site.resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The client went away.  A response it had begun to receive is logged
+        as nginx does, with its status and the bytes handed to the
+        connection so far (``sentLength``), since ``finish`` (which logs a
+        whole one) will not come.
+        """
+        if self.startedWriting and not self.finished:
+            site: EdgeSite | None = getattr(self, "site", None)
+            if site is not None:
+                site.log(self)
+        super().connectionLost(reason)
 
 
 class EdgeSite(Site):

@@ -45,6 +45,7 @@ _OBJECT_HEADERS = (
     b"content-disposition",
     b"cache-control",
     b"expires",
+    b"vary",
 )
 
 

@@ -33,7 +33,7 @@ _MAX_RANGE_SPECS = 1000
 _MAX_RANGES = 64
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 _BAD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
-_PASSED_META = ("content-encoding", "content-disposition", "cache-control", "expires")
+_PASSED_META = ("content-encoding", "content-disposition", "cache-control", "expires", "vary")
 #: Request headers that can change a hit's answer, as ``Headers`` names them (canonical capitalisation).
 _CONDITIONAL = frozenset({b"Range", b"If-Match", b"If-None-Match", b"If-Modified-Since", b"If-Unmodified-Since"})
 _first = operator.itemgetter(0)
@@ -244,21 +244,9 @@ def _answer_open(
 
     parts: list[tuple[bytes, int, int]]
     trailer = b""
-    if ranges is None:
-        headers.setRawHeaders(b"content-type", [_latin1(content_type)])
-        parts = [(b"", 0, size)]
-        length = size
-    elif len(ranges) == 1:
-        first, last = ranges[0]
-        request.setResponseCode(206)
-        request.setHeader(b"content-type", _latin1(content_type))
-        request.setHeader(b"content-range", f"bytes {first}-{last}/{size}")
-        parts = [(b"", first, last + 1)]
-        length = last + 1 - first
-    else:
+    boundary = ""
+    if ranges is not None and len(ranges) > 1:
         boundary = os.urandom(12).hex()
-        request.setResponseCode(206)
-        request.setHeader(b"content-type", f"multipart/byteranges; boundary={boundary}")
         parts = [
             (
                 _latin1(
@@ -272,6 +260,24 @@ def _answer_open(
         ]
         trailer = f"\r\n--{boundary}--\r\n".encode("latin-1")
         length = sum(len(p) + end - start for p, start, end in parts) + len(trailer)
+        if length > size:
+            # The parts' own headers would make the answer longer than the
+            # object: the whole object instead, as nginx does (S11).
+            ranges, trailer = None, b""
+    if ranges is None:
+        headers.setRawHeaders(b"content-type", [_latin1(content_type)])
+        parts = [(b"", 0, size)]
+        length = size
+    elif len(ranges) == 1:
+        first, last = ranges[0]
+        request.setResponseCode(206)
+        request.setHeader(b"content-type", _latin1(content_type))
+        request.setHeader(b"content-range", f"bytes {first}-{last}/{size}")
+        parts = [(b"", first, last + 1)]
+        length = last + 1 - first
+    else:
+        request.setResponseCode(206)
+        request.setHeader(b"content-type", f"multipart/byteranges; boundary={boundary}")
     if request.method == b"HEAD" or length == 0:
         request.setHeader(b"content-length", b"%d" % length)
         return b"", False

@@ -1,0 +1,222 @@
+"""
+Hardening found by a hostile review (issue 10): password guessing on the
+telnet manhole is slowed, requests Twisted's parser rejects get a COS error,
+many small ranges never make an answer longer than the object, an
+interrupted download is logged, Vary is kept, a stop is a cancellation
+however it surfaces, and a port in use is one line at start.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet.error import DNSLookupError
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from cosedge import tap
+from cosedge.admin.throttle import REFUSED, LoginThrottle
+from cosedge.web.errors import error_body
+
+from .helpers import BUCKET, Edge, StepCooperator, capture_logs, fill_events, parse_response, raw_request, source_for
+from .test_admin import telnet_login_connection
+
+
+@pytest.fixture
+def edge(cooperator: StepCooperator) -> Edge:
+    return Edge(cooperator)
+
+
+# -- S12: password guessing on the telnet manhole --
+
+
+def test_each_failure_doubles_the_wait_and_ten_lock_the_peer_out() -> None:
+    """1 s, 2 s, 4 s … up to a minute between attempts, then a refusal for 15 minutes; a success forgets."""
+    clock = Clock()
+    throttle = LoginThrottle(clock)
+    assert throttle.delay("a") == 0.0
+    waits = []
+    for _ in range(9):
+        throttle.failed("a")
+        waits.append(throttle.delay("a"))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert throttle.delay("b") == 0.0  # another peer is not slowed by a's failures (below the global limit)
+    throttle.failed("a")
+    assert throttle.delay("a") == REFUSED
+    clock.advance(899)
+    assert throttle.delay("a") == REFUSED
+    clock.advance(1)
+    assert throttle.delay("a") == 60.0  # out of the lockout, still slow
+    throttle.succeeded("a")
+    assert throttle.delay("a") == 0.0
+
+
+def test_failures_from_many_peers_slow_everyone() -> None:
+    """More than 30 failures a minute in all: every peer waits, growing with the excess; a quiet minute ends it."""
+    clock = Clock()
+    throttle = LoginThrottle(clock)
+    for n in range(30):
+        throttle.failed(f"10.0.0.{n}")
+    assert throttle.delay("fresh") == 1.0
+    throttle.failed("10.0.1.1")
+    assert throttle.delay("fresh") == 2.0
+    clock.advance(61)
+    assert throttle.delay("fresh") == 0.0
+
+
+def test_a_peer_with_no_failure_for_a_while_starts_afresh() -> None:
+    """Failures older than 15 minutes are forgotten."""
+    clock = Clock()
+    throttle = LoginThrottle(clock)
+    for _ in range(3):
+        throttle.failed("a")
+    clock.advance(901)
+    assert throttle.delay("a") == 0.0
+
+
+def test_a_second_telnet_guess_waits_and_a_locked_out_peer_is_refused() -> None:
+    """After a wrong password the next check from the peer waits on the clock; after ten, the peer is refused."""
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+    reactor, transport, telnet, sessions = telnet_login_connection(checker)
+    throttle = telnet.protocol.throttle
+    telnet.dataReceived(b"alice\r\nwrong\r\n")
+    reactor.advance(telnet.protocol.failure_delay)
+    assert b"Authentication failed" in transport.value()
+    # A new connection from the same peer shares the listener's throttle.
+    reactor2, transport2, telnet2, sessions2 = telnet_login_connection(checker)
+    telnet2.protocol.throttle = throttle
+    throttle.clock = reactor2
+    telnet2.dataReceived(b"alice\r\npw\r\n")
+    assert sessions2 == []  # the check waits a second
+    reactor2.advance(1)
+    assert sessions2 == ["telnet:alice@192.168.1.1"]
+    for _ in range(10):
+        throttle.failed("192.168.1.1")
+    reactor3, transport3, telnet3, sessions3 = telnet_login_connection(checker)
+    telnet3.protocol.throttle = throttle
+    with capture_logs() as events:
+        telnet3.dataReceived(b"alice\r\npw\r\n")
+    assert sessions3 == [] and transport3.disconnecting
+    assert b"Too many failed logins" in transport3.value()
+    assert any("too many failures" in e.get("log_format", "") for e in events)
+
+
+# -- S10: requests Twisted's parser rejects --
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /1.jpg HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /1.jpg HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /1.jpg HTTP/9.9.9\r\nHost: h\r\n\r\n",
+        b"GET /1.jpg HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 17000 + b"\r\n\r\n",
+        b"GET /1.jpg HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 100) for i in range(200)) + b"\r\n",
+    ],
+    ids=["cl-and-te", "two-lengths", "bad-version", "long-header-line", "headers-over-16k"],
+)
+def test_requests_the_parser_rejects_get_a_cos_error(edge: Edge, raw: bytes) -> None:
+    """Every answer of the bucket listener is a COS error body with a request id, never a bare 400 or silence."""
+    conn = edge.connect()
+    conn.send(raw)
+    response = parse_response(conn.transport.value())
+    assert response.status == 400
+    request_id = response.header(b"x-cos-request-id")
+    assert request_id is not None
+    assert response.body == error_body(response.error_code(), _message(response.body), request_id.decode())
+    assert response.error_code() in ("InvalidRequest", "RequestHeaderSectionTooLarge")
+    assert conn.transport.disconnecting
+
+
+def test_a_request_body_is_refused_with_a_request_id(edge: Edge) -> None:
+    """The 413 for a request body carries x-cos-request-id, like every other error."""
+    conn = edge.connect()
+    conn.send(raw_request("/1.jpg", body=b"x" * 70000))
+    response = parse_response(conn.transport.value())
+    assert response.status == 413 and response.error_code() == "EntityTooLarge"
+    assert response.header(b"x-cos-request-id") is not None
+
+
+def _message(body: bytes) -> str:
+    return body.split(b"<Message>")[1].split(b"</Message>")[0].decode()
+
+
+# -- S11: many small ranges --
+
+
+def test_many_small_ranges_never_exceed_the_object(edge: Edge) -> None:
+    """64 one-byte ranges of a 1,000-byte object: the whole object with 200, not 6,928 bytes of parts."""
+    edge.store.put(BUCKET, ("k.bin",), bytes(range(256)) * 4)  # type: ignore[attr-defined]
+    spec = ",".join(f"{i * 10}-{i * 10}" for i in range(64))
+    response = edge.request("/k.bin", headers=[("Range", f"bytes={spec}")])
+    assert response.status == 200 and len(response.body) == 1024
+    few = edge.request("/k.bin", headers=[("Range", "bytes=0-99,500-599")])
+    assert few.status == 206 and b"multipart/byteranges" in (few.header(b"content-type") or b"")
+    assert len(few.body) <= 1024
+
+
+# -- access log of interrupted downloads --
+
+
+def test_a_download_the_client_interrupts_is_logged_with_the_bytes_sent(edge: Edge) -> None:
+    """A client that hangs up mid-body leaves one access-log line with the status and the bytes handed over."""
+    edge.store.put(BUCKET, ("big.bin",), b"x" * 500_000)  # type: ignore[attr-defined]
+    logged: list[Any] = []
+    edge.site.log = logged.append  # type: ignore[method-assign]
+    conn = edge.connect()
+    conn.send(raw_request("/big.bin"))
+    edge.cooperator.step()
+    conn.transport.loseConnection()  # the client hangs up: the channel's connectionLost
+    assert len(logged) == 1
+    assert logged[0].code == 200 and 0 < logged[0].sentLength < 500_000
+
+
+# -- Vary --
+
+
+def test_vary_is_kept_and_served(edge: Edge) -> None:
+    """The origin's Vary is stored with the object and sent with every hit."""
+    edge.origin.add("v.js", b"js", headers={"vary": "Accept-Encoding"})
+    edge.filler.start(BUCKET, ("v.js",), source_for(edge_origin(edge), ("v.js",)))
+    edge.flush_origin()
+    response = edge.request("/v.js")
+    assert response.status == 200 and response.header(b"vary") == b"Accept-Encoding"
+
+
+def edge_origin(edge: Edge) -> Any:
+    return edge.config.buckets[BUCKET].origin
+
+
+# -- a stop is a cancellation --
+
+
+def test_a_fill_stopped_while_its_name_is_looked_up_is_cancelled(cooperator: StepCooperator) -> None:
+    """However the cancellation surfaces (a lookup cut short reads as a DNS failure), a stop logs 'cancelled'."""
+    edge = Edge(cooperator, gated=True)
+    edge.filler.start(BUCKET, ("k",), source_for(edge_origin(edge), ("k",)))
+    held = edge.agent.held[0][0]
+    with capture_logs() as events:
+        edge.filler._stopping = True  # what stop() sets first
+        held.errback(Failure(DNSLookupError("address 'example' not found: cancelled")))
+    assert [e["reason"] for e in fill_events(events)] == ["cancelled"]
+
+
+# -- a port in use --
+
+
+def test_a_port_in_use_is_one_line_at_start(tmp_path: Any) -> None:
+    """twistd cosedge on a busy port says so in one usage error, as a configuration mistake does."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\ndata_dir = "{tmp_path}"\n')
+        options = tap.Options()
+        with pytest.raises(usage.UsageError) as info:
+            options.parseOptions(["--config", str(config)])
+    assert str(info.value) == f"cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
