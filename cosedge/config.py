@@ -194,6 +194,13 @@ class FillConfig:
     max_object_size: int = field(default=5 * 1024**3, validator=_non_negative)
     not_found_ttl: float = field(default=10.0, validator=_non_negative)
     retry_backoff: float = field(default=5.0, validator=_non_negative)
+    #: Bytes per second an origin must average over ``min_rate_window`` seconds mid-body (0: no minimum).
+    min_rate: int = field(default=1024, validator=_non_negative)
+    min_rate_window: float = field(default=30.0, validator=_positive)
+    #: Bounds on an origin's response headers: one line, all of them, how many.
+    max_header_line: int = field(default=16 * 1024, validator=_positive)
+    max_header_bytes: int = field(default=64 * 1024, validator=_positive)
+    max_header_count: int = field(default=100, validator=_positive)
 
 
 def _domains(value: object) -> tuple[str, ...]:
@@ -250,6 +257,10 @@ class ServerConfig:
     request_timeout: float = field(default=60.0, validator=_positive)
     #: Processes serving the listeners (``"auto"``: one per CPU); needs a restart to change.
     workers: int = field(default=1, converter=_workers)
+    #: Seconds a response may make no progress (the client reads nothing) before the connection is closed.
+    send_timeout: float = field(default=60.0, validator=_positive)
+    #: Client connections one process keeps at once; more are closed as they come (0: no limit).
+    max_connections: int = field(default=4096, validator=_non_negative)
 
     @data_dir.validator
     def _check_data_dir(self, attribute: object, value: object) -> None:
