@@ -17,12 +17,24 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 from cosedge import tap
 from cosedge.admin.throttle import REFUSED, LoginThrottle
+from cosedge.config import FillConfig
 from cosedge.web.errors import error_body
 
-from .helpers import BUCKET, Edge, StepCooperator, capture_logs, fill_events, parse_response, raw_request, source_for
+from .helpers import (
+    BUCKET,
+    Edge,
+    StepCooperator,
+    capture_logs,
+    fill_events,
+    parse_response,
+    raw_request,
+    result_of,
+    source_for,
+)
 from .test_admin import telnet_login_connection
 
 
@@ -220,3 +232,43 @@ def test_a_port_in_use_is_one_line_at_start(tmp_path: Any) -> None:
         with pytest.raises(usage.UsageError) as info:
             options.parseOptions(["--config", str(config)])
     assert str(info.value) == f"cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+
+
+# -- F20: a dripping origin --
+
+
+def test_a_dripping_origin_fails_too_slow_and_frees_its_slot(cooperator: StepCooperator) -> None:
+    """Below min_rate bytes/s over a window the fill is a clean miss 'too-slow'; a steady origin is never cut."""
+    from .test_fill import Fills, ScriptedAgent, ScriptedResponse
+
+    fills = Fills()
+    fills.config = FillConfig(min_rate=100, min_rate_window=10, idle_timeout=30, max_concurrent=1)
+    agent = ScriptedAgent()
+    drip = ScriptedResponse(length=100_000)
+    steady = ScriptedResponse(length=3_000)
+    agent.responses[b"/drip"] = drip
+    agent.responses[b"/steady"] = steady
+    filler = fills.filler_using(agent)
+    with capture_logs() as events:
+        d = filler.fill(BUCKET, ("drip",), source_for(edge_origin_of(fills), ("drip",)))
+        queued = filler.fill(BUCKET, ("steady",), source_for(edge_origin_of(fills), ("steady",)))
+        for _ in range(9):
+            fills.clock.advance(1)
+            drip.send(b"d" * 10)  # 10 bytes/s: below 100
+        assert not d.called
+        fills.clock.advance(1)
+        result = result_of(d)
+    assert result.reason == "too-slow" and fills.stored("drip") is None
+    assert drip.transport.producerState == "stopped"
+    assert [e["reason"] for e in fill_events(events)] == ["too-slow"]
+    for _ in range(3):  # the freed slot runs the next fill: 1,000 bytes/s is fast enough
+        fills.clock.advance(1)
+        steady.send(b"s" * 1000)
+    steady.finish(ResponseDone())
+    assert result_of(queued).stored and fills.stored("steady") == b"s" * 3000
+
+
+def edge_origin_of(fills: Any) -> Any:
+    from .test_fill import ORIGIN
+
+    return ORIGIN

@@ -126,25 +126,45 @@ class Fill:
 
 
 class _BodyWriter(Protocol):
-    """Streams a response body into a writer (and the fill's readers), with bounded memory."""
+    """
+    Streams a response body into a writer (and the fill's readers), with
+    bounded memory, an idle timeout, and a minimum rate: fewer than
+    ``min_rate`` bytes a second over a ``min_rate_window`` is a drip that
+    would hold a fill slot for hours (Varnish and Traffic Server have the same
+    rule), so the fill fails ``too-slow``.
+    """
 
-    def __init__(
-        self, pending: IObjectWriter, readers: list[Reader], limit: int, clock: IReactorTime, idle: float
-    ) -> None:
+    def __init__(self, pending: IObjectWriter, readers: list[Reader], cfg: FillConfig, clock: IReactorTime) -> None:
         self._pending = pending
         self._readers = readers
-        self._limit = limit
+        self._limit = cfg.max_object_size
         self._clock = clock
-        self._idle = idle
+        self._idle = cfg.idle_timeout
+        self._min_bytes = cfg.min_rate * cfg.min_rate_window
+        self._window = cfg.min_rate_window
         self._timer: IDelayedCall | None = None
+        self._rate_timer: IDelayedCall | None = None
+        self._window_bytes = 0
         self.done: Deferred[None] = Deferred(lambda d: self._abort())
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._idle, self._fail, FillFailed("idle-timeout"))
+        if self._min_bytes > 0:
+            self._rate_timer = self._clock.callLater(self._window, self._check_rate)
+
+    def _check_rate(self) -> None:
+        got, self._window_bytes = self._window_bytes, 0
+        if got < self._min_bytes:
+            self._rate_timer = None
+            rate = got / self._window
+            self._fail(FillFailed("too-slow", f"{rate:.0f} bytes/s over {self._window:g}s, below the minimum"))
+            return
+        self._rate_timer = self._clock.callLater(self._window, self._check_rate)
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
+        self._window_bytes += len(data)
         if self._pending.size + len(data) > self._limit:
             self._fail(FillFailed("too-large", f"over the {self._limit}-byte limit"))
             return
@@ -184,9 +204,10 @@ class _BodyWriter(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._rate_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._rate_timer = None
 
 
 class _Discard(Protocol):
@@ -334,7 +355,7 @@ class Fetcher:
             response.deliverBody(_Discard())
             raise CancelledError()
         try:
-            body = _BodyWriter(writer, fill.readers, cfg.max_object_size, self.clock, cfg.idle_timeout)
+            body = _BodyWriter(writer, fill.readers, cfg, self.clock)
             response.deliverBody(body)
             await body.done
             if fill.expected is not None and writer.size != fill.expected:
