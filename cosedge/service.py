@@ -10,20 +10,19 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from attrs import field, frozen
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
-from zope.interface import implementer
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 
 from .config import Config
 from .fill.claims import Claims
+from .fill.client import OriginEndpoints, QuietPool
 from .fill.scheduler import Filler
 from .interfaces import IObjectStore
 from .settle import settled
@@ -36,36 +35,6 @@ from .workers import AdoptedEndpoint, SharedEndpoint, WorkerPool
 __all__ = ["EdgeService", "build_service", "build_worker_service"]
 
 _log = Logger()
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
-class _QuietPool(HTTPConnectionPool):
-    """A connection pool that does not log every origin connection."""
-
-    _factory = _QuietClientFactory
-
-
-@implementer(IAgentEndpointFactory)
-@frozen
-class _OriginEndpoints:
-    """Connects to origins with the connect timeout of the current configuration."""
-
-    reactor: Any
-    connect_timeout: Callable[[], float]
-    #: One endpoint per origin and timeout: the agent asks for one per request.
-    _made: dict[tuple[bytes, int, float], HostnameEndpoint] = field(factory=dict, alias="_made")
-
-    def endpointForURI(self, uri: URI) -> HostnameEndpoint:
-        key = (uri.host, uri.port, self.connect_timeout())
-        endpoint = self._made.get(key)
-        if endpoint is None:
-            if len(self._made) >= 1024:  # origins come and go with live changes
-                self._made.clear()
-            endpoint = self._made[key] = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=key[2])
-        return endpoint
 
 
 class EdgeService(MultiService):
@@ -202,10 +171,10 @@ def _origin_agent(
     # its file at once.
     threads = reactor.getThreadPool()
     threads.adjustPoolsize(maxthreads=max(threads.max, config.fill.max_concurrent))
-    pool = _QuietPool(reactor, persistent=True)
+    pool = QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.fill.max_concurrent
     # Read at each new connection, so a live change applies.
-    endpoints = _OriginEndpoints(reactor, lambda: current().fill.connect_timeout)
+    endpoints = OriginEndpoints(reactor, lambda: current().fill)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return agent, pool, partial(deferToThreadPool, reactor, threads)
 

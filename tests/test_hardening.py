@@ -272,3 +272,118 @@ def edge_origin_of(fills: Any) -> Any:
     from .test_fill import ORIGIN
 
     return ORIGIN
+
+
+# -- F17, F18, F19: the guard on origin connections --
+
+
+class _Recorder:
+    """What the HTTP client behind the guard would receive."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: list[Failure] = []
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+def _guard(**limits: int) -> tuple[Any, _Recorder, Any]:
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import StringTransport
+
+    from cosedge.fill.client import _GuardingFactory
+
+    recorder = _Recorder()
+    factory = _GuardingFactory(Factory.forProtocol(lambda: recorder), FillConfig(**limits), "origin:80")  # type: ignore[arg-type]
+    guard = factory.buildProtocol(None)
+    transport = StringTransport()
+    guard.makeConnection(transport)
+    return guard, recorder, transport
+
+
+def _lost_reason(guard: Any, transport: Any) -> Any:
+    """The reason the client behind the guard is told, once the guard has ended the connection."""
+    assert transport.disconnecting  # the guard ended the connection
+    recorder = guard.wrappedProtocol
+    guard.connectionLost(Failure(ConnectionError("aborted")))
+    return recorder.lost[-1].value
+
+
+def test_the_guard_passes_a_framed_response_whole_and_nothing_after_it() -> None:
+    """A Content-Length body reaches the client exactly; bytes beyond it end the connection, never forwarded (F18)."""
+    from cosedge.fill.client import OriginFault
+
+    guard, recorder, transport = _guard()
+    guard.write(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n")
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    guard.dataReceived(head + b"hel")
+    guard.dataReceived(b"loEXTRA")
+    assert recorder.data == head + b"hello"
+    fault = _lost_reason(guard, transport)
+    assert isinstance(fault, OriginFault) and "beyond a whole response" in str(fault)
+
+
+def test_the_guard_closes_a_connection_that_speaks_while_idle() -> None:
+    """Bytes on an idle pooled connection (no request asked) end it: the next request never reads them (F18)."""
+    guard, recorder, transport = _guard()
+    guard.write(b"GET /a HTTP/1.1\r\n\r\n")
+    guard.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert not transport.disconnecting
+    guard.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSMUGG")
+    assert recorder.data.endswith(b"ok") and b"SMUGG" not in recorder.data
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("limits", "feed"),
+    [
+        ({"max_header_line": 100}, [b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200]),
+        ({"max_header_count": 5}, [b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10]),
+        ({"max_header_bytes": 1000}, [b"HTTP/1.1 200 OK\r\n"] + [b"X-%d: %s\r\n" % (i, b"z" * 90) for i in range(20)]),
+    ],
+    ids=["long-line", "many-fields", "big-block"],
+)
+def test_the_guard_bounds_response_headers(limits: dict[str, int], feed: list[bytes]) -> None:
+    """Over a line, block or field-count limit: the connection ends with 'bad-headers' before the client parses more."""
+    from cosedge.fill.client import BadHeaders
+
+    guard, recorder, transport = _guard(**limits)
+    guard.write(b"GET /a HTTP/1.1\r\n\r\n")
+    for piece in feed:
+        if not transport.disconnecting:
+            guard.dataReceived(piece)
+    assert isinstance(_lost_reason(guard, transport), BadHeaders)
+
+
+def test_the_guard_refuses_an_unframed_200_at_its_headers() -> None:
+    """Neither Content-Length nor chunked on a 200: refused when the headers end; the client never sees them (F19)."""
+    from cosedge.fill.client import Unframed
+
+    guard, recorder, transport = _guard()
+    guard.write(b"GET /a HTTP/1.1\r\n\r\n")
+    guard.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\nbody bytes")
+    assert b"\r\n\r\n" not in recorder.data  # the header block never completed for the client
+    assert isinstance(_lost_reason(guard, transport), Unframed)
+
+
+def test_the_guard_lets_chunked_interim_and_head_answers_through() -> None:
+    """A chunked body, a 100 Continue before the answer, and a HEAD's headers-only answer all pass unchanged."""
+    guard, recorder, transport = _guard()
+    guard.write(b"GET /a HTTP/1.1\r\n\r\n")
+    chunked = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    guard.dataReceived(chunked)
+    assert recorder.data == chunked and not transport.disconnecting
+    guard2, recorder2, transport2 = _guard()
+    guard2.write(b"HEAD /a HTTP/1.1\r\n\r\n")
+    guard2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+    guard2.write(b"GET /b HTTP/1.1\r\n\r\n")
+    guard2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz")
+    assert recorder2.data.endswith(b"z") and not transport2.disconnecting

@@ -318,10 +318,11 @@ def test_origin_endpoints_are_reused_and_follow_the_connect_timeout() -> None:
     """
     from twisted.web.client import URI
 
-    from cosedge.service import _OriginEndpoints
+    from cosedge.config import FillConfig
+    from cosedge.fill.client import OriginEndpoints
 
     timeout = [5.0]
-    endpoints = _OriginEndpoints(MemoryReactorClock(), lambda: timeout[0])
+    endpoints = OriginEndpoints(MemoryReactorClock(), lambda: FillConfig(connect_timeout=timeout[0]))
     uri = URI.fromBytes(b"http://origin.example.com:8081/a.txt")
     first = endpoints.endpointForURI(uri)
     assert endpoints.endpointForURI(URI.fromBytes(b"http://origin.example.com:8081/b.txt")) is first
@@ -329,4 +330,4 @@ def test_origin_endpoints_are_reused_and_follow_the_connect_timeout() -> None:
     timeout[0] = 2.5
     changed = endpoints.endpointForURI(uri)
     assert changed is not first
-    assert changed._timeout == 2.5
+    assert changed.endpoint._timeout == 2.5

@@ -31,9 +31,10 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from cosedge.config import BucketConfig, Config, ServerConfig
+from cosedge.fill.client import QuietPool as _QuietPool
 from cosedge.fill.scheduler import Filler
 from cosedge.ops.service import _exit_zero_after_sigterm
-from cosedge.service import EdgeService, _QuietPool
+from cosedge.service import EdgeService
 from cosedge.stats import Stats
 from cosedge.storage.disk import DiskStore
 from cosedge.testing import MemoryStore

@@ -38,6 +38,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from ..config import FillConfig
 from ..interfaces import IObjectStore, IObjectWriter
 from ..origins import Source
+from .client import OriginFault
 
 __all__ = ["FillFailed", "FillResult", "Fetcher", "Fill", "KEPT_HEADERS", "Reader", "reason_of"]
 
@@ -254,6 +255,12 @@ def reason_of(failure: Failure) -> tuple[str, str]:
         return "connect-failed", failure.getErrorMessage()
     if failure.check(CancelledError, ConnectingCancelledError):
         return "cancelled", "stopped"
+    # The origin connection's guard (fill/client.py) ended the connection: the
+    # client reports it as a lost response, with the guard's reason inside.
+    for inner in [failure, *getattr(failure.value, "reasons", [])]:
+        if isinstance(inner, Failure) and inner.check(OriginFault):
+            fault: Any = inner.value
+            return fault.reason, str(fault)
     # Cancelling an agent request while it waits for the response fails it
     # with ResponseFailed / ResponseNeverReceived wrapping the CancelledError.
     if isinstance(failure.value, ResponseFailed) and any(r.check(CancelledError) for r in failure.value.reasons):

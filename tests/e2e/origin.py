@@ -17,6 +17,10 @@ first segment of the request path (the rest only names the object):
 ``/truncated/...``        half of the declared Content-Length, then close (F1)
 ``/chunked-cut/...``      chunked, two chunks, no final chunk, then close (F2)
 ``/unframed/...``         no length, no chunking, body ends at close (F3)
+``/unframed-endless/...`` no length, no chunking, then body bytes at full speed until
+                          the client closes or :data:`HOLD_LIMIT` (F19)
+``/endless-headers/...``  a status line, then header lines without end (short lines,
+                          or 8 KiB lines under ``/endless-headers/long/...``) (F17)
 ``/cut-headers/...``      half the headers, then close
 ``/garbage/...``          not HTTP at all
 ``/stall-headers/...``    half a status line, then silence (F4)
@@ -144,6 +148,8 @@ class MisbehavingOrigin:
     """The origin server; :meth:`start` it, point a bucket at :attr:`netloc`."""
 
     def __init__(self) -> None:
+        #: Bytes streamed by the endless modes, by request target, once the client closed.
+        self.streamed: dict[str, int] = {}
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._gets: Counter[str] = Counter()
@@ -247,6 +253,13 @@ class MisbehavingOrigin:
                 send(b"%x\r\n%s\r\n" % (len(piece), piece))
         elif first == "unframed":
             send(_head("200 OK", [("Content-Type", ctype), ("Connection", "close")]) + body)
+        elif first == "unframed-endless":
+            send(_head("200 OK", [("Content-Type", ctype), ("Connection", "close")]))
+            self.streamed[path] = self._stream(sock, b"u" * 65536)
+        elif first == "endless-headers":
+            send(b"HTTP/1.1 200 OK\r\n")
+            line = b"X-Long: " + b"h" * 8192 + b"\r\n" if "/long/" in path else b"X-Short: h\r\n"
+            self.streamed[path] = self._stream(sock, line * max(1, 65536 // len(line)))
         elif first == "cut-headers":
             send(b"HTTP/1.1 200 OK\r\nContent-Ty")
         elif first == "garbage":
@@ -271,6 +284,18 @@ class MisbehavingOrigin:
         else:
             send(_head("404 Not Found", [("Content-Length", "0"), ("Connection", "close")]))
         return False
+
+    def _stream(self, sock: socket.socket, piece: bytes) -> int:
+        """Send ``piece`` again and again until the client closes (or HOLD_LIMIT); the bytes sent."""
+        sent = 0
+        deadline = time.monotonic() + HOLD_LIMIT
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                sock.sendall(piece)
+            except OSError:
+                break
+            sent += len(piece)
+        return sent
 
     def _slow(self, sock: socket.socket, path: str, framed: list[tuple[str, str]], body: bytes) -> None:
         gate = self._gate(path)

@@ -146,3 +146,38 @@ def test_a_telnet_socket_inside_a_new_data_directory_works_on_the_first_start(tm
         proc.wait(timeout=20)
         if proc.stdout:
             proc.stdout.close()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["endless-headers/short", "endless-headers/long"])
+def test_an_origin_that_streams_headers_without_end_is_cut_off(
+    edge: Daemon, origin: MisbehavingOrigin, kind: str
+) -> None:
+    """Header lines without end: a clean miss 'bad-headers' at the limit, the daemon's memory stays flat (F17)."""
+    assert edge.proc is not None
+    before = _rss_kib(edge.proc.pid)
+    key = f"{kind}/h.bin"
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "bad-headers"
+    assert not edge.object_path(key).exists()
+    wait_for(lambda: f"/{key}" in origin.streamed, 10, "the origin to see the connection closed")
+    assert origin.streamed[f"/{key}"] < 8 * 1024 * 1024  # cut off near the 64 KiB limit, not after gigabytes
+    assert _rss_kib(edge.proc.pid) - before < 64 * 1024
+
+
+def test_an_unframed_body_is_not_read(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """A 200 with neither Content-Length nor chunking fails 'unframed' at its headers; the body is not read (F19)."""
+    key = "unframed-endless/u.bin"
+    started = time.monotonic()
+    assert_redirect(edge.request(f"/{key}"), origin, key)
+    assert edge.fill_outcome(key) == "unframed"
+    assert time.monotonic() - started < 5
+    wait_for(lambda: f"/{key}" in origin.streamed, 10, "the origin to see the connection closed")
+    assert origin.streamed[f"/{key}"] < 8 * 1024 * 1024  # what the sockets' buffers hold, not the body
+    assert not edge.object_path(key).exists()
