@@ -46,6 +46,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def refused_start(config: Path) -> str:
+    """Run ``twistd cosedge`` with ``config``, expecting it to refuse to start; its output (stdout and stderr)."""
+    proc = subprocess.run(
+        [*_twistd(), "-n", "--pidfile=", "cosedge", "--config", str(config)],
+        cwd=config.parent,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
+    output = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode != 0, output
+    assert "Traceback" not in output
+    return output
+
+
 def _twistd() -> list[str]:
     sibling = Path(sys.executable).with_name("twistd")
     if sibling.exists():

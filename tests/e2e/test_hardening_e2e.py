@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HOST, Daemon, MakeDaemon, _twistd, free_port, wait_for
+from .conftest import HOST, Daemon, MakeDaemon, _twistd, free_port, refused_start, wait_for
 from .origin import MisbehavingOrigin
 from .test_core_e2e import assert_redirect
 
@@ -100,17 +100,8 @@ def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         config = tmp_path / "cosedge.toml"
         config.write_text(f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\ndata_dir = "{tmp_path / "d"}"\n')
-        proc = subprocess.run(
-            [*_twistd(), "-n", "--pidfile=", "cosedge", "--config", str(config)],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=30,
-        )
-    output = (proc.stdout + proc.stderr).decode()
-    assert proc.returncode != 0
+        output = refused_start(config)
     assert f"cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use" in output
-    assert "Traceback" not in output
 
 
 def test_a_telnet_socket_inside_a_new_data_directory_works_on_the_first_start(tmp_path: Path) -> None:
