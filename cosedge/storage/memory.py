@@ -135,18 +135,15 @@ class MemoryStore:
     def list(
         self, bucket: str, prefix: str = "", marker: str = "", limit: int = 1000
     ) -> Deferred[builtins.list[StoredEntry]]:
-        keys = sorted("/".join(s) for (b, s) in self.objects if b == bucket)
-        found = [k for k in keys if k.startswith(prefix) and k > marker][:limit]
-        return succeed(
-            [
-                StoredEntry(
-                    k,
-                    self.objects[(bucket, tuple(k.split("/")))].size,
-                    self.objects[(bucket, tuple(k.split("/")))].mtime,
-                )
-                for k in found
-            ]
+        entries = sorted(
+            (
+                StoredEntry("/".join(segments), obj.size, obj.mtime)
+                for (name, segments), obj in self.objects.items()
+                if name == bucket
+            ),
+            key=lambda e: e.key,
         )
+        return succeed([e for e in entries if e.key.startswith(prefix) and e.key > marker][:limit])
 
     def usage(self, bucket: str) -> Deferred[tuple[int, int]]:
         sizes = [o.size for (b, _), o in self.objects.items() if b == bucket]
