@@ -74,7 +74,13 @@ class EdgeService(MultiService):
         self._primary = primary
         self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
         self.site = EdgeSite(
-            self.resource, self.stats, config.server.access_log, reactor, config.server.request_timeout
+            self.resource,
+            self.stats,
+            config.server.access_log,
+            reactor,
+            config.server.request_timeout,
+            send_timeout=config.server.send_timeout,
+            max_connections=config.server.max_connections,
         )
         if endpoints is None:
             endpoints = [serverFromString(reactor, d) for d in config.server.listen]
@@ -88,6 +94,9 @@ class EdgeService(MultiService):
         if not isinstance(config, Config):
             raise TypeError(f"expected a Config, not {config!r}")
         old, self.config = self.config, config
+        # Read for each new connection: a live change applies to the next one.
+        self.site.send_timeout = config.server.send_timeout
+        self.site.max_connections = config.server.max_connections
         if self.workers is not None:
             self.workers.tell({"config": config})
         return old

@@ -1,7 +1,8 @@
 """
 The bucket listener's HTTP layer: a channel with a deadline for each
-request's headers and a refusal of request bodies, a request class that does
-less per request, and the site that counts statuses and writes the access log.
+request's headers, a send timeout and a refusal of request bodies, a request
+class that does less per request, and the site that caps its connections,
+counts statuses and writes the access log.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ _log = Logger(namespace="cosedge.web")
 #: Larger request bodies (or chunked ones) are refused with 413.
 _MAX_REQUEST_BODY = 64 * 1024
 _SERVER = b"cosedge"
+#: Looks per ``send_timeout`` at a client that reads slowly (see :class:`_EdgeChannel`).
+_SEND_LOOKS = 4
 
 
 class _EdgeChannel(HTTPChannel):
     """
-    An HTTP/1.1 channel with a deadline for each request's headers.
+    An HTTP/1.1 channel with a deadline for each request's headers and a
+    send timeout.
 
     Twisted's idle timeout restarts on every byte, so a client trickling its
     headers one byte at a time would hold a connection for ever.  Here the
@@ -46,12 +50,36 @@ class _EdgeChannel(HTTPChannel):
     (cheap for a later time), not cancelled and made again: the headers
     having arrived only marks it paused, and if it fires while paused it
     does nothing and is made again at the end of that response.
+
+    The same timer is the send timeout (nginx's ``send_timeout``).  The
+    channel is the transport's streaming producer: the transport pauses it
+    when its buffer is full (the client is not reading) and resumes it once
+    the buffer is flushed.  Each pause moves the timer to a quarter of
+    ``send_timeout`` from then; while the transport stays paused it looks
+    every quarter whether any buffered byte has gone, and after four looks
+    in a row with none the connection is aborted (a close would wait for a
+    buffer the client never empties).  A client is therefore cut off between
+    ``send_timeout`` and 1.25 times that after it last took a byte (exactly
+    ``send_timeout`` after the pause if it took none), and a slow but steady
+    reader never.
+    This also covers the tail of a finished response still waiting in the
+    buffer: until it is flushed the send timeout applies, then the next
+    request's header deadline.
     """
 
     header_deadline: float = 60.0
+    send_timeout: float = 60.0
     _deadline: IDelayedCall | None = None
     #: Headers are complete and the response is not done: the deadline does not apply.
     _paused = False
+    #: The transport has paused this channel (its buffer is full): the send timeout applies.
+    _stalled = False
+    #: Bytes the transport held unsent when the send timeout was last (re)started.
+    _unsent_then: int | None = None
+    #: Looks left, a quarter of ``send_timeout`` apart, before a client that took no byte is cut off.
+    _looks_left = 0
+    _lost = False
+    _counted = False
     _refused = False
     _host: IAddress | None = None
     _peer: IAddress | None = None
@@ -69,6 +97,10 @@ class _EdgeChannel(HTTPChannel):
         return self._peer
 
     def connectionMade(self) -> None:
+        site: EdgeSite | None = getattr(self, "site", None)
+        if site is not None:
+            site.connections += 1
+            self._counted = True
         super().connectionMade()
         self._arm()
 
@@ -144,17 +176,54 @@ class _EdgeChannel(HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        if self._counted:
+            self._counted = False
+            self.site.connections -= 1  # type: ignore[attr-defined]
         self._disarm()
         super().connectionLost(reason)
 
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: the send timeout starts (or starts again) now."""
+        super().pauseProducing()
+        if self._lost:
+            return
+        self._stalled = True
+        self._unsent_then = self._unsent()
+        self._looks_left = _SEND_LOOKS
+        self._set_timer(self.send_timeout / _SEND_LOOKS)
+
+    def resumeProducing(self) -> None:
+        """
+        The transport's buffer is flushed: the client is reading.  Between
+        responses that starts the next request's header deadline.
+        """
+        self._stalled = False
+        super().resumeProducing()
+        if not self._paused and not self._lost and self.persistent and not self._refused:
+            self._arm()
+
+    def _unsent(self) -> int | None:
+        """Bytes the transport still holds (Twisted's TCP transport), or None when it does not say."""
+        transport: Any = self.transport
+        buffered = getattr(transport, "dataBuffer", None)
+        if not isinstance(buffered, bytes):
+            return None
+        return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
     def _arm(self) -> None:
-        """Start the headers' deadline from now."""
+        """Start the headers' deadline from now (once the transport is no longer paused)."""
         self._paused = False
+        if self._stalled:  # the send timeout runs; resumeProducing arms this
+            return
+        self._set_timer(self.header_deadline)
+
+    def _set_timer(self, seconds: float) -> None:
         deadline = self._deadline
         if deadline is not None and deadline.active():
-            deadline.reset(self.header_deadline)
+            deadline.reset(seconds)
         else:
-            self._deadline = self.callLater(self.header_deadline, self._too_slow)
+            self._deadline = self.callLater(seconds, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -163,14 +232,44 @@ class _EdgeChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._stalled:
+            self._send_timed_out()
+            return
         if self._paused:  # a response is under way; the next _arm starts a new deadline
             return
         # Twisted's own timeout path: close, and abort a client that lingers.
         self.timeoutConnection()
 
+    def _send_timed_out(self) -> None:
+        """
+        A look at a paused transport: abort when no byte has gone for
+        ``send_timeout`` (four looks in a row), else look again.
+        """
+        unsent = self._unsent()
+        if unsent is not None and self._unsent_then is not None and unsent < self._unsent_then:
+            self._unsent_then = unsent
+            self._looks_left = _SEND_LOOKS  # counted again from this look
+        else:
+            self._looks_left -= 1
+        if self._looks_left > 0:
+            self._set_timer(self.send_timeout / _SEND_LOOKS)
+            return
+        _log.warn(
+            "send timeout: {peer} read nothing for {timeout}s; closing the connection",
+            peer=_address(self.getPeer()),
+            timeout=self.send_timeout,
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
     def timeoutConnection(self) -> None:
         self._disarm()  # whichever timer fired first, the connection closes once
         super().timeoutConnection()
+
+
+def _address(address: IAddress | None) -> str:
+    """``host:port`` of a TCP address; anything else as Twisted prints it."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None and port is not None else str(address)
 
 
 class _EdgeRequest(Request):
@@ -218,13 +317,30 @@ class EdgeSite(Site):
     The bucket listener's factory: serves one leaf resource with
     :class:`_EdgeRequest`, counts responses by status and writes the access
     log in combined log format to standard output, a file, or nowhere.
+
+    ``timeout`` is each request's header deadline, ``send_timeout`` how long
+    a response may make no progress (see :class:`_EdgeChannel`).  With
+    ``max_connections`` client connections open (0: no limit), a new one is
+    closed as soon as it is accepted, so that clients that hold connections
+    cannot take every descriptor of the process: the ones already open,
+    keep-alive ones too, go on being served.  Refusals are logged at most
+    once every :attr:`refusal_log_interval` seconds, with their number.
     """
 
     displayTracebacks = False
     requestFactory = _EdgeRequest
+    refusal_log_interval = 5.0
 
     def __init__(
-        self, resource: Resource, stats: Stats, access_log: str, reactor: IReactorTime, timeout: float
+        self,
+        resource: Resource,
+        stats: Stats,
+        access_log: str,
+        reactor: IReactorTime,
+        timeout: float,
+        *,
+        send_timeout: float = 60.0,
+        max_connections: int = 0,
     ) -> None:
         if not resource.isLeaf:
             raise TypeError("EdgeSite serves one leaf resource; it does no traversal")
@@ -233,6 +349,13 @@ class EdgeSite(Site):
         self._access_log = access_log
         self._date_second = -1
         self._date = b""
+        self.send_timeout = send_timeout
+        self.max_connections = max_connections
+        #: Client connections open now (counted by the channels).
+        self.connections = 0
+        #: Connections refused since the last line about it, and the timer that writes the next one.
+        self._refused_count = 0
+        self._refusal_log: IDelayedCall | None = None
 
     def http_date(self) -> bytes:
         """The current time for a Date header, from the reactor's clock, formatted once a second."""
@@ -243,16 +366,56 @@ class EdgeSite(Site):
         return self._date
 
     def protocol(self) -> _EdgeChannel:  # type: ignore[override]
-        """Build this site's channels, with the header deadline set."""
+        """Build this site's channels, with the header deadline and send timeout set."""
         channel = _EdgeChannel()
         channel.header_deadline = self.timeOut or _EdgeChannel.header_deadline
+        channel.send_timeout = self.send_timeout
         return channel
 
-    def buildProtocol(self, addr: IAddress) -> _EdgeChannel:  # type: ignore[override]
-        """A channel whose header deadline stands in for Twisted's idle timeout (off: one timer, not two)."""
+    def buildProtocol(self, addr: IAddress) -> _EdgeChannel | None:  # type: ignore[override]
+        """
+        A channel whose header deadline stands in for Twisted's idle timeout
+        (off: one timer, not two); or None, which makes Twisted close the new
+        connection at once, when ``max_connections`` are open.
+        """
+        if self.max_connections and self.connections >= self.max_connections:
+            self._refuse_connection(addr)
+            return None
         channel: _EdgeChannel = super().buildProtocol(addr)  # type: ignore[assignment]
         channel.timeOut = None
         return channel
+
+    def _refuse_connection(self, addr: IAddress) -> None:
+        """Count a refused connection; the first of a while is logged at once, the rest by :meth:`_log_refusals`."""
+        if self._refusal_log is None:
+            _log.warn(
+                "max_connections ({limit}) reached: refusing new connections (first from {peer})",
+                limit=self.max_connections,
+                peer=_address(addr),
+            )
+            self._refusal_log = self.reactor.callLater(self.refusal_log_interval, self._log_refusals)
+        else:
+            self._refused_count += 1
+
+    def _log_refusals(self) -> None:
+        """One line for the connections refused in the last interval, if any; then wait for the next."""
+        refused, self._refused_count = self._refused_count, 0
+        if not refused:
+            self._refusal_log = None
+            return
+        _log.warn(
+            "max_connections ({limit}) reached: refused {count} more connections in {interval}s",
+            limit=self.max_connections,
+            count=refused,
+            interval=self.refusal_log_interval,
+        )
+        self._refusal_log = self.reactor.callLater(self.refusal_log_interval, self._log_refusals)
+
+    def stopFactory(self) -> None:
+        if self._refusal_log is not None and self._refusal_log.active():
+            self._refusal_log.cancel()
+        self._refusal_log = None
+        super().stopFactory()
 
     def startFactory(self) -> None:
         super().startFactory()
