@@ -289,7 +289,7 @@ def _answer_open(
         else:
             read = gatherResults([obj.read(start, end - start) for _, start, end in parts])
         served = size if ranges is None else sum(end - start for _, start, end in parts)
-        # settle.now(), inline: this runs on every small hit.
+        # Read already (the disk store): its value, without a callback (as in resource._render).
         if read.called and not read.paused and not isinstance(read.result, Failure):
             data: Any = read.result  # the disk store has read it already
             if ranges is None and len(data) == length:  # the usual case, inline

@@ -89,7 +89,8 @@ class EdgeResource(Resource):
         # A store on local disk has answered already, and so is this request,
         # in this call; a network store answers later.
         opening = self._store.open(bucket_name, target.segments)
-        # settle.now(), inline: this runs on every hit.
+        # Fired already (the disk store): take its value without running
+        # Twisted's callback loop (1.3 us); see the README's Twisted internals.
         if opening.called and not opening.paused and not isinstance(opening.result, Failure):
             answer = self._answer(opening.result, request, request_id, bucket, bucket_name, target)  # type: ignore[arg-type]
         else:
