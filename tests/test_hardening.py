@@ -387,3 +387,15 @@ def test_the_guard_lets_chunked_interim_and_head_answers_through() -> None:
     guard2.write(b"GET /b HTTP/1.1\r\n\r\n")
     guard2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz")
     assert recorder2.data.endswith(b"z") and not transport2.disconnecting
+
+
+def test_the_guard_checks_the_next_response_after_a_chunked_one() -> None:
+    """A connection reused after a chunked answer has its next answer's headers bounded again."""
+    from cosedge.fill.client import BadHeaders
+
+    guard, recorder, transport = _guard(max_header_count=5)
+    guard.write(b"GET /a HTTP/1.1\r\n\r\n")
+    guard.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n")
+    guard.write(b"GET /b HTTP/1.1\r\n\r\n")
+    guard.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10)
+    assert isinstance(_lost_reason(guard, transport), BadHeaders)

@@ -107,7 +107,9 @@ class _Guard(ProtocolWrapper):
         super().writeSequence(parts)
 
     def _request_starts(self, first: bytes) -> None:
-        if self._state == "idle":
+        # The HTTP client sends a request only on a quiet connection: the
+        # previous response (counted, or passed through: chunked) has ended.
+        if self._state in ("idle", "pass"):
             self._state = "head"
             self._head = bytearray()
             self._line = self._lines = 0
