@@ -37,6 +37,8 @@ _PASSED_META = ("content-encoding", "content-disposition", "cache-control", "exp
 #: Request headers that can change a hit's answer, as ``Headers`` names them (canonical capitalisation).
 _CONDITIONAL = frozenset({b"Range", b"If-Match", b"If-None-Match", b"If-Modified-Since", b"If-Unmodified-Since"})
 _first = operator.itemgetter(0)
+#: What render() returns at once: a body, or NOT_DONE_YET (a tuple: ``bytes | int`` is built anew at each use).
+_SYNC = (bytes, int)
 
 
 def parse_ranges(header: bytes, size: int) -> list[tuple[int, int]] | None:
@@ -169,7 +171,7 @@ def answer_hit(request: Request, request_id: str, obj: IStoredObject, name: str,
         obj.close()
         raise
     if not handed_off:  # else the producer owns and closes it
-        if isinstance(result, bytes | int):  # not isinstance(result, Deferred): an ABC's check, slow here
+        if isinstance(result, _SYNC):  # not isinstance(result, Deferred): an ABC's check, slow here
             obj.close()
         else:
             result.addBoth(_closing, obj)

@@ -39,6 +39,8 @@ _SERVED_METHODS = (b"GET", b"HEAD")
 #: Host headers whose bucket is remembered, at most.
 _MAX_HOSTS = 1024
 _INTERNAL_ERROR = "We encountered an internal error. Please try again."
+#: What render() returns at once: a body, or NOT_DONE_YET (a tuple: ``bytes | int`` is built anew at each use).
+_SYNC = (bytes, int)
 
 
 class EdgeResource(Resource):
@@ -92,7 +94,12 @@ class EdgeResource(Resource):
         # Fired already (the disk store): take its value without running
         # Twisted's callback loop (1.3 us); see the README's Twisted internals.
         if opening.called and not opening.paused and not isinstance(opening.result, Failure):
-            answer = self._answer(opening.result, request, request_id, bucket, bucket_name, target)  # type: ignore[arg-type]
+            obj: Any = opening.result
+            if obj is not None:  # a hit: straight to it, one call less on every hit
+                self._stats.inc("hits")
+                answer = answer_hit(request, request_id, obj, target.segments[-1], self._stats)
+            else:
+                answer = self._answer(obj, request, request_id, bucket, bucket_name, target)
         else:
             args = (request, request_id, bucket, bucket_name, target)
             opened: list[Any] = []
@@ -104,7 +111,7 @@ class EdgeResource(Resource):
                 return NOT_DONE_YET
             answer = self._answer(opened[0], *args)  # a failure
         # bytes or NOT_DONE_YET (not isinstance(answer, Deferred): an ABC's check, slow here)
-        if isinstance(answer, bytes | int):
+        if isinstance(answer, _SYNC):
             return answer
         answer.addBoth(_deliver, request, request_id)
         return NOT_DONE_YET
