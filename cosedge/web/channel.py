@@ -216,12 +216,7 @@ class _EdgeChannel(HTTPChannel):
         self._paused = False
         if self._stalled:  # the send timeout runs; resumeProducing arms this
             return
-        # _set_timer, inline: this runs for every request.
-        deadline = self._deadline
-        if deadline is not None and deadline.active():
-            deadline.reset(self.header_deadline)
-        else:
-            self._deadline = self.callLater(self.header_deadline, self._too_slow)
+        self._set_timer(self.header_deadline)
 
     def _set_timer(self, seconds: float) -> None:
         deadline = self._deadline
