@@ -8,7 +8,6 @@ a change is either applied completely or not at all.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -19,6 +18,11 @@ from typing import Any
 
 import attrs
 from attrs import evolve, field, frozen
+
+from .addresses import ConfigError, Origin, parse_origin, valid_hostname
+from .rules import Rule, parse_rules, rule_table
+
+_BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?-[0-9]{1,20}\Z")
 
 __all__ = [
     "BucketConfig",
@@ -34,96 +38,6 @@ __all__ = [
     "parse_origin",
     "validate_bucket_name",
 ]
-
-
-class ConfigError(ValueError):
-    """
-    A configuration value is invalid.  The message names the field and says
-    what is wrong with it, so an operator can fix it without reading code.
-    """
-
-
-# A DNS label: letters, digits and hyphens, not starting or ending with a hyphen.
-# (``\Z``, not ``$``, which also matches before a trailing newline.)
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
-_IPV4ISH = re.compile(r"^[0-9.]+$")
-_BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?-[0-9]{1,20}\Z")
-
-
-def _valid_hostname(host: str) -> bool:
-    if len(host) > 253:
-        return False
-    labels = host.split(".")
-    if not all(_LABEL.match(label) for label in labels):
-        return False
-    # An all-numeric name that is not a valid IPv4 address (``999.1.1.1``,
-    # ``10.10.10``) is a typo, not a domain: top-level domains are never numeric.
-    return not labels[-1].isdigit()
-
-
-@frozen
-class Origin:
-    """
-    An origin server address as the seed document allows it: a domain name or
-    an IPv4 address, optionally followed by ``:port``; never a scheme, path,
-    query, user-info or whitespace.
-    """
-
-    host: str
-    port: int = 80
-
-    def __str__(self) -> str:
-        return self.host if self.port == 80 else f"{self.host}:{self.port}"
-
-    @property
-    def netloc(self) -> bytes:
-        """The authority as it goes into an ``http://`` URL."""
-        return str(self).encode("ascii")
-
-
-def parse_origin(value: object) -> Origin:
-    """
-    Parse and validate an origin address (``abc.example.com``,
-    ``abc.example.com:8080``, ``10.10.10.10``, ``10.10.10.10:8080``).
-
-    :raises ConfigError: with a message saying what is wrong.
-    """
-    if isinstance(value, Origin):
-        return value
-    if not isinstance(value, str):
-        raise ConfigError(f"must be a string like 'abc.example.com:8080', not {value!r}")
-    text = value
-    hint = "expected a domain name or IPv4 address with an optional :port, like 'abc.example.com:8080'"
-    if not text:
-        raise ConfigError("is empty; " + hint)
-    if "://" in text:
-        raise ConfigError(f"{text!r} has a scheme; enter the address without 'http://'; " + hint)
-    for bad, what in (("/", "a path"), ("?", "a query"), ("#", "a fragment"), ("@", "user-info")):
-        if bad in text:
-            raise ConfigError(f"{text!r} contains {what}; " + hint)
-    if any(c.isspace() for c in text):
-        raise ConfigError(f"{text!r} contains whitespace; " + hint)
-    if text.startswith("[") or text.count(":") > 1:
-        raise ConfigError(f"{text!r} looks like an IPv6 address, which is not supported; " + hint)
-    host, sep, port_text = text.partition(":")
-    port = 80
-    if sep:
-        if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
-            raise ConfigError(f"{text!r} has an invalid port {port_text!r}; " + hint)
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"{text!r} has port {port}, outside 1-65535; " + hint)
-    host = host.lower()
-    if not host.isascii():
-        raise ConfigError(f"{text!r} is not ASCII; enter the punycode (xn--) form; " + hint)
-    if _IPV4ISH.match(host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ConfigError(f"{text!r} is not a valid IPv4 address; " + hint) from None
-    elif not _valid_hostname(host):
-        raise ConfigError(f"{text!r} is not a valid domain name or IPv4 address; " + hint)
-    return Origin(host, port)
 
 
 def _optional_origin(value: object) -> Origin | None:
@@ -149,16 +63,36 @@ def validate_bucket_name(name: object) -> str:
 
 
 def _check_origin_pull(instance: BucketConfig, attribute: object, value: bool) -> None:
-    if value and instance.origin is None:
-        raise ConfigError("origin_pull cannot be enabled without an origin address; set 'origin' first")
+    if not isinstance(value, bool):
+        raise ConfigError(f"origin_pull must be true or false, not {value!r}")
+    if value and instance.origin is None and not instance.rules:
+        raise ConfigError("origin_pull cannot be enabled without an origin address or rules; set 'origin' first")
+
+
+def _rules(value: object) -> tuple[Rule, ...]:
+    try:
+        return parse_rules(value)
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith("rule") else f"rules: {e}") from None
 
 
 @frozen
 class BucketConfig:
-    """One bucket: where its misses are pulled from, and whether they are."""
+    """
+    One bucket: where its misses are pulled from, and whether they are.
+
+    ``origin`` with ``origin_pull`` is the seed's one rule (a 302 to the
+    origin and a background copy, for every key); ``rules`` are COS's origin
+    rules (:mod:`cosedge.rules`).  A bucket with rules pulls by them unless
+    ``origin_pull`` is set to false, the console's switch that turns every
+    rule off.
+    """
 
     origin: Origin | None = field(default=None, converter=_optional_origin)
-    origin_pull: bool = field(default=False, validator=_check_origin_pull)
+    rules: tuple[Rule, ...] = field(default=(), converter=_rules)
+    origin_pull: bool = field(
+        default=attrs.Factory(lambda self: bool(self.rules), takes_self=True), validator=_check_origin_pull
+    )
 
 
 #: A bucket's settings, by the names the file, the state file, the manhole
@@ -167,7 +101,9 @@ BUCKET_FIELDS: tuple[str, ...] = tuple(f.name for f in attrs.fields(BucketConfig
 
 
 def plain(value: object) -> object:
-    """A setting's value as the state file and change lines keep it (an origin as its text)."""
+    """A setting's value as the state file and change lines keep it (an origin as its text, rules as tables)."""
+    if isinstance(value, tuple) and value and isinstance(value[0], Rule):
+        return [rule_table(r) for r in value]
     return value if value is None or isinstance(value, bool | int | float | str | tuple) else str(value)
 
 
@@ -201,6 +137,8 @@ class FillConfig:
     max_header_line: int = field(default=16 * 1024, validator=_positive)
     max_header_bytes: int = field(default=64 * 1024, validator=_positive)
     max_header_count: int = field(default=100, validator=_positive)
+    #: Seconds an origin host that refused, timed out or answered 5xx is passed over (then probed with a HEAD).
+    host_down_time: float = field(default=30.0, validator=_positive)
 
 
 def _domains(value: object) -> tuple[str, ...]:
@@ -208,7 +146,7 @@ def _domains(value: object) -> tuple[str, ...]:
         raise ConfigError(f"domains must be a list of domain names, not {value!r}")
     out = []
     for d in value:
-        if not isinstance(d, str) or not _valid_hostname(d.lower()):
+        if not isinstance(d, str) or not valid_hostname(d.lower()):
             raise ConfigError(f"domains: {d!r} is not a valid domain name")
         out.append(d.lower())
     if not out:

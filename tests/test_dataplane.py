@@ -51,18 +51,24 @@ def test_a_get_miss_is_a_302_to_the_origin_and_a_copy_from_the_same_url() -> Non
     plan = origins.plan(bucket, ("img", "a b.jpg"), b"x=1&y=2", b"GET")
     assert plan.answer == "redirect" and plan.status == 302
     assert plan.location == b"http://10.10.10.10:8080/img/a%20b.jpg?x=1&y=2"
-    assert plan.fetch == Source(b"http://10.10.10.10:8080/img/a%20b.jpg")
+    assert plan.fetch == Source(b"http://10.10.10.10:8080/img/a%20b.jpg", rule="1:proxy")
 
 
-def test_a_head_miss_is_answered_like_a_get_but_copies_nothing() -> None:
-    """HEAD gets the same 302 and starts no fill."""
+def test_a_head_miss_is_answered_like_a_get_and_copies_too() -> None:
+    """
+    HEAD gets the same 302 and, since issue 11, starts the same copy:
+    clients that HEAD first (coscmd) would otherwise never get the object.
+    """
     plan = origins.plan(BucketConfig(origin=ORIGIN, origin_pull=True), ("a.jpg",), None, b"HEAD")
-    assert plan.location == b"http://10.10.10.10:8080/a.jpg" and plan.fetch is None
+    assert plan.location == b"http://10.10.10.10:8080/a.jpg"
+    assert plan.fetch == Source(b"http://10.10.10.10:8080/a.jpg", rule="1:proxy")
 
 
 def test_a_prefetch_needs_an_origin_but_not_origin_pull() -> None:
     """An operator's prefetch copies from the origin even with origin-pull off; without an origin it cannot."""
-    assert origins.prefetch_source(BucketConfig(origin=ORIGIN), ("k",)) == Source(b"http://10.10.10.10:8080/k")
+    assert origins.prefetch_source(BucketConfig(origin=ORIGIN), ("k",)) == Source(
+        b"http://10.10.10.10:8080/k", rule="1:proxy"
+    )
     assert origins.prefetch_source(BucketConfig(), ("k",)) is None
 
 

@@ -492,14 +492,16 @@ def test_get_miss_starts_exactly_one_fill_while_it_runs(gated: Edge) -> None:
     assert gated.request("/big.bin").status == 200
 
 
-def test_head_miss_redirects_without_a_fill(gated: Edge) -> None:
-    """HEAD on a missing object is a 302 and starts no fill."""
+def test_head_miss_redirects_and_starts_the_fill(gated: Edge) -> None:
+    """HEAD on a missing object is a 302 and, since issue 11, starts the fill a GET would (coscmd HEADs first)."""
+    gated.origin.add("1.jpg", b"head first")
     response = gated.request("/1.jpg", method=b"HEAD")
     assert response.status == 302
     assert response.header(b"location") == f"http://{ORIGIN}/1.jpg".encode()
-    assert gated.filler.in_flight() == []
-    assert gated.agent.held == []
-    assert gated.stats.events["fills_started"] == 0
+    assert [f["key"] for f in gated.filler.in_flight()] == ["1.jpg"]
+    assert gated.stats.events["fills_started"] == 1
+    gated.flush_origin()
+    assert gated.request("/1.jpg").body == b"head first"
 
 
 def test_range_miss_fills_the_whole_object(gated: Edge) -> None:

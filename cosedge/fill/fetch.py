@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from attrs import define, field, frozen
+from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
@@ -35,7 +37,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
-from ..config import FillConfig
+from ..config import ConfigError, FillConfig, parse_origin
 from ..interfaces import IObjectStore, IObjectWriter
 from ..origins import Source
 from .client import OriginFault
@@ -57,7 +59,47 @@ KEPT_HEADERS = (
 )
 _META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
 _USER_AGENT = b"cosedge (back-to-origin fill)"
+_MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Failures after which the next host is tried (nothing has reached a reader yet).
+_FAIL_OVER = frozenset({"connect-failed", "timeout", "tls"})
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not kept: a header value never holds these
+
+
+class HealthMarks(TypingProtocol):
+    """Where the fetcher reports hosts that failed or answered (:class:`cosedge.fill.health.Health`)."""
+
+    def down(self, base: str, source: Source, why: str) -> None: ...
+
+    def ok(self, base: str) -> None: ...
+
+
+def _base(url: bytes) -> bytes:
+    """``scheme://host[:port]`` of an absolute URL."""
+    scheme, _, rest = url.partition(b"://")
+    return scheme + b"://" + rest.split(b"/", 1)[0]
+
+
+def redirect_target(url: bytes, location: bytes) -> bytes:
+    """
+    The absolute URL an origin's redirect from ``url`` names, held to the
+    rules of a rule's hosts (http or https; a domain name or an IPv4 address
+    with an optional port; no user-info).
+
+    :raises FillFailed: ``bad-redirect`` otherwise.
+    """
+    try:
+        text = urljoin(url.decode("ascii"), location.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise FillFailed("bad-redirect", f"Location {location!r} is not an ASCII URL") from None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise FillFailed("bad-redirect", f"Location {text!r} is not an http(s) URL")
+    try:
+        parse_origin(parts.netloc)
+    except ConfigError as e:
+        raise FillFailed("bad-redirect", f"Location {text!r}: {e}") from None
+    return urlunsplit((parts.scheme, parts.netloc.lower(), parts.path or "/", parts.query, "")).encode("ascii")
 
 
 class FillFailed(Exception):
@@ -112,6 +154,8 @@ class Fill:
     deferred: Deferred[FillResult] | None = None
     waiters: list[Deferred[FillResult]] = field(factory=list)
     result: FillResult | None = None
+    #: The URL asked last (another host after a fail-over, or a redirect's target).
+    tried: bytes | None = None
 
     @property
     def key(self) -> str:
@@ -119,7 +163,7 @@ class Fill:
 
     @property
     def url(self) -> bytes:
-        return self.source.url
+        return self.tried if self.tried is not None else self.source.url
 
     @property
     def received(self) -> int:
@@ -255,6 +299,8 @@ def reason_of(failure: Failure) -> tuple[str, str]:
         return "connect-failed", failure.getErrorMessage()
     if failure.check(CancelledError, ConnectingCancelledError):
         return "cancelled", "stopped"
+    if _tls_failure(failure):
+        return "tls", failure.getErrorMessage()
     # The origin connection's guard (fill/client.py) ended the connection: the
     # client reports it as a lost response, with the guard's reason inside.
     for inner in [failure, *getattr(failure.value, "reasons", [])]:
@@ -274,6 +320,14 @@ def reason_of(failure: Failure) -> tuple[str, str]:
         full = getattr(failure.value, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         return "disk-full" if full else "disk-error", failure.getErrorMessage()
     return "error", failure.getErrorMessage()
+
+
+def _tls_failure(failure: Failure) -> bool:
+    """A TLS handshake or certificate verification failure, however the HTTP client wrapped it."""
+    for inner in [failure, *getattr(failure.value, "reasons", [])]:
+        if isinstance(inner, Failure) and inner.check(SSL.Error):
+            return True
+    return False
 
 
 def _headers_timed_out(result: object, timeout: float | None) -> Failure:
@@ -324,6 +378,12 @@ class Fetcher:
     store: IObjectStore
     agent: IAgent
     clock: IReactorTime
+    #: The agent for ``https://`` URLs with a CA file and a name to verify (None: ``agent`` for every URL).
+    tls: Callable[[str | None, bytes | None], IAgent] | None = None
+    #: Down marks of origin hosts (None: none kept).
+    health: HealthMarks | None = None
+    #: URLs passed over for the next one (a fail-over), for the counters.
+    failed_over: int = 0
 
     async def fetch(self, fill: Fill, cfg: FillConfig) -> FillResult:
         """Copy ``fill``'s object; raises :class:`FillFailed` (or CancelledError) when nothing is stored."""
@@ -335,11 +395,68 @@ class Fetcher:
             raise
         return result
 
+    def agent_for(self, url: bytes, source: Source) -> IAgent:
+        """The agent that asks ``url`` for ``source`` (its TLS settings for ``https://``)."""
+        if self.tls is not None and url.startswith(b"https:"):
+            return self.tls(source.ca_file, source.server_name)
+        return self.agent
+
+    async def _ask(self, fill: Fill, url: bytes, cfg: FillConfig) -> IResponse:
+        """One GET of ``url``, following the origin's redirects when the source says so."""
+        source = fill.source
+        extra = list(source.headers)
+        for hop in range(_MAX_REDIRECTS + 1):
+            fill.tried = url
+            headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
+            for name, value in extra:
+                headers.addRawHeader(name, value)
+            request = self.agent_for(url, source).request(b"GET", url, headers)
+            request.addTimeout(cfg.header_timeout, self.clock, onTimeoutCancel=_headers_timed_out)
+            response: IResponse = await request
+            if not source.follow_redirects or response.code not in _REDIRECTS:
+                return response
+            response.deliverBody(_Discard())
+            if hop == _MAX_REDIRECTS:
+                raise FillFailed("too-many-redirects", f"more than {_MAX_REDIRECTS} redirects")
+            location = response.headers.getRawHeaders(b"location", [b""])[0]
+            following = redirect_target(url, location)
+            if _base(following) != _base(url):  # the Host names the first host only
+                extra = [(n, v) for n, v in extra if n != b"host"]
+            url = following
+        raise AssertionError("unreachable")
+
+    async def _respond(self, fill: Fill, cfg: FillConfig) -> IResponse:
+        """
+        The origin's response: the source's URLs in order, passing over a
+        host that refuses, times out or answers 5xx (and marking it down).
+        """
+        source = fill.source
+        failure: FillFailed | None = None
+        for url in source.urls:
+            try:
+                response = await self._ask(fill, url, cfg)
+            except CancelledError:
+                raise
+            except Exception as e:
+                reason, detail = reason_of(Failure(e))
+                if reason not in _FAIL_OVER:
+                    raise
+                failure = FillFailed(reason, detail)
+            else:
+                if response.code < 500:
+                    if self.health is not None:
+                        self.health.ok(_base(url).decode("ascii"))
+                    return response
+                response.deliverBody(_Discard())
+                failure = FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
+            if self.health is not None:
+                self.health.down(_base(url).decode("ascii"), source, f"{failure.reason} ({failure.detail})")
+            self.failed_over += 1
+        assert failure is not None
+        raise failure
+
     async def _fetch(self, fill: Fill, cfg: FillConfig) -> FillResult:
-        headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
-        request = self.agent.request(b"GET", fill.url, headers)
-        request.addTimeout(cfg.header_timeout, self.clock, onTimeoutCancel=_headers_timed_out)
-        response = await request
+        response = await self._respond(fill, cfg)
         if response.length is not UNKNOWN_LENGTH:
             fill.expected = response.length
         if response.code != 200:

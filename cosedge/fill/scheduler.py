@@ -35,6 +35,7 @@ from ..settle import settled
 from ..stats import Stats
 from .claims import Claims
 from .fetch import Fetcher, Fill, FillFailed, FillResult, Reader, reason_of
+from .health import Health
 
 __all__ = ["FillFailed", "FillResult", "Filler"]
 
@@ -75,6 +76,8 @@ class Filler:
     stats: Stats
     #: Claims shared with the daemon's other processes (None: the only one).
     claims: Claims | None = None
+    #: The agent for ``https://`` origins with a CA file and a name to verify (None: ``agent`` for all).
+    tls: Callable[[str | None, bytes | None], IAgent] | None = None
     _fills: dict[tuple[str, tuple[str, ...]], Fill] = field(factory=dict, init=False)
     _queue: deque[Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
@@ -83,9 +86,12 @@ class Filler:
     _stopping: bool = field(default=False, init=False)
     _room_waiters: list[Deferred[None]] = field(factory=list, init=False)
     _fetcher: Fetcher = field(init=False)
+    #: Which origin hosts are believed up (the planner asks it).
+    health: Health = field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._fetcher = Fetcher(self.store, self.agent, self.clock)
+        self.health = Health(self.clock, self.config, lambda url, source: self._fetcher.agent_for(url, source))
+        self._fetcher = Fetcher(self.store, self.agent, self.clock, self.tls, self.health)
 
     def start(
         self,
@@ -155,6 +161,15 @@ class Filler:
             )
             return "queue-full"
         return fill
+
+    def read(self, bucket: str, segments: tuple[str, ...], source: Source, reader: Reader) -> str | None:
+        """
+        Like :meth:`start` with a reader: None when the reader reads a fill
+        (started or joined), else why no fill runs ("not-found", "backoff",
+        "queue-full", "stopping", "elsewhere", "stored").
+        """
+        started = self._start(bucket, segments, source, False, reader)
+        return started if isinstance(started, str) else None
 
     def capacity(self) -> Deferred[None]:
         """

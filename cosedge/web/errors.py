@@ -19,6 +19,7 @@ STATUS = {
     "InvalidURI": 400,
     "KeyTooLong": 400,
     "MethodNotAllowed": 405,
+    "MirrorFailed": 424,
     "NoSuchBucket": 404,
     "NoSuchKey": 404,
     "PreconditionFailed": 412,

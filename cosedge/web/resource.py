@@ -24,12 +24,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import origins
 from ..config import BucketConfig, Config
-from ..fill.scheduler import Filler
+from ..fill.scheduler import Filler, FillResult
 from ..interfaces import IObjectStore, IStoredObject, StoreError
 from ..keys import BadKey, Target, parse_target
+from ..origins import Source
 from ..stats import Stats
 from .errors import answer_error
 from .hit import answer_hit
+from .mirror import MirrorReader, cut
 
 __all__ = ["EdgeResource"]
 
@@ -41,6 +43,8 @@ _MAX_HOSTS = 1024
 _INTERNAL_ERROR = "We encountered an internal error. Please try again."
 #: What render() returns at once: a body, or NOT_DONE_YET (a tuple: ``bytes | int`` is built anew at each use).
 _SYNC = (bytes, int)
+_MIRROR_FAILED = "Mirroring failed: the origin could not be read."
+_MIRROR_BACKOFF = "Mirroring failed recently for this key; it is retried after the back-off."
 
 
 class EdgeResource(Resource):
@@ -135,7 +139,17 @@ class EdgeResource(Resource):
             self._stats.inc("hits")
             return answer_hit(request, request_id, opened, target.segments[-1], self._stats)
         self._stats.inc("misses")
-        plan = origins.plan(bucket, target.segments, target.query, request.method)
+        plan = origins.plan(
+            bucket,
+            target.segments,
+            target.query,
+            request.method,
+            secure=request.isSecure(),
+            headers=request.requestHeaders,
+            up=self._filler.health.up,
+        )
+        if plan.answer == "mirror" and plan.fetch is not None:
+            return self._mirror(plan.fetch, request, request_id, bucket, bucket_name, target)
         if plan.answer == "not-found" or plan.location is None:
             return answer_error(request, request_id, "NoSuchKey", "The specified key does not exist.")
         request.setResponseCode(plan.status)
@@ -145,6 +159,75 @@ class EdgeResource(Resource):
         if plan.fetch is not None:
             self._filler.start(bucket_name, target.segments, plan.fetch)
         return b""
+
+    # -- mirror mode --
+
+    def _mirror(
+        self, source: Source, request: Request, request_id: str, bucket: BucketConfig, bucket_name: str, target: Target
+    ) -> Any:
+        """Answer a miss from the origin's stream while the fill stores it (:mod:`cosedge.web.mirror`)."""
+        args = (request, request_id, bucket, bucket_name, target)
+
+        def from_store(reader: MirrorReader, offset: int) -> None:
+            waiting = self._filler.fill(bucket_name, target.segments, source)
+            waiting.addCallback(self._mirror_stored, reader, offset, *args)
+            waiting.addErrback(_deliver, request, request_id)
+
+        reader = MirrorReader(request, request_id, from_store, self._stats.inc)
+        refused = self._filler.read(bucket_name, target.segments, source, reader)
+        if refused is None:
+            return NOT_DONE_YET
+        if refused == "not-found":
+            return answer_error(request, request_id, "NoSuchKey", "The specified key does not exist.")
+        if refused in ("elsewhere", "stored"):  # another process of the daemon fills it
+            self._await_stored(self._filler.clock.seconds() + self._config().fill.total_timeout, *args)
+            return NOT_DONE_YET
+        if refused == "backoff":
+            return answer_error(request, request_id, "MirrorFailed", _MIRROR_BACKOFF)
+        return answer_error(request, request_id, "ServiceUnavailable", "Please reduce your request rate.")
+
+    def _mirror_stored(
+        self, result: FillResult, reader: MirrorReader, offset: int, request: Request, request_id: str, *rest: Any
+    ) -> None:
+        """The fill a reader left (it came late, or fell behind) has ended: the rest from the store."""
+        if request.finished or request.channel is None:
+            return
+        if not result.stored:
+            if offset:  # the headers are out: only a cut connection tells the client
+                cut(request)
+                return
+            code = "NoSuchKey" if result.reason in ("http-404", "http-410") else "MirrorFailed"
+            message = "The specified key does not exist." if code == "NoSuchKey" else _MIRROR_FAILED
+            _deliver(answer_error(request, request_id, code, message), request, request_id)
+            return
+        bucket_name, target = rest[1], rest[2]
+        opening = self._store.open(bucket_name, target.segments)
+        if offset == 0:
+            opening.addBoth(self._answer_later, request, request_id, *rest)
+        else:
+            opening.addCallback(_produce_rest, request, offset, reader.range)
+            opening.addErrback(lambda _: cut(request))
+
+    def _await_stored(self, deadline: float, *args: Any) -> None:
+        """Another process fills the key: serve it once stored (checked every 0.1 s until ``deadline``)."""
+        request, request_id, _, bucket_name, target = args
+        clock = self._filler.clock
+
+        def check() -> None:
+            if request.finished or request.channel is None:
+                return
+            opening = self._store.open(bucket_name, target.segments)
+            opening.addBoth(checked)
+
+        def checked(opened: Any) -> None:
+            if opened is None and clock.seconds() < deadline:
+                clock.callLater(0.1, check)
+            elif opened is None:
+                _deliver(answer_error(request, request_id, "MirrorFailed", _MIRROR_FAILED), request, request_id)
+            else:
+                self._answer_later(opened, *args)
+
+        clock.callLater(0.1, check)
 
     def _answer_later(self, opened: IStoredObject | Failure | None, *args: Any) -> None:
         """The answer of a store that answered later, sent when it comes."""
@@ -202,6 +285,28 @@ class EdgeResource(Resource):
             if dot and rest == domain:
                 return bucket
         return None
+
+
+def _produce_rest(obj: IStoredObject | None, request: Request, offset: int, wanted: tuple[int, int] | None) -> None:
+    """Send ``obj``'s bytes from ``offset`` to the end of the range a mirror answer began, then finish."""
+    if obj is None or request.finished or request.channel is None:
+        if obj is not None:
+            obj.close()
+        if request.channel is not None:
+            cut(request)
+        return
+    end = obj.size if wanted is None else min(obj.size, wanted[1])
+    producing = obj.produce(request, offset, end)
+
+    def done(result: object) -> None:
+        obj.close()
+        if isinstance(result, Failure):
+            if request.channel is not None:
+                cut(request)
+        elif not request.finished and request.channel is not None:
+            request.finish()
+
+    producing.addBoth(done)
 
 
 def _deliver(result: Any, request: Request, request_id: str) -> None:
