@@ -66,10 +66,14 @@ def _single_range(header: bytes | None, length: int | None) -> tuple[int, int] |
 
 
 def cut(request: Request) -> None:
-    """Close a response's connection at once, so that its client sees a body cut short."""
+    """
+    Close a response's connection without finishing the response, once the
+    bytes written so far are sent: its client sees a body shorter than
+    declared (or a chunked body without its end), never a whole one.
+    """
     transport: Any = None if request.channel is None else request.channel.transport
     if transport is not None:
-        transport.abortConnection()
+        transport.loseConnection()
 
 
 @implementer(IPushProducer)

@@ -89,7 +89,7 @@ class _Server(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(self, origin: MisbehavingOrigin) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", origin.wanted_port), _Handler)
         self.origin = origin
 
 
@@ -147,7 +147,9 @@ def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
 class MisbehavingOrigin:
     """The origin server; :meth:`start` it, point a bucket at :attr:`netloc`."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        #: The port to listen on (0: any free one); a test restarts an origin on its old port with it.
+        self.wanted_port = port
         #: Bytes streamed by the endless modes, by request target, once the client closed.
         self.streamed: dict[str, int] = {}
         self.stopping = threading.Event()

@@ -1,0 +1,224 @@
+"""
+Origin rules against the real daemon and real origins on 127.0.0.1
+(issue 11): weights and fail-over between two origins with a probe before
+re-use, a mirror-mode herd with every client's bytes checked, HEAD-first
+clients, and the official COS SDK reading a mirror-mode miss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from .conftest import FAST_FILL, Daemon, Reply, at_once, wait_for
+from .origin import MisbehavingOrigin, body_for, etag_for
+
+MIRROR = "mirror-1250000000"
+SPREAD = "spread-1250000000"
+
+
+def host(bucket: str) -> str:
+    return f"{bucket}.file.myqcloud.com"
+
+
+@pytest.fixture
+def second_origin() -> Iterator[MisbehavingOrigin]:
+    server = MisbehavingOrigin()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def rules_daemon(root: Path, origin: MisbehavingOrigin, rules: str, **fill: float) -> Daemon:
+    daemon = Daemon(root, origin.netloc, {**FAST_FILL, **fill}, extra_config=rules)
+    daemon.start()
+    return daemon
+
+
+def test_two_origins_share_by_weight_fail_over_and_a_returning_host_is_probed(
+    tmp_path: Path, origin: MisbehavingOrigin, second_origin: MisbehavingOrigin
+) -> None:
+    """
+    Weights 1:3 split the 302s; a killed origin is passed over at once; after
+    the down time a HEAD probe brings it back.
+    """
+    a, b = origin, second_origin
+    rules = f"""
+[[buckets."{SPREAD}".rules]]
+priority = 1
+type = "proxy"
+hosts = [{{ host = "{b.netloc}", weight = 3 }}, "{a.netloc}"]
+"""
+    # b is the one killed and restarted on its port, so it is this test's own origin.
+    daemon = rules_daemon(tmp_path, a, rules, host_down_time=1.0)
+    try:
+        to = Counter()
+        for i in range(40):
+            reply = daemon.request(f"/ok/w{i}", host=host(SPREAD))
+            assert reply.status == 302
+            to[re.sub(r"/ok/.*", "", reply.header("location") or "")] += 1
+        assert to[f"http://{b.netloc}"] > to[f"http://{a.netloc}"] > 0, to  # 3:1, give or take chance
+        for i in range(40):  # every background copy was stored, from whichever host
+            wait_for(lambda i=i: daemon.request(f"/ok/w{i}", host=host(SPREAD)).status == 200, 10, f"/ok/w{i} stored")
+        port = b.port
+        b.stop()
+        # Killed: the first fill that tries it is refused and fails over; from then on every 302 goes to a.
+        tried, to_b = 0, []
+        while "marked down" not in daemon.log() and tried < 40:  # b is chosen 3 times in 4
+            reply = daemon.request(f"/ok/after-kill-{tried}", host=host(SPREAD))
+            if reply.header("location") == f"http://{b.netloc}/ok/after-kill-{tried}":
+                to_b.append(tried)
+            tried += 1
+            time.sleep(0.05)
+        wait_for(lambda: "marked down" in daemon.log(), 10, "the refused origin marked down")
+        for i in range(tried, tried + 10):
+            reply = daemon.request(f"/ok/after-kill-{i}", host=host(SPREAD))
+            assert reply.header("location") == f"http://{a.netloc}/ok/after-kill-{i}"
+        for i in range(tried + 10):  # and every copy was stored
+            wait_for(lambda i=i: daemon.request(f"/ok/after-kill-{i}", host=host(SPREAD)).status == 200, 10, "stored")
+        # (b's connections already open may have served a few; the refused one failed over to a.)
+        assert any(a.gets(f"/ok/after-kill-{i}") == 1 for i in to_b)
+        # Back on its port: not used until a probe (a HEAD) has found it up again.
+        back = MisbehavingOrigin(port)
+        back.start()
+        try:
+            fresh = itertools.count()
+
+            def used_again() -> bool:  # new keys each time: a stored one answers 200, not 302
+                keys = [f"/ok/back-{next(fresh)}" for _ in range(5)]
+                locations = [daemon.request(key, host=host(SPREAD)).header("location") for key in keys]
+                return any(f"http://{back.netloc}/" in (loc or "") for loc in locations)
+
+            wait_for(used_again, 15, "the returning origin probed and used again")
+            assert "is up again" in daemon.log()
+        finally:
+            back.stop()
+    finally:
+        daemon.stop()
+    assert daemon.problems() == []
+
+
+MIRROR_RULES = f"""
+[[buckets."{MIRROR}".rules]]
+priority = 1
+type = "proxy"
+prefix = "chunked/"
+hosts = ["{{origin}}"]
+
+[[buckets."{MIRROR}".rules]]
+priority = 2
+type = "mirror"
+hosts = ["{{origin}}"]
+"""
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, origin: MisbehavingOrigin) -> Iterator[Daemon]:
+    daemon = rules_daemon(tmp_path, origin, MIRROR_RULES.replace("{origin}", origin.netloc))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+    assert daemon.problems() == []
+
+
+@attrs.frozen
+class OnBucket:
+    """A daemon's requests with the Host of another bucket (for :func:`at_once`)."""
+
+    daemon: Daemon
+    bucket: str
+
+    def request(self, target: str, **kwargs: Any) -> Reply:
+        return self.daemon.request(target, host=host(self.bucket), **kwargs)
+
+
+def test_a_mirror_herd_shares_one_origin_get_and_every_client_gets_every_byte(
+    mirror: Daemon, origin: MisbehavingOrigin
+) -> None:
+    path = "/ok/herd.bin"
+    replies = at_once(OnBucket(mirror, MIRROR), path, 30)  # type: ignore[arg-type]
+    assert [r.status for r in replies] == [200] * 30
+    assert all(r.body == body_for(path) for r in replies)
+    assert origin.gets(path) == 1
+    hit = mirror.request(path, host=host(MIRROR))
+    assert hit.body == body_for(path) and hit.header("x-cos-mirror") is None  # the next one is a local hit
+
+
+def test_a_late_client_of_a_slow_mirror_fill_is_served_whole_from_the_store(
+    mirror: Daemon, origin: MisbehavingOrigin
+) -> None:
+    """The second client comes after the origin's headers: it waits for the store, then gets every byte."""
+    path = "/slow/late.bin"
+    on = OnBucket(mirror, MIRROR)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        early = pool.submit(on.request, path)
+        wait_for(lambda: origin.gets(path) == 1, 10, "the origin's answer under way")
+        time.sleep(0.3)  # the origin's headers have reached the daemon
+        late = pool.submit(on.request, path)
+        time.sleep(0.3)
+        origin.release(path)
+        first, second = early.result(timeout=30), late.result(timeout=30)
+    assert first.body == second.body == body_for(path)
+    assert first.header("x-cos-mirror") == "origin" and second.header("x-cos-mirror") is None
+    assert origin.gets(path) == 1
+
+
+def test_mirror_answers_origin_failures_as_cos_does(mirror: Daemon) -> None:
+    """An origin 404 is NoSuchKey, an origin error 424 MirrorFailed; a body cut mid-way cuts the client's."""
+    missing = mirror.request("/status/404/m.bin", host=host(MIRROR))
+    assert (missing.status, missing.error_code) == (404, "NoSuchKey")
+    failed = mirror.request("/status/500/m.bin", host=host(MIRROR))
+    assert (failed.status, failed.error_code) == (424, "MirrorFailed")
+    cut = mirror.request("/truncated/m.bin", host=host(MIRROR))
+    assert cut.status == 200 and len(cut.body) < int(cut.header("content-length") or 0)
+    wait_for(lambda: "fill mirror-1250000000/truncated/m.bin failed: truncated" in mirror.log(), 10, "the fill's end")
+    again = mirror.request("/truncated/m.bin", host=host(MIRROR))  # nothing stored; the failure is remembered
+    assert (again.status, again.error_code) == (424, "MirrorFailed")
+
+
+def test_head_first_clients_get_the_object_copied(mirror: Daemon, origin: MisbehavingOrigin) -> None:
+    """coscmd HEADs before it GETs: a proxy HEAD starts the copy; a mirror HEAD answers from the origin's headers."""
+    proxied = mirror.request("/chunked/head-first.bin", method="HEAD", host=host(MIRROR))
+    assert proxied.status == 302
+    wait_for(
+        lambda: mirror.request("/chunked/head-first.bin", host=host(MIRROR)).status == 200, 10, "the HEAD's copy stored"
+    )
+    mirrored = mirror.request("/ok/head.bin", method="HEAD", host=host(MIRROR))
+    assert mirrored.status == 200 and mirrored.header("content-length") == str(len(body_for("/ok/head.bin")))
+    assert mirrored.header("etag") == etag_for("/ok/head.bin")
+    wait_for(lambda: origin.gets("/ok/head.bin") == 1, 10, "the copy")
+    wait_for(lambda: mirror.request("/ok/head.bin", host=host(MIRROR)).header("x-cos-mirror") is None, 10, "stored")
+
+
+def test_mirror_answers_origin_errors_as_cos_does(mirror: Daemon) -> None:
+    missing = mirror.request("/ok/../status/404/x", host=host(MIRROR))
+    assert missing.status in (400, 404)
+    cut = mirror.request("/ok/status-none", host=host(MIRROR))
+    assert cut.status == 200  # /ok/ serves every key
+
+
+def test_the_cos_sdk_reads_a_mirror_mode_miss(mirror: Daemon) -> None:
+    """The official SDK treats a 302 as success with an empty body; mirror mode gives it the bytes."""
+    qcloud_cos = pytest.importorskip("qcloud_cos", reason="cos-python-sdk-v5 is in the test extra")
+    config = qcloud_cos.CosConfig(
+        Domain=host(MIRROR), IP="127.0.0.1", Port=mirror.port, Scheme="http", Anonymous=True, Region="ap-guangzhou"
+    )
+    client = qcloud_cos.CosS3Client(config)
+    head = client.head_object(Bucket=MIRROR, Key="ok/sdk-head.bin")
+    assert int(head["Content-Length"]) == len(body_for("/ok/sdk-head.bin"))
+    got = client.get_object(Bucket=MIRROR, Key="ok/sdk.bin")
+    assert got["Body"].get_raw_stream().read() == body_for("/ok/sdk.bin")
+    again = client.get_object(Bucket=MIRROR, Key="ok/sdk.bin")  # now a local hit
+    assert again["Body"].get_raw_stream().read() == body_for("/ok/sdk.bin")
