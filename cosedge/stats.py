@@ -87,3 +87,5 @@ class Totals:
     fills_running: int = 0
     fills_queued: int = 0
     not_found_remembered: int = 0
+    #: Origin hosts passed over until a probe finds them up, summed over the processes.
+    origin_hosts_down: int = 0

@@ -114,7 +114,12 @@ class WorkerChannel(Int32StringReceiver):
     def _report(self) -> None:
         service = self.service
         filler = service.filler
-        gauges = {"running": filler.running, "queued": filler.queued, "not_found": filler.remembered_not_found()}
+        gauges = {
+            "running": filler.running,
+            "queued": filler.queued,
+            "not_found": filler.remembered_not_found(),
+            "hosts_down": len(filler.health.down_hosts()),
+        }
         fills = filler.in_flight()[:MAX_REPORTED_FILLS]
         self.send({"stats": service.stats.to_json(), "gauges": gauges, "fills": fills})
 

@@ -534,18 +534,19 @@ class WorkerPool(Service):
         for worker in self.workers.values():
             worker.send(message)
 
-    def totals(self, own: Stats, running: int, queued: int, not_found: int) -> Totals:
+    def totals(self, own: Stats, running: int, queued: int, not_found: int, hosts_down: int = 0) -> Totals:
         """The primary's own counters and gauges plus every worker's latest."""
         total = Stats()
         total.add(own.to_json())
         total.add(self._retired.to_json())
-        totals = Totals(total, running, queued, not_found)
+        totals = Totals(total, running, queued, not_found, hosts_down)
         for worker in self.workers.values():
             if worker.stats is not None:
                 total.add(worker.stats)
             totals.fills_running += worker.gauges.get("running", 0)
             totals.fills_queued += worker.gauges.get("queued", 0)
             totals.not_found_remembered += worker.gauges.get("not_found", 0)
+            totals.origin_hosts_down += worker.gauges.get("hosts_down", 0)
         return totals
 
     def processes(self) -> list[dict[str, Any]]:

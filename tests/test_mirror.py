@@ -85,6 +85,8 @@ def test_a_mirror_miss_is_answered_with_the_object_and_stored(cooperator: StepCo
     again = edge.request("/k.jpg")
     assert (again.status, again.body, again.header(b"x-cos-mirror")) == (200, BODY, None)
     assert a.gets(b"/k.jpg") == 1
+    # Counted by the rule's type, for /metrics (cosedge_fills_by_rule{type="mirror",outcome="stored"}).
+    assert edge.stats.events["fills_by_rule_mirror_stored"] == 1 and edge.stats.events["mirror_answers"] == 1
 
 
 def test_a_herd_shares_one_origin_get_and_each_gets_every_byte(cooperator: StepCooperator, a: FakeOrigin) -> None:
@@ -199,6 +201,8 @@ def test_a_refused_host_fails_over_is_marked_down_and_probed_before_reuse(
     assert hosts.asked[:2] == [b"GET http://a.test/1", b"GET http://b.test/1"]
     assert edge.request("/1").body == b"1"
     assert any("marked down" in str(e.get("log_format")) for e in events)
+    assert edge.stats.events["fills_failed_over"] == 1 and edge.filler.health.down_hosts() == ["http://a.test"]
+    assert [e["rule"] for e in fill_events(events)] == ["1:proxy"]  # the fill's log line names its rule
     # While a.test is down every redirect and fetch goes to b.test first.
     assert edge.request("/2").header(b"location") == b"http://b.test/2"
     hosts.flush()

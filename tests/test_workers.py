@@ -525,6 +525,13 @@ class FakeService:
     def remembered_not_found(self) -> int:
         return 0
 
+    @property
+    def health(self) -> Any:
+        return self
+
+    def down_hosts(self) -> list[str]:
+        return []
+
     def in_flight(self) -> list[dict[str, object]]:
         return [{"bucket": BUCKET, "key": "k", "state": "running", "bytes": 1, "expected": 2, "age": 0.5}]
 

@@ -212,6 +212,7 @@ class Filler:
                 "expected": f.expected,
                 "age": round(now - f.queued_at, 3),
                 "url": f.url.decode(),
+                "rule": f.source.rule,
             }
             for f in self._fills.values()
         ]
@@ -308,6 +309,7 @@ class Filler:
             bucket=fill.bucket,
             key=fill.key,
             url=fill.url.decode(),
+            rule=fill.source.rule or "-",
             expected=fill.expected,
             received=fill.received,
             seconds=round(duration, 3),
@@ -323,7 +325,7 @@ class Filler:
             else:
                 _log.warn(
                     "fill {bucket}/{key} failed: {reason} ({detail}); expected {expected} bytes,"
-                    " received {received} from {url}",
+                    " received {received} from {url} (rule {rule})",
                     reason=reason,
                     detail=detail,
                     **log_fields,
@@ -336,11 +338,18 @@ class Filler:
                 _remember(self._backoff, key, now + cfg.retry_backoff)
             result = FillResult(fill.bucket, fill.key, False, reason, fill.received)
         else:
-            _log.info("fill {bucket}/{key} stored: {received} bytes in {seconds}s from {url}", **log_fields)
+            _log.info(
+                "fill {bucket}/{key} stored: {received} bytes in {seconds}s from {url} (rule {rule})", **log_fields
+            )
             self.stats.inc("fills_stored")
             self.stats.inc("bytes_pulled", result.size)
             self.stats.observe_fill(duration)
             self.forget(*key)
+        kind = fill.source.rule.partition(":")[2] or "proxy"
+        self.stats.inc(f"fills_by_rule_{kind}_{'stored' if result.stored else 'failed'}")
+        if self._fetcher.failed_over:
+            self.stats.inc("fills_failed_over", self._fetcher.failed_over)
+            self._fetcher.failed_over = 0
         self._notify(fill, result)
         self._next()
 

@@ -59,8 +59,16 @@ _COUNTERS = (
     ("fills_stored", "cosedge_fills_stored", "Background fills that stored their object."),
     ("bytes_served", "cosedge_served_bytes", "Object bytes sent to clients."),
     ("bytes_pulled", "cosedge_pulled_bytes", "Object bytes copied from origins and stored."),
+    (
+        "mirror_answers",
+        "cosedge_mirror_answers",
+        "Misses answered with the object streamed from the origin (mirror rules).",
+    ),
+    ("fills_failed_over", "cosedge_fills_failed_over", "Origin hosts passed over for the next one during a fill."),
 )
 _SKIPPED_PREFIX = "fills_skipped_"
+#: Stats events ``fills_by_rule_<type>_<outcome>`` (scheduler), as one labelled family.
+_BY_RULE_PREFIX = "fills_by_rule_"
 
 
 def _version() -> str:
@@ -124,6 +132,23 @@ class EdgeCollector:
             if event.startswith(_SKIPPED_PREFIX):
                 skipped.add_metric([event[len(_SKIPPED_PREFIX) :].replace("_", "-")], count)
         yield skipped
+
+        by_rule = CounterMetricFamily(
+            "cosedge_fills_by_rule",
+            "Fills that ended, by the type of the origin rule that started them and outcome (stored or failed).",
+            labels=["type", "outcome"],
+        )
+        for event, count in sorted(stats.events.items()):
+            if event.startswith(_BY_RULE_PREFIX):
+                kind, _, outcome = event[len(_BY_RULE_PREFIX) :].partition("_")
+                by_rule.add_metric([kind, outcome], count)
+        yield by_rule
+        yield GaugeMetricFamily(
+            "cosedge_origin_hosts_down",
+            "Origin hosts passed over after a refusal, a timeout or a 5xx until a probe finds them up"
+            " (summed over processes).",
+            value=totals.origin_hosts_down,
+        )
 
         yield GaugeMetricFamily("cosedge_fills_in_flight", "Fills running now.", value=totals.fills_running)
         yield GaugeMetricFamily("cosedge_fills_queued", "Fills waiting for a free slot.", value=totals.fills_queued)
