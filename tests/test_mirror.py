@@ -263,3 +263,37 @@ def test_headers_reach_the_origin_as_the_rule_says(cooperator: StepCooperator, a
     _, _, headers = a.requests[-1]
     assert headers[b"Host"] == [b"www.example.com"] and headers[b"Authorization"] == [b"Bearer t"]
     assert headers[b"X-From"] == [b"cosedge"] and b"Cookie" not in headers
+
+
+def test_a_client_too_slow_for_the_origin_gets_the_rest_from_the_store(
+    cooperator: StepCooperator, a: FakeOrigin
+) -> None:
+    """
+    A client whose connection stays full while more than 8 MiB arrive stops
+    holding the stream in memory; once stored, the rest of its body comes
+    from the store, and it receives every byte once, in order.
+    """
+    mib = 1024 * 1024
+    body = bytes(range(256)) * (40 * 1024)  # 10 MiB
+    a.add("slow.bin", body, mode="stall", cut=mib)
+    hosts = Hosts(a_test=a)
+    edge = mirror_edge(cooperator, hosts)
+    conn = edge.connect()
+    conn.send(raw_request("/slow.bin"))
+    hosts.flush()  # the headers and the first MiB
+    channel = conn.transport.producer
+    channel.pauseProducing()  # the client's socket is full from now on
+    stalled = a.stalled.pop()
+    stalled.write(body[mib : mib + 8 * mib + 1])  # more than 8 MiB behind: the reader lets go of the stream
+    stalled.write(body[mib + 8 * mib + 1 :])
+    stalled.finish()
+    hosts.flush()
+    channel.resumeProducing()
+    for _ in range(50):  # the store produces the rest in steps (bounded)
+        edge.cooperator.run()
+        if conn.closed:
+            break
+    response = conn.response()
+    assert (response.status, len(response.body)) == (200, len(body))
+    assert response.body == body
+    assert a.gets(b"/slow.bin") == 1

@@ -193,6 +193,19 @@ class _EdgeChannel(HTTPChannel):
         self._looks_left = _SEND_LOOKS
         self._set_timer(self.send_timeout / _SEND_LOOKS)
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        A producer registered while the transport is full starts paused:
+        ``HTTPChannel`` does not pause it, and would later resume a producer
+        that was never paused (a pull producer's adapter then raises
+        ``NotPaused`` inside the transport).  It happens when a response's
+        producer comes while the previous one's bytes are still queued (a
+        mirror answer going on from the store).
+        """
+        super().registerProducer(producer, streaming)
+        if self._waitingForTransport and self._requestProducer is not None:
+            self._requestProducer.pauseProducing()
+
     def resumeProducing(self) -> None:
         """
         The transport's buffer is flushed: the client is reading.  Between
