@@ -315,7 +315,9 @@ def test_changes_and_revert_show_and_undo_live_changes(harness: Harness) -> None
     edge = harness.edge()
     assert repr(edge.changes()) == "(none)"
     edge.set_origin(BUCKET, "10.10.10.10")
-    assert edge.changes() == [{"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10", "origin_pull": "(file)"}]
+    assert edge.changes() == [
+        {"bucket": BUCKET, "change": "changed", "origin": "10.10.10.10", "origin_pull": "(file)", "rules": "(file)"}
+    ]
     assert repr(edge.revert(BUCKET)) == f"origin of {BUCKET}: 10.10.10.10 -> {FILE_ORIGIN} (the file's settings apply)"
     assert str(harness.service.config.buckets[BUCKET].origin) == FILE_ORIGIN
     with pytest.raises(AdminError, match="no live changes"):
@@ -375,11 +377,13 @@ def test_buckets_lists_origin_pull_and_usage(harness: Harness) -> None:
     reactor.pool.run_one()
     assert len(results) == 1 and len(reactor.pool.queued) == 1
     reactor.pool.run_one()
-    expected = [{"bucket": BUCKET, "origin": FILE_ORIGIN, "origin_pull": True, "live": "", "objects": 1, "bytes": 5}]
+    expected = [
+        {"bucket": BUCKET, "origin": FILE_ORIGIN, "origin_pull": True, "live": "", "rules": 0, "objects": 1, "bytes": 5}
+    ]
     assert results == [expected, expected]
     text = repr(edge.buckets())
-    assert text.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live"]
-    assert text.splitlines()[1].split() == [BUCKET, FILE_ORIGIN, "on"]
+    assert text.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live", "rules"]
+    assert text.splitlines()[1].split() == [BUCKET, FILE_ORIGIN, "on", "0"]
 
 
 def test_stats_and_fills_report_the_counters(harness: Harness) -> None:
@@ -1052,8 +1056,11 @@ def test_the_shell_prints_a_bucket_usage_table_when_the_walk_ends(harness: Harne
     assert "<Deferred #0>" in transport.value().decode()
     reactor.pool.run_one()
     output = transport.value().decode()
-    assert "Deferred #0 called back:\r\nbucket              origin          origin_pull  live  objects  bytes" in output
-    assert f"{BUCKET}  {FILE_ORIGIN}  on                 0        0" in output
+    assert (
+        "Deferred #0 called back:\r\nbucket              origin          origin_pull  live  rules  objects  bytes"
+        in output
+    )
+    assert f"{BUCKET}  {FILE_ORIGIN}  on                 0      0        0" in output
 
 
 # -- one command per ssh invocation (scripts) --
@@ -1071,7 +1078,7 @@ def run(source: str, namespace: dict[str, Any]) -> tuple[str, list[int]]:
 def test_a_command_prints_its_value_and_exits_0(harness: Harness) -> None:
     """`ssh … 'edge.buckets()'` prints what the shell would show and succeeds."""
     out, codes = run("edge.buckets()", {"edge": harness.edge("ssh:ops@127.0.0.1")})
-    assert out.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live"]
+    assert out.splitlines()[0].split() == ["bucket", "origin", "origin_pull", "live", "rules"]
     assert codes == [0]
     out, codes = run("x = 2; print(x * 21)", {})
     assert (out, codes) == ("42\n", [0])

@@ -6,6 +6,8 @@ line that records it (one structured event per change in the
 
 from __future__ import annotations
 
+import json
+
 from attrs import fields, frozen
 from twisted.logger import Logger
 
@@ -30,7 +32,25 @@ class Change:
             return f"bucket {self.subject} added: {self.new}"
         if self.what == "bucket" and self.new is None:
             return f"bucket {self.subject} removed (was {self.old})"
+        if self.what == "rules":
+            return f"rules of {self.subject}: {_rules_delta(self.old, self.new)}"
         return f"{self.what} of {self.subject}: {show(self.old)} -> {show(self.new)}"
+
+
+def _rules_delta(old: object, new: object) -> str:
+    """What changed between two lists of rule tables, rule by rule (by priority)."""
+    before = {t["priority"]: t for t in (old if isinstance(old, list) else []) if isinstance(t, dict)}
+    after = {t["priority"]: t for t in (new if isinstance(new, list) else []) if isinstance(t, dict)}
+    parts = []
+    for priority in sorted(before.keys() | after.keys()):
+        a, b = before.get(priority), after.get(priority)
+        if a is None:
+            parts.append(f"rule {priority} added {json.dumps(b, ensure_ascii=False)}")
+        elif b is None:
+            parts.append(f"rule {priority} removed (was {json.dumps(a, ensure_ascii=False)})")
+        elif a != b:
+            parts.append(f"rule {priority} {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}")
+    return "; ".join(parts) or "(unchanged)"
 
 
 def show(value: object) -> str:
@@ -39,13 +59,18 @@ def show(value: object) -> str:
         return "(none)"
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, tuple | list) and not value:
+        return "(none)"
+    if isinstance(value, list):  # rules, as their tables: the whole of them, for the audit trail
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, tuple):
         return ", ".join(map(str, value))
     return str(value)
 
 
 def _describe(bucket: BucketConfig) -> str:
-    return " ".join(f"{name}={show(getattr(bucket, name))}" for name in BUCKET_FIELDS)
+    values = {name: plain(getattr(bucket, name)) for name in BUCKET_FIELDS}
+    return " ".join(f"{name}={show(value)}" for name, value in values.items() if value != ())  # no rules: not said
 
 
 def diff_configs(old: Config, new: Config) -> list[Change]:

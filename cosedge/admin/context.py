@@ -1,5 +1,6 @@
 """
-What live administration uses of the running daemon: the
+What live administration uses of the running daemon (and what the ``edge``
+façade uses of the live configuration, :class:`LiveAdmin`): the
 :class:`~cosedge.service.EdgeService` as :mod:`cosedge.admin` sees it, named
 member by member, so the package needs neither the service module nor the
 kind of store, filler or worker pool it holds.
@@ -15,8 +16,10 @@ from ..config import Config
 from ..interfaces import IObjectStore
 from ..origins import Source
 from ..stats import Totals
+from .changes import Change
+from .state import State
 
-__all__ = ["AdminContext", "Fills", "Processes"]
+__all__ = ["AdminContext", "Fills", "LiveAdmin", "Processes"]
 
 
 class Fills(Protocol):
@@ -72,3 +75,26 @@ class AdminContext(Protocol):
 
     def totals(self) -> Totals:
         """Counters and fill gauges of every process."""
+
+
+class LiveAdmin(Protocol):
+    """What the façade uses of the live configuration (a :class:`~cosedge.admin.live.LiveConfig`)."""
+
+    #: The daemon administered.
+    service: AdminContext
+    #: The configuration as the file gives it, before live changes.
+    base: Config
+    #: The live changes kept on top of the file.
+    state: State
+    #: Why the last change, applied and saved, may not survive a crash of the machine.
+    unsynced: str | None
+
+    @property
+    def config(self) -> Config:
+        """The running configuration (the file's, with the live changes applied)."""
+
+    def change(self, channel: str, new_state: State) -> list[Change]: ...
+
+    def reload(self, channel: str) -> list[Change]: ...
+
+    def usage(self, names: list[str]) -> Deferred[list[tuple[int, int]]]: ...

@@ -1,8 +1,8 @@
 """
 The ``edge`` façade: the object an operator types into in the manhole shell
-(``edge.set_origin(...)``, ``edge.stats()``, ...), and the plain values its
-commands return, which read well in the shell and are still plain data for
-scripts.
+(``edge.set_origin(...)``, ``edge.stats()``, ...); the origin-rule commands
+are in :mod:`cosedge.admin.rules` and the plain values the commands return
+in :mod:`cosedge.admin.values`.
 
 Every change goes through the live configuration
 (:class:`~cosedge.admin.live.LiveConfig`), which validates, saves, applies
@@ -13,90 +13,55 @@ arguments.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Protocol, overload
+from typing import Any, Literal, overload
 from urllib.parse import quote
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import origins
-from ..config import BUCKET_FIELDS, Config, ConfigError, Origin, parse_origin, plain, validate_bucket_name
+from ..config import BUCKET_FIELDS, ConfigError, Origin, parse_origin, plain, validate_bucket_name
 from ..keys import BadKey, split_key
 from ..settle import settled
 from .changes import Change, audit, show
-from .context import AdminContext
+from .context import LiveAdmin
 from .errors import AdminError
+from .rules import RuleCommands
 from .state import State
+from .values import Message, Report, Table
 
-__all__ = ["Edge", "LiveAdmin", "Message", "Report", "Table"]
+__all__ = ["Edge", "LiveAdmin", "Message", "Prefetched", "Report", "Table"]
 
 _log = Logger(namespace="cosedge.admin")
 
 
-class LiveAdmin(Protocol):
-    """What the façade uses of the live configuration (a :class:`~cosedge.admin.live.LiveConfig`)."""
+@frozen
+class Prefetched:
+    """The outcome of ``edge.prefetch``: the fill's, and the URL it copied from (the first one tried)."""
 
-    #: The daemon administered.
-    service: AdminContext
-    #: The configuration as the file gives it, before live changes.
-    base: Config
-    #: The live changes kept on top of the file.
-    state: State
-    #: Why the last change, applied and saved, may not survive a crash of the machine.
-    unsynced: str | None
-
-    @property
-    def config(self) -> Config:
-        """The running configuration (the file's, with the live changes applied)."""
-
-    def change(self, channel: str, new_state: State) -> list[Change]: ...
-
-    def reload(self, channel: str) -> list[Change]: ...
-
-    def usage(self, names: list[str]) -> Deferred[list[tuple[int, int]]]: ...
+    bucket: str
+    key: str
+    stored: bool
+    #: "stored", or why not (a fill failure reason, or "elsewhere").
+    reason: str
+    size: int
+    source: str
 
 
-class Message(str):
-    """A result line; shown without quotes in the shell."""
-
-    def __repr__(self) -> str:
-        return str(self)
+#: The bucket settings as ``edge.buckets()`` and ``edge.changes()`` show them: rules last, by their number.
+_SETTINGS = tuple(f for f in BUCKET_FIELDS if f != "rules")
 
 
-class Table(list[dict[str, Any]]):
-    """Rows of a report (plain dicts); shown as an aligned table in the shell."""
-
-    def __repr__(self) -> str:
-        if not self:
-            return "(none)"
-        columns = list(self[0])
-        cells = [[_cell(row.get(c)) for c in columns] for row in self]
-        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-        return "\n".join(lines)
+def _shown(setting: str, value: object) -> str:
+    """A live change as ``edge.changes()`` shows it: rules by their number."""
+    if setting == "rules" and isinstance(value, list):
+        return f"{len(value)} rule{'' if len(value) == 1 else 's'}"
+    return show(value)
 
 
-class Report(dict[str, Any]):
-    """Named values (a plain dict); shown one per line in the shell."""
-
-    def __repr__(self) -> str:
-        width = max((len(k) for k in self), default=0)
-        return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in self.items())
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-    return str(value)
-
-
-class Edge:
+class Edge(RuleCommands):
     """
     Administer this cosedge daemon live.  Changes are validated by the same
     rules as the configuration file, saved to the state file under the data
@@ -106,7 +71,7 @@ class Edge:
 
     Buckets and origins (the console's "Basic Configuration"):
 
-      edge.buckets()                       buckets, origin, origin-pull on/off
+      edge.buckets()                       buckets, origin, origin-pull on/off, rules
       edge.buckets(usage=True)             ... with object count and bytes
                                            (walks the bucket folders in a
                                            thread: a Deferred, shown when
@@ -114,8 +79,9 @@ class Edge:
       edge.set_origin(bucket, address)     'abc.example.com', 'abc.example.com:8080',
                                            '10.10.10.10' or '10.10.10.10:8080';
                                            never 'http://...', a path or a blank
-      edge.enable_origin_pull(bucket)      refused while the bucket has no origin
-      edge.disable_origin_pull(bucket)
+      edge.enable_origin_pull(bucket)      refused while the bucket has neither
+                                           an origin nor rules
+      edge.disable_origin_pull(bucket)     COS's status switch: every rule off
       edge.add_bucket(name, origin=None, origin_pull=False)
       edge.remove_bucket(name)             the bucket's files stay on disk
       edge.changes()                       live changes on top of the file
@@ -123,15 +89,36 @@ class Edge:
                                            configuration file rules again
       edge.reload()                        re-read the configuration file (as SIGHUP)
 
+    Origin rules (COS's "Origin-pull" rules; a bucket with rules pulls by
+    them alone, its origin then serves no miss):
+
+      edge.rules(bucket)                   the rules: priority, type, prefix,
+                                           suffix, hosts, standby, protocol, ...
+      edge.set_rules(bucket, rules)        rules: a list of tables with the keys
+                                           of the configuration file, e.g.
+                                           [{'priority': 1, 'type': 'mirror',
+                                             'hosts': ['www.example.com']}];
+                                           [] removes them all
+      edge.add_rule(bucket, rule)          one table; refused if its priority
+                                           is taken
+      edge.remove_rule(bucket, priority)
+      edge.rules_xml(bucket)               the rules as COS <OriginConfiguration>
+                                           XML (GET Bucket origin's body)
+      edge.set_rules_xml(bucket, xml)      load such XML (PUT Bucket origin's
+                                           body); what cosedge does not support
+                                           is refused by name
+
     Objects and fills:
 
       edge.fills()                         fills running and queued
       edge.stats()                         hits, misses, redirects, fills, bytes
       edge.processes()                     this daemon's processes ([server] workers)
       edge.purge(bucket, key)              delete one stored object
-      edge.prefetch(bucket, key)           copy one object from the origin now;
+      edge.prefetch(bucket, key)           copy one object now from where a miss
+                                           would (its proxy/mirror rule, or the
+                                           origin);
                                            returns a Deferred (the shell shows
-                                           its result when it fires)
+                                           its result, and the URL, when it fires)
 
     Keys are plain object keys such as '1.jpg' or 'img/a b.jpg' (not
     percent-encoded).  From a script, one command per ssh call prints its
@@ -159,18 +146,20 @@ class Edge:
 
     def buckets(self, usage: bool = False) -> Table | Deferred[Table]:
         """
-        Each bucket with its origin and whether origin-pull is on.  With
-        ``usage=True`` also the number of stored objects and their bytes:
-        this walks each bucket's folder (slow for big buckets) in a thread,
-        so it returns a Deferred, which the shell prints when it fires.
+        Each bucket with its origin, whether origin-pull is on and its number
+        of rules.  With ``usage=True`` also the number of stored objects and
+        their bytes: this walks each bucket's folder (slow for big buckets)
+        in a thread, so it returns a Deferred, which the shell prints when
+        it fires.
         """
         rows = Table()
         for name, bucket in self._live.config.buckets.items():
             rows.append(
                 {
                     "bucket": name,
-                    **{setting: plain(getattr(bucket, setting)) for setting in BUCKET_FIELDS},
+                    **{setting: plain(getattr(bucket, setting)) for setting in _SETTINGS},
                     "live": "changed" if self._live.state.touches(name) else "",
+                    "rules": len(bucket.rules),
                 }
             )
         if not usage:
@@ -195,15 +184,18 @@ class Edge:
 
     def enable_origin_pull(self, bucket: str) -> Message:
         """
-        Turn origin-pull on for ``bucket``: a miss is redirected to the origin
-        and copied into the bucket.  Refused while the bucket has no origin
-        address (set one with ``edge.set_origin`` first).
+        Turn origin-pull on for ``bucket``: a miss follows its rules (or,
+        without rules, is redirected to the origin and copied into the
+        bucket).  Refused while the bucket has neither an origin address nor
+        rules (``edge.set_origin`` or ``edge.set_rules`` first).
         """
         name = self._bucket(bucket)
-        if self._live.config.buckets[name].origin is None:
+        config = self._live.config.buckets[name]
+        if config.origin is None and not config.rules:
             raise AdminError(
-                f"bucket {name} has no origin address; set one with edge.set_origin({name!r}, 'abc.example.com')"
-                " first (origin-pull cannot be enabled without it); nothing changed"
+                f"bucket {name} has no origin address and no rules; set one with"
+                f" edge.set_origin({name!r}, 'abc.example.com') or edge.set_rules({name!r}, [...])"
+                " first (origin-pull cannot be enabled without them); nothing changed"
             )
         return self._change(self._live.state.with_fields(name, origin_pull=True), f"origin_pull of {name}")
 
@@ -248,11 +240,11 @@ class Edge:
         rows = Table()
         for name, entry in self._live.state.buckets.items():
             row = {"bucket": name, "change": "added" if entry.get("added") else "changed"}
-            for key in BUCKET_FIELDS:
-                row[key] = show(entry[key]) if key in entry else "(file)"
+            for key in (*_SETTINGS, "rules"):
+                row[key] = _shown(key, entry[key]) if key in entry else "(file)"
             rows.append(row)
         rows += [
-            {"bucket": name, "change": "removed", **dict.fromkeys(BUCKET_FIELDS, "")}
+            {"bucket": name, "change": "removed", **dict.fromkeys((*_SETTINGS, "rules"), "")}
             for name in sorted(self._live.state.removed)
         ]
         return rows
@@ -326,26 +318,41 @@ class Edge:
         audit(self._channel, Change("object", f"{name}/{'/'.join(segments)}", "stored", "purged"))
         return Message(f"purged {name}/{'/'.join(segments)}")
 
-    def prefetch(self, bucket: str, key: str) -> Deferred[Any]:
+    def prefetch(self, bucket: str, key: str) -> Deferred[Prefetched]:
         """
-        Copy ``key`` from the bucket's origin into ``bucket`` now (again, if it
-        is stored).  Returns a Deferred that fires with the outcome.
+        Copy ``key`` into ``bucket`` now (again, if it is stored) from where
+        a miss would: the proxy or mirror rule that matches the key, or the
+        bucket's origin; origin-pull on or not.  Returns a Deferred that
+        fires with the outcome and the URL copied from.
         """
         name = self._bucket(bucket)
         segments = self._key(key)
         bucket_config = self._live.config.buckets[name]
         source = origins.prefetch_source(bucket_config, segments)
-        if source is None or bucket_config.origin is None:
-            raise AdminError(f"bucket {name} has no origin address; set one with edge.set_origin first")
+        if source is None:
+            rule = origins.matching_rule(bucket_config, "/".join(segments))
+            where = f"{name}/{'/'.join(segments)}"
+            if rule is not None:
+                raise AdminError(
+                    f"cannot prefetch {where}: its rule (priority {rule.priority}) is a redirect rule,"
+                    " which copies nothing"
+                )
+            raise AdminError(
+                f"cannot prefetch {where}: bucket {name} has no origin address and no rule for this key;"
+                " set one with edge.set_origin or edge.add_rule first"
+            )
+        url = source.url.decode("ascii")
         _log.info(
-            "prefetch {bucket}/{key} from {origin} via {channel}",
+            "prefetch {bucket}/{key} from {url} via {channel}",
             bucket=name,
             key="/".join(segments),
-            origin=str(bucket_config.origin),
+            url=url,
             channel=self._channel,
         )
         d: Deferred[Any] = self._live.service.filler.fill(name, segments, source, force=True)
-        return d
+        return d.addCallback(
+            lambda result: Prefetched(result.bucket, result.key, result.stored, result.reason, result.size, url)
+        )
 
     # -- helpers --
 

@@ -12,10 +12,11 @@ The overlay records only what an operator changed, field by field, so a
 later edit of the file to another field of the same bucket still takes
 effect.  Per bucket it may hold:
 
-- ``origin`` (a string, or null for "no origin") and/or ``origin_pull``
-  (true/false): the fields set live;
+- ``origin`` (a string, or null for "no origin"), ``origin_pull``
+  (true/false) and/or ``rules`` (the list of rule tables,
+  :func:`cosedge.rules.rule_table`): the fields set live;
 - ``added: true``: the bucket was added live, so it exists even when the file
-  does not define it;
+  does not define it, and takes none of its settings from the file;
 
 and ``removed`` lists buckets removed live, which stay removed even though the
 file defines them.  ``edge.revert(bucket)`` drops a bucket's entries so the
@@ -38,6 +39,7 @@ from typing import Any
 from attrs import define, evolve, field, frozen
 
 from ..config import BUCKET_FIELDS, BucketConfig, Config, ConfigError, parse_origin, validate_bucket_name
+from ..rules import parse_rules, rule_table
 
 __all__ = ["STATE_FILE_NAME", "MemoryStateFile", "NotSynced", "State", "StateFile", "state_path"]
 
@@ -77,9 +79,21 @@ class State:
         entry = {**self.buckets.get(name, {}), **fields}
         return evolve(self, buckets={**self.buckets, name: entry})
 
+    def without_fields(self, name: str, *fields: str) -> State:
+        """Bucket ``name`` with ``fields`` following the file again (an entry left empty goes)."""
+        entry = {k: v for k, v in self.buckets.get(name, {}).items() if k not in fields}
+        buckets = {k: v for k, v in self.buckets.items() if k != name}
+        return evolve(self, buckets={**buckets, name: entry} if entry else buckets)
+
     def with_added(self, name: str, origin: str | None, origin_pull: bool) -> State:
-        """Bucket ``name`` added live, whatever the file says."""
-        entry = {"added": True, "origin": origin, "origin_pull": origin_pull}
+        """
+        Bucket ``name`` added live, whatever the file says.  Without an
+        origin, origin-pull (off) is not recorded: it was no choice, and
+        rules given later turn it on.
+        """
+        entry: dict[str, Any] = {"added": True, "origin": origin}
+        if origin is not None or origin_pull:
+            entry["origin_pull"] = origin_pull
         return State({**self.buckets, name: entry}, self.removed - {name})
 
     def with_removed(self, name: str, *, in_file: bool) -> State:
@@ -108,13 +122,14 @@ class State:
         """
         buckets = {k: v for k, v in config.buckets.items() if k not in self.removed}
         for name, entry in self.buckets.items():
-            base = buckets.get(name)
-            if base is None:
-                if not entry.get("added"):
-                    # A change to a bucket the file no longer defines.
-                    continue
-                base = BucketConfig()
+            base = BucketConfig() if entry.get("added") else buckets.get(name)
+            if base is None:  # a change to a bucket the file no longer defines
+                continue
             settings = {f: entry[f] if f in entry else getattr(base, f) for f in BUCKET_FIELDS}
+            if "rules" in entry and "origin_pull" not in entry and settings["origin"] is None and not entry["rules"]:
+                # The rules were all removed live and nothing is left to pull
+                # from: origin-pull goes off with them (the switch was not set).
+                settings["origin_pull"] = False
             try:
                 buckets[name] = BucketConfig(**settings)
             except ConfigError as e:
@@ -153,6 +168,12 @@ class State:
                     entry["origin"] = str(parse_origin(entry["origin"]))
                 except ConfigError as e:
                     raise ConfigError(f"bucket {name}: origin {e}") from None
+            if "rules" in entry:
+                try:
+                    entry["rules"] = [rule_table(r) for r in parse_rules(entry["rules"])]
+                except ConfigError as e:
+                    text = str(e) if str(e).startswith("rules") else f"rules: {e}"
+                    raise ConfigError(f"bucket {name}: {text}") from None
             for flag in ("origin_pull", "added"):
                 if flag in entry and not isinstance(entry[flag], bool):
                     raise ConfigError(f"bucket {name}: {flag} must be true or false")
