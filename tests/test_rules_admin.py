@@ -500,3 +500,14 @@ def test_the_xml_round_trip_keeps_every_field_combination(tmp_path: Path) -> Non
 def test_rules_from_xml_accepts_only_bytes() -> None:
     with pytest.raises(CosXmlError, match="as bytes"):
         rules_from_xml("<OriginConfiguration/>")  # type: ignore[arg-type]
+
+
+def test_fills_name_the_rule_and_the_url_of_each_fill(harness: Harness) -> None:
+    """edge.fills() shows which rule started a running fill and the URL it copies from."""
+    harness.edge().set_rules(BUCKET, [{"priority": 3, "type": "mirror", "hosts": ["10.9.8.7:81"]}])
+    source = origins.prefetch_source(harness.service.config.buckets[BUCKET], ("a.jpg",))
+    assert source is not None
+    harness.origin.add("a.jpg", b"x" * 100, mode="stall", cut=10)  # the fill stays in flight
+    assert harness.service.filler.start(BUCKET, ("a.jpg",), source)
+    rows = list(harness.edge().fills())
+    assert [(r["key"], r["rule"], r["url"]) for r in rows] == [("a.jpg", "3:mirror", "http://10.9.8.7:81/a.jpg")]

@@ -265,10 +265,10 @@ class Edge(RuleCommands):
     def fills(self) -> Table:
         """
         Fills running and queued: bucket, key, state, bytes so far, expected,
-        age (s); with workers, also the process (0 is this one; a worker's as
+        age (s), the origin rule and URL; with workers, also the process (0 is this one; a worker's as
         of its last report, at most a second old).
         """
-        columns = ("bucket", "key", "state", "bytes", "expected", "age", "process")
+        columns = ("bucket", "key", "state", "bytes", "expected", "age", "rule", "url", "process")
         return Table({k: f[k] for k in columns if k in f} for f in self._live.service.in_flight())
 
     def processes(self) -> Table:
