@@ -17,12 +17,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from .config import Config
 from .fill.claims import Claims
-from .fill.client import OriginEndpoints, QuietPool
+from .fill.client import OriginAgents, QuietPool
 from .fill.scheduler import Filler
 from .interfaces import IObjectStore
 from .settle import settled
@@ -68,7 +68,8 @@ class EdgeService(MultiService):
         self.store = store
         self.stats = Stats()
         self._pool = pool
-        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims)
+        tls = agent.tls if isinstance(agent, OriginAgents) else None
+        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims, tls=tls)
         #: The worker processes (``[server] workers`` above 1), or None.
         self.workers: WorkerPool | None = None
         self._primary = primary
@@ -123,7 +124,7 @@ class EdgeService(MultiService):
     def totals(self) -> Totals:
         """Counters and fill gauges of the whole daemon, every process included."""
         filler = self.filler
-        gauges = (filler.running, filler.queued, filler.remembered_not_found())
+        gauges = (filler.running, filler.queued, filler.remembered_not_found(), len(filler.health.down_hosts()))
         if self.workers is not None:
             return self.workers.totals(self.stats, *gauges)
         return Totals(self.stats, *gauges)
@@ -182,9 +183,9 @@ def _origin_agent(
     threads.adjustPoolsize(maxthreads=max(threads.max, config.fill.max_concurrent))
     pool = QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.fill.max_concurrent
-    # Read at each new connection, so a live change applies.
-    endpoints = OriginEndpoints(reactor, lambda: current().fill)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    # Read at each new connection, so a live change applies.  HTTPS origins
+    # get an agent per TLS setting (``agent.tls``), all on this one pool.
+    agent = OriginAgents(reactor, lambda: current().fill, pool)
     return agent, pool, partial(deferToThreadPool, reactor, threads)
 
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import attrs
 import pytest
+from OpenSSL import SSL
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
-from twisted.web.client import URI
+from twisted.python.failure import Failure
+from twisted.web.client import URI, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
@@ -297,3 +299,26 @@ def test_a_client_too_slow_for_the_origin_gets_the_rest_from_the_store(
     assert (response.status, len(response.body)) == (200, len(body))
     assert response.body == body
     assert a.gets(b"/slow.bin") == 1
+
+
+def test_a_tls_refusal_fails_over_but_does_not_mark_the_host_down(cooperator: StepCooperator, b: FakeOrigin) -> None:
+    """A certificate this rule does not trust is about the rule, not the host: next host, no down mark."""
+    b.add("t", b"tls")
+    hosts = Hosts(b_test=b)
+    refused = hosts.request
+
+    def request(method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None) -> Deferred[Any]:
+        if b"a.test" in uri:
+            hosts.asked.append(method + b" " + uri)
+            return fail(
+                ResponseNeverReceived([Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))])
+            )
+        return refused(method, uri, headers, bodyProducer)
+
+    hosts.request = request  # type: ignore[method-assign]
+    edge = mirror_edge(cooperator, hosts, hosts=["a.test"], standby=["b.test"])
+    conn = edge.connect()
+    conn.send(raw_request("/t"))
+    hosts.flush()
+    assert conn.response().body == b"tls"
+    assert edge.filler.health.down_hosts() == [] and edge.stats.events["fills_failed_over"] == 1

@@ -449,7 +449,10 @@ class Fetcher:
                     return response
                 response.deliverBody(_Discard())
                 failure = FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
-            if self.health is not None:
+            # A TLS refusal says more about this rule's trust (its CA file, its
+            # name) than about the host, which other rules may reach fine: the
+            # next host is tried, but the host is not marked down.
+            if self.health is not None and failure.reason != "tls":
                 self.health.down(_base(url).decode("ascii"), source, f"{failure.reason} ({failure.detail})")
             self.failed_over += 1
         assert failure is not None
