@@ -5,6 +5,9 @@ field.  The planner is a pure function, so these tests need no reactor.
 
 from __future__ import annotations
 
+import re
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -272,3 +275,18 @@ def test_prefetch_follows_the_rules_but_not_a_redirect_rule() -> None:
     source = origins.prefetch_source(b, ("k",))
     assert source is not None and source.urls == (b"http://www.example.com/k", b"http://s.example.com/k")
     assert RuleHost("a.example.com", 8443).netloc("https") == "a.example.com:8443"
+
+
+def test_the_readmes_rule_examples_load(tmp_path: Path) -> None:
+    """Every TOML example of the README's "Origin rules" section is a valid configuration."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("## Origin rules: proxy, mirror and redirect\n")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        text = textwrap.dedent(block).replace("/etc/cosedge/origin-ca.pem", str(ca))
+        config = parse_config(tomllib.loads(text))
+        assert config.buckets[BUCKET].rules and config.buckets[BUCKET].origin_pull
