@@ -33,6 +33,7 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IConsumer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry, StoreError
@@ -51,6 +52,8 @@ META_XATTR = "user.cosedge.meta"
 #: Files whose parsed metadata :class:`DiskStore` keeps (reading and parsing
 #: the attribute again costs about 7 us per hit).
 _META_CACHE_SIZE = 4096
+#: Bucket folders :class:`DiskStore` remembers the path of, at most.
+_MAX_ROOTS = 1024
 _INTERNAL_DIR = ".cosedge"
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -79,6 +82,10 @@ class _DiskObject:
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``, read now."""
         return os.pread(self.fd, length, offset)
+
+    #: ``read`` at once, without a Deferred: what the hit path reads with
+    #: (:mod:`cosedge.web.hit`, :class:`~cosedge.web.producers.Sender`).
+    read_now = pread
 
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         return succeed(os.pread(self.fd, length, offset))
@@ -210,6 +217,8 @@ class DiskStore:
     #: file or its attributes do: a replaced object is a new inode, and
     #: writing the file or its extended attribute moves its ctime.
     _meta: dict[tuple[int, ...], Mapping[str, str]] = field(factory=dict, init=False, repr=False)
+    #: Each bucket's folder, by bucket name (names come from the configuration, not from clients).
+    _roots: dict[str, str] = field(factory=dict, init=False, repr=False)
 
     @property
     def tmp_dir(self) -> str:
@@ -219,13 +228,57 @@ class DiskStore:
         # Bucket names are validated by the configuration (``[a-z0-9-]``).
         return os.path.join(self.data_dir, bucket)
 
+    def _root(self, bucket: str) -> str:
+        """:meth:`bucket_path`, remembered for :meth:`open`."""
+        if len(self._roots) >= _MAX_ROOTS:
+            self._roots.clear()
+        root = self._roots[bucket] = self.bucket_path(bucket)
+        return root
+
     # -- IObjectStore --
 
     def open(self, bucket: str, segments: tuple[str, ...]) -> Deferred[IStoredObject | None]:
+        """
+        Open an object: one ``openat2`` beneath the bucket folder where the
+        kernel allows it (see :mod:`cosedge.storage.beneath`), else a walk of one
+        ``openat`` per level; either way no symlink below the bucket folder
+        is followed and nothing outside it is reached.  At once: the
+        Deferred has fired when it is returned.
+        """
+        if not segments:
+            return succeed(None)
+        path = "/".join(segments)
+        if path.count("/") != len(segments) - 1 or "\0" in path or not _NOT_NAMES.isdisjoint(segments):
+            return succeed(None)  # not plain file names (keys never are): never an object
+        root = self._roots.get(bucket) or self._root(bucket)
         try:
-            return succeed(self.open_file(bucket, segments))
-        except StoreError:
-            return fail()
+            try:
+                fd = open_beneath(root, path, _OPEN_FILE)
+            except Unsupported:
+                with _walk(root, segments[:-1]) as dfd:
+                    fd = os.open(segments[-1], _OPEN_FILE, dir_fd=dfd)
+        except OSError as e:
+            if e.errno in _ABSENT or e.errno == errno.EXDEV:  # EXDEV: openat2's "that leaves the folder"
+                return succeed(None)
+            error = StoreError(e.errno, e.strerror)
+            error.__cause__ = e
+            return fail(error)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                return succeed(None)
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+            meta = self._meta.get(key)
+            if meta is None:
+                meta = MappingProxyType(_read_meta(fd))  # shared by every open of the file: read-only
+                if len(self._meta) >= _META_CACHE_SIZE:
+                    self._meta.clear()
+                self._meta[key] = meta
+        except BaseException:
+            os.close(fd)
+            raise
+        return succeed(_DiskObject(fd, st.st_size, st.st_mtime, st, meta))
 
     def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
         if length is not None and length <= SMALL_BODY:
@@ -269,44 +322,12 @@ class DiskStore:
             raise
 
     def open_file(self, bucket: str, segments: tuple[str, ...]) -> _DiskObject | None:
-        """
-        Open an object: one ``openat2`` beneath the bucket folder where the
-        kernel allows it (see :mod:`cosedge.storage.beneath`), else a walk of one
-        ``openat`` per level; either way no symlink below the bucket folder
-        is followed and nothing outside it is reached.
-        """
-        if not segments:
-            return None
-        path = "/".join(segments)
-        if path.count("/") != len(segments) - 1 or "\0" in path or not _NOT_NAMES.isdisjoint(segments):
-            return None  # not plain file names (keys never are): never an object
-        root = self.bucket_path(bucket)
-        try:
-            try:
-                fd = open_beneath(root, path, _OPEN_FILE)
-            except Unsupported:
-                with _walk(root, segments[:-1]) as dfd:
-                    fd = os.open(segments[-1], _OPEN_FILE, dir_fd=dfd)
-        except OSError as e:
-            if e.errno in _ABSENT or e.errno == errno.EXDEV:  # EXDEV: openat2's "that leaves the folder"
-                return None
-            raise StoreError(e.errno, e.strerror) from e
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                return None
-            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-            meta = self._meta.get(key)
-            if meta is None:
-                meta = MappingProxyType(_read_meta(fd))  # shared by every open of the file: read-only
-                if len(self._meta) >= _META_CACHE_SIZE:
-                    self._meta.clear()
-                self._meta[key] = meta
-        except BaseException:
-            os.close(fd)
-            raise
-        return _DiskObject(fd, st.st_size, st.st_mtime, st, meta)
+        """:meth:`open`, blocking: the object or None.  :raises StoreError:"""
+        got: builtins.list[Any] = []
+        self.open(bucket, segments).addBoth(got.append)
+        if isinstance(got[0], Failure):
+            got[0].raiseException()
+        return got[0]  # type: ignore[no-any-return]
 
     def begin(self, bucket: str, segments: tuple[str, ...]) -> _DiskPending:
         try:

@@ -164,9 +164,43 @@ def answer_hit(request: Request, request_id: str, obj: IStoredObject, name: str,
     Answer a hit on ``obj`` (``name``: the key's last segment, for its
     Content-Type): the render result, or a Deferred of it when the store
     reads over the network.  Closes ``obj`` unless a producer took it.
+
+    The usual hit (a GET of a whole small object, with no conditional and no
+    range) is answered here, in this one call; the rest in :func:`_answer_open`.
     """
     try:
-        result, handed_off = _answer_open(request, request_id, obj, name, stats)
+        meta = obj.meta
+        size: int = obj.size
+        etag_text = meta.get("etag")
+        etag = _latin1(f'"{obj.identity}"' if etag_text is None else etag_text)
+        last_modified = int(obj.mtime)
+        content_type = meta.get("content-type") or _guess_type(name)
+        headers = request.responseHeaders  # Request.setHeader is this, one call deeper
+        headers.setRawHeaders(b"etag", [etag])
+        headers.setRawHeaders(b"last-modified", [_http_date_text(last_modified)])
+        headers.setRawHeaders(b"accept-ranges", [b"bytes"])
+        for header, value in meta.items():
+            if (header in _PASSED_META or header.startswith("x-cos-meta-")) and _safe_header(header, value):
+                headers.setRawHeaders(header, [_latin1(value)])
+        # Most requests carry none of the headers that make a hit's answer
+        # differ: one pass over the request's header names then replaces five look-ups.
+        plain = _CONDITIONAL.isdisjoint(map(_first, request.requestHeaders.getAllRawHeaders()))
+        # An object whose class has read_now (the disk and memory stores')
+        # reads a small body at once, without a Deferred.  Looked up on the
+        # class, so that a wrapper forwarding attributes keeps its own read().
+        read_now = getattr(type(obj), "read_now", None) if plain and 0 < size <= SMALL_RESPONSE else None
+        if read_now is not None and request.method != b"HEAD":
+            headers.setRawHeaders(b"content-type", [_latin1(content_type)])
+            body: bytes = read_now(obj, 0, size)
+            obj.close()
+            if len(body) != size:  # it shrank: drop the connection (render() sets Content-Length from the body)
+                drop_short_response(request)
+                return NOT_DONE_YET
+            stats.inc("bytes_served", size)
+            return body
+        result, handed_off = _answer_open(
+            request, request_id, obj, stats, (size, etag, last_modified, content_type, plain)
+        )
     except BaseException:
         obj.close()
         raise
@@ -205,26 +239,18 @@ def _small_body(
 
 
 def _answer_open(
-    request: Request, request_id: str, obj: IStoredObject, name: str, stats: Stats
+    request: Request,
+    request_id: str,
+    obj: IStoredObject,
+    stats: Stats,
+    known: tuple[int, bytes, int, str, bool],
 ) -> tuple[bytes | int | Deferred[bytes | int], bool]:
-    """Answer a hit; returns the render result and whether a sender took ``obj``."""
-    meta = obj.meta
-    size: int = obj.size
-    etag_text = meta.get("etag")
-    etag = _latin1(f'"{obj.identity}"' if etag_text is None else etag_text)
-    last_modified = int(obj.mtime)
-    content_type = meta.get("content-type") or _guess_type(name)
-    headers = request.responseHeaders  # Request.setHeader is this, one call deeper
-    headers.setRawHeaders(b"etag", [etag])
-    headers.setRawHeaders(b"last-modified", [_http_date_text(last_modified)])
-    headers.setRawHeaders(b"accept-ranges", [b"bytes"])
-    for header, value in meta.items():
-        if (header in _PASSED_META or header.startswith("x-cos-meta-")) and _safe_header(header, value):
-            headers.setRawHeaders(header, [_latin1(value)])
-
-    # Most requests carry none of the headers below: one pass over the
-    # request's header names then replaces five look-ups.
-    plain = _CONDITIONAL.isdisjoint(map(_first, request.requestHeaders.getAllRawHeaders()))
+    """
+    Answer a hit that :func:`answer_hit` did not (``known``: what it found,
+    its headers set); returns the render result and whether a sender took ``obj``.
+    """
+    size, etag, last_modified, content_type, plain = known
+    headers = request.responseHeaders
     status = None if plain else preconditions(request, etag, last_modified)
     if status == 412:
         message = "At least one of the preconditions you specified did not hold."

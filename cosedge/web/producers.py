@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ..interfaces import IStoredObject, ShortObject
 from ..stats import Stats
+from ..storage.produce import CHUNK
 
 __all__ = ["SMALL_RESPONSE", "Sender", "drop_short_response"]
 
@@ -45,6 +46,11 @@ class Sender:
     reads only when the request asks for more, so memory stays bounded for
     any object size or client speed; never more is sent than the ranges say,
     and an object that turns out shorter drops the connection.
+
+    An object whose class has ``read_now`` (see :mod:`cosedge.web.hit`) is
+    read here instead, a chunk at each request for more, just as its
+    producer would (the same chunks, the same calls of ``resumeProducing``)
+    but without a producer and a Deferred for each range.
     """
 
     def __init__(
@@ -59,6 +65,9 @@ class Sender:
         self._prefix = b""
         self._inner: IProducer | None = None
         self._channel: Any = None
+        self._read_now: Any = getattr(type(obj), "read_now", None)
+        #: The rest of the range being read by ``read_now``: ``[_offset, _end)``.
+        self._offset = self._end = 0
 
     def start(self) -> None:
         request = self._request
@@ -73,8 +82,25 @@ class Sender:
     # -- the request's producer --
 
     def resumeProducing(self) -> None:
-        if self._request is not None and self._inner is not None:
-            self._inner.resumeProducing()  # type: ignore[attr-defined]
+        request = self._request
+        if request is None:
+            return
+        read_now = self._read_now
+        if read_now is None:
+            if self._inner is not None:
+                self._inner.resumeProducing()  # type: ignore[attr-defined]
+            return
+        want = min(CHUNK, self._end - self._offset)
+        if want <= 0:  # the range is sent: the next, or the end (on a call of its own, as a producer ends)
+            self._next_part()
+            return
+        data: bytes = read_now(self._obj, self._offset, want)
+        if len(data) < want:
+            self._done(request)
+            drop_short_response(request)
+            return
+        self._offset += want
+        self.write(data)
 
     def stopProducing(self) -> None:
         if self._request is not None:
@@ -113,7 +139,10 @@ class Sender:
             return
         self._prefix, start, end = self._parts[self._index]
         self._index += 1
-        self._obj.produce(self, start, end).addCallbacks(self._next_part, self._part_failed)
+        if self._read_now is not None:  # read by resumeProducing
+            self._offset, self._end = start, end
+        else:
+            self._obj.produce(self, start, end).addCallbacks(self._next_part, self._part_failed)
 
     def _part_failed(self, failure: Failure) -> None:
         request = self._request
