@@ -63,6 +63,11 @@ class IStoredObject(Interface):
         ``CancelledError`` if the consumer stops it.
         """
 
+    # Not part of the interface, an optional fast path: an object whose class
+    # has ``read_now(offset, length) -> bytes`` (the disk and memory stores'
+    # ``pread``) is read at once by the hit path, without a Deferred; a
+    # network store's objects leave it out and are read through ``read``.
+
     def fileno() -> int | None:
         """A descriptor ``sendfile`` can read the object from; None when there is none."""
 
