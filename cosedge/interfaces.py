@@ -135,3 +135,5 @@ class StoredEntry:
     key: str
     size: int
     mtime: float
+    #: The ETag a GET of the object answers with (quoted), or "" when the store does not say.
+    etag: str = ""

@@ -106,7 +106,11 @@ def test_list_pages_through_keys_in_order_under_a_prefix(any_store: Any) -> None
         _store(any_store, key, key.encode())
     everything = result_of(any_store.list(BUCKET))
     assert [e.key for e in everything] == ["a", "b/1", "b/10", "b/2", "c"]
-    assert everything[1] == StoredEntry("b/1", 3, everything[1].mtime)
+    assert everything[1] == StoredEntry("b/1", 3, everything[1].mtime, everything[1].etag)
+    # Each entry's ETag is the one a GET of the object answers with.
+    opened = result_of(any_store.open(BUCKET, ("b", "1")))
+    assert everything[1].etag == opened.meta.get("etag", f'"{opened.identity}"') != ""
+    opened.close()
     assert [e.key for e in result_of(any_store.list(BUCKET, "b/"))] == ["b/1", "b/10", "b/2"]
     assert [e.key for e in result_of(any_store.list(BUCKET, "b/1"))] == ["b/1", "b/10"]
     page = result_of(any_store.list(BUCKET, "", "b/1", 2))

@@ -139,7 +139,9 @@ def test_requests_the_parser_rejects_get_a_cos_error(edge: Edge, raw: bytes) -> 
     assert response.status == 400
     request_id = response.header(b"x-cos-request-id")
     assert request_id is not None
-    assert response.body == error_body(response.error_code(), _message(response.body), request_id.decode())
+    assert response.body == error_body(
+        response.error_code(), _message(response.body), request_id.decode(), _resource(response.body)
+    )
     assert response.error_code() in ("InvalidRequest", "RequestHeaderSectionTooLarge")
     assert conn.transport.disconnecting
 
@@ -151,6 +153,10 @@ def test_a_request_body_is_refused_with_a_request_id(edge: Edge) -> None:
     response = parse_response(conn.transport.value())
     assert response.status == 413 and response.error_code() == "EntityTooLarge"
     assert response.header(b"x-cos-request-id") is not None
+
+
+def _resource(body: bytes) -> str:
+    return body.split(b"<Resource>", 1)[1].split(b"</Resource>", 1)[0].decode()
 
 
 def _message(body: bytes) -> str:

@@ -687,8 +687,14 @@ def test_error_bodies_are_cos_xml_with_unique_request_ids(edge: Edge) -> None:
         request_id = response.header(b"x-cos-request-id")
         assert request_id is not None
         ids.add(request_id)
-        assert response.body == error_body(response.error_code(), _message(response.body), request_id.decode())
+        assert response.body == error_body(
+            response.error_code(), _message(response.body), request_id.decode(), _resource(response.body)
+        )
     assert len(ids) == 3
+
+
+def _resource(body: bytes) -> str:
+    return body.split(b"<Resource>", 1)[1].split(b"</Resource>", 1)[0].decode()
 
 
 def _message(body: bytes) -> str:
@@ -705,7 +711,8 @@ def test_error_body_escapes_its_message() -> None:
     root = ElementTree.fromstring(body)
     assert root.findtext("Code") == "InvalidURI"
     assert root.findtext("Message") == "a <b> & 'c'"
-    assert root.findtext("RequestId") == "r-1"
+    assert root.findtext("RequestId") == "r-1" == root.findtext("TraceId")
+    assert root.findtext("Resource") == "/"  # never empty: the COS SDKs read it
 
 
 # -- the disk store behind the listener (S1, S7) ----------------------------------------

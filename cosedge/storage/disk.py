@@ -102,6 +102,19 @@ class _DiskObject:
             self.fd = -1
 
 
+def _etag_of(path: str, st: os.stat_result) -> str:
+    """The ETag a GET of the file at ``path`` answers with: the origin's, else one made from the file."""
+    try:
+        fd = os.open(path, _OPEN_FILE)
+    except OSError:
+        return ""
+    try:
+        etag = _read_meta(fd).get("etag")
+    finally:
+        os.close(fd)
+    return etag or f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+
+
 def _read_meta(fd: int) -> dict[str, str]:
     try:
         raw = os.getxattr(fd, META_XATTR)
@@ -379,7 +392,7 @@ class DiskStore:
         segments = tuple(folder.split("/")) if folder else ()
         if not _NOT_NAMES.isdisjoint(segments):
             return []
-        found: builtins.list[StoredEntry] = []
+        found: builtins.list[tuple[str, str, os.stat_result]] = []
         for dirpath, _dirs, files in os.walk(os.path.join(root, *segments)):
             rel = os.path.relpath(dirpath, root)
             base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
@@ -387,14 +400,16 @@ class DiskStore:
                 key = base + name
                 if not key.startswith(prefix) or key <= marker:
                     continue
+                path = os.path.join(dirpath, name)
                 try:
-                    st = os.lstat(os.path.join(dirpath, name))
+                    st = os.lstat(path)
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    found.append(StoredEntry(key, st.st_size, st.st_mtime))
-        found.sort(key=lambda e: e.key)
-        return found[:limit]
+                    found.append((key, path, st))
+        found.sort(key=lambda e: e[0])
+        # The ETag (one read of the metadata) only for the objects returned.
+        return [StoredEntry(key, st.st_size, st.st_mtime, _etag_of(path, st)) for key, path, st in found[:limit]]
 
     def check_writable(self) -> None:
         """

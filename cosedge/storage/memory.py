@@ -141,7 +141,7 @@ class MemoryStore:
     ) -> Deferred[builtins.list[StoredEntry]]:
         entries = sorted(
             (
-                StoredEntry("/".join(segments), obj.size, obj.mtime)
+                StoredEntry("/".join(segments), obj.size, obj.mtime, obj.meta.get("etag") or f'"{obj.identity}"')
                 for (name, segments), obj in self.objects.items()
                 if name == bucket
             ),

@@ -9,7 +9,7 @@ from xml.sax.saxutils import escape
 
 from twisted.web.server import Request
 
-__all__ = ["STATUS", "answer_error", "error_body"]
+__all__ = ["STATUS", "answer_error", "error_body", "resource_of"]
 
 STATUS = {
     "AccessDenied": 403,
@@ -20,6 +20,14 @@ STATUS = {
     "KeyTooLong": 400,
     "MethodNotAllowed": 405,
     "MirrorFailed": 424,
+    "InvalidAccessKeyId": 403,
+    "SignatureDoesNotMatch": 403,
+    "RequestTimeTooSkewed": 403,
+    "MalformedXML": 400,
+    "InvalidDigest": 400,
+    "BadDigest": 400,
+    "NoSuchOriginConfiguration": 404,
+    "NotImplemented": 501,
     "NoSuchBucket": 404,
     "NoSuchKey": 404,
     "PreconditionFailed": 412,
@@ -28,13 +36,25 @@ STATUS = {
 }
 
 
-def error_body(code: str, message: str, request_id: str) -> bytes:
-    """A COS-style XML error document."""
+def error_body(code: str, message: str, request_id: str, resource: str = "/") -> bytes:
+    """
+    A COS XML error document: Code, Message, Resource (the bucket's host and
+    the path asked for), RequestId and TraceId, every one of which the COS
+    SDKs read (without Resource they report ``code=Unknown``).
+    """
     return (
         "<?xml version='1.0' encoding='utf-8' ?>\n"
         f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>"
-        f"<RequestId>{request_id}</RequestId></Error>\n"
+        f"<Resource>{escape(resource or '/')}</Resource>"
+        f"<RequestId>{request_id}</RequestId><TraceId>{request_id}</TraceId></Error>\n"
     ).encode()
+
+
+def resource_of(request: Request) -> str:
+    """What an error's Resource names: the Host and the path, as COS does (``bucket-appid.cos.…/key``)."""
+    host = request.getHeader(b"host") or b""
+    path = (request.path or b"/").split(b"?", 1)[0]
+    return (host + path).decode("utf-8", "replace")
 
 
 #: Headers set from an object, removed again when the answer is an error.
@@ -58,7 +78,7 @@ def answer_error(request: Request, request_id: str, code: str, message: str) -> 
         if name.lower() in _OBJECT_HEADERS or name.lower().startswith(b"x-cos-meta-"):
             headers.removeHeader(name)
     request.setHeader(b"content-type", b"application/xml")
-    body = error_body(code, message, request_id)
+    body = error_body(code, message, request_id, resource_of(request))
     if request.method == b"HEAD":  # the headers of the GET answer, no body
         request.setHeader(b"content-length", b"%d" % len(body))
         return b""
