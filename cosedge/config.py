@@ -20,6 +20,7 @@ import attrs
 from attrs import evolve, field, frozen
 
 from .addresses import ConfigError, Origin, parse_origin, valid_hostname
+from .api.auth import ApiSettings, parse_api_section
 from .rules import Rule, parse_rules, rule_table
 
 _BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?-[0-9]{1,20}\Z")
@@ -69,6 +70,11 @@ def _check_origin_pull(instance: BucketConfig, attribute: object, value: bool) -
         raise ConfigError("origin_pull cannot be enabled without an origin address or rules; set 'origin' first")
 
 
+def _check_acl(instance: object, attribute: object, value: object) -> None:
+    if value not in ("public-read", "private"):
+        raise ConfigError(f"acl must be 'public-read' or 'private', not {value!r}")
+
+
 def _rules(value: object) -> tuple[Rule, ...]:
     try:
         return parse_rules(value)
@@ -93,6 +99,8 @@ class BucketConfig:
     origin_pull: bool = field(
         default=attrs.Factory(lambda self: bool(self.rules), takes_self=True), validator=_check_origin_pull
     )
+    #: ``"public-read"``: anyone may GET/HEAD objects; ``"private"``: only signed requests (``[api]``).
+    acl: str = field(default="public-read", validator=_check_acl)
 
 
 #: A bucket's settings, by the names the file, the state file, the manhole
@@ -247,6 +255,8 @@ class Config:
     #: Sections owned by optional features (``manhole``, ``admin``), kept as
     #: plain tables and validated by the feature that reads them.
     extra: Mapping[str, Any] = field(factory=dict)
+    #: The COS API's credentials (``[api]``); None: the API is off.
+    api: ApiSettings | None = None
 
     def with_bucket(self, name: str, bucket: BucketConfig) -> Config:
         """A new config with bucket ``name`` added or replaced."""
@@ -285,7 +295,7 @@ def build_section(cls: type, table: object, where: str) -> Any:
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Build a :class:`Config` from a parsed TOML document."""
-    unknown = sorted(set(data) - set(_SECTIONS) - {"buckets", *_EXTRA_SECTIONS})
+    unknown = sorted(set(data) - set(_SECTIONS) - {"buckets", "api", *_EXTRA_SECTIONS})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     sections = {name: build_section(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
@@ -299,13 +309,17 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         except ConfigError as e:
             raise ConfigError(f"[buckets.{name}] {e}") from None
         buckets[name] = build_section(BucketConfig, table, f"buckets.{name}")
+    api = parse_api_section(data["api"]) if "api" in data else None
+    private = [name for name, bucket in buckets.items() if bucket.acl == "private"]
+    if private and api is None:
+        raise ConfigError(f"[buckets.{private[0]}] acl = 'private' needs an [api] section with credentials")
     extra = {}
     for name in _EXTRA_SECTIONS:
         if name in data:
             if not isinstance(data[name], Mapping):
                 raise ConfigError(f"[{name}] must be a table")
             extra[name] = dict(data[name])
-    return Config(buckets=buckets, extra=extra, **sections)
+    return Config(buckets=buckets, extra=extra, api=api, **sections)
 
 
 def default_config_text() -> str:

@@ -239,6 +239,8 @@ def build_service(
 
     live.attach(service)
     ops.attach(service)
+    # The origin API changes rules as the manhole does (validated, saved, audited).
+    service.resource.api.changes = service.getServiceNamed("admin").edge
     return service
 
 

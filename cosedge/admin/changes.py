@@ -70,7 +70,8 @@ def show(value: object) -> str:
 
 def _describe(bucket: BucketConfig) -> str:
     values = {name: plain(getattr(bucket, name)) for name in BUCKET_FIELDS}
-    return " ".join(f"{name}={show(value)}" for name, value in values.items() if value != ())  # no rules: not said
+    said = {name: value for name, value in values.items() if value != () and (name, value) != ("acl", "public-read")}
+    return " ".join(f"{name}={show(value)}" for name, value in said.items())  # no rules, the default acl: not said
 
 
 def diff_configs(old: Config, new: Config) -> list[Change]:

@@ -51,7 +51,7 @@ class Prefetched:
 
 
 #: The bucket settings as ``edge.buckets()`` and ``edge.changes()`` show them: rules last, by their number.
-_SETTINGS = tuple(f for f in BUCKET_FIELDS if f != "rules")
+_SETTINGS = tuple(f for f in BUCKET_FIELDS if f not in ("rules", "acl"))
 
 
 def _shown(setting: str, value: object) -> str:
@@ -153,6 +153,8 @@ class Edge(RuleCommands):
         it fires.
         """
         rows = Table()
+        # The acl column only once a bucket is private: most daemons serve public buckets alone.
+        private = any(b.acl == "private" for b in self._live.config.buckets.values())
         for name, bucket in self._live.config.buckets.items():
             rows.append(
                 {
@@ -160,6 +162,7 @@ class Edge(RuleCommands):
                     **{setting: plain(getattr(bucket, setting)) for setting in _SETTINGS},
                     "live": "changed" if self._live.state.touches(name) else "",
                     "rules": len(bucket.rules),
+                    **({"acl": bucket.acl} if private else {}),
                 }
             )
         if not usage:

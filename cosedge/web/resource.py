@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .. import origins
+from ..api.auth import SignatureProblem
+from ..api.bucket import BucketApi, is_api_call, query_of
 from ..config import BucketConfig, Config
 from ..fill.scheduler import Filler, FillResult
 from ..interfaces import IObjectStore, IStoredObject, StoreError
@@ -60,6 +63,8 @@ class EdgeResource(Resource):
         self._stats = stats
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
+        #: The bucket's COS API (signed calls, the origin API, listing, purge).
+        self.api = BucketApi(config, store, filler.forget, time.time)
         self._hosts_config: Config | None = None
         self._hosts: dict[bytes, str | None] = {}
 
@@ -83,6 +88,18 @@ class EdgeResource(Resource):
         bucket = config.buckets.get(bucket_name) if bucket_name else None
         if bucket is None or bucket_name is None:
             return answer_error(request, request_id, "NoSuchBucket", "The specified bucket does not exist.")
+        if config.api is not None and (
+            target.query is not None or not target.segments or request.method not in _SERVED_METHODS
+        ):
+            query = query_of(target)
+            if is_api_call(request.method, target, query):
+                answer = self.api.answer(request, request_id, bucket_name, bucket, target)
+                if isinstance(answer, bytes):
+                    return answer
+                answer.addBoth(_deliver, request, request_id)
+                return NOT_DONE_YET
+        if bucket.acl == "private" and not self._signed(request, request_id, target):
+            return answer_error(request, request_id, "AccessDenied", "This bucket is private: sign the request.")
         if request.method not in _SERVED_METHODS:
             request.setHeader(b"allow", b"GET, HEAD")
             return answer_error(
@@ -228,6 +245,14 @@ class EdgeResource(Resource):
                 self._answer_later(opened, *args)
 
         clock.callLater(0.1, check)
+
+    def _signed(self, request: Request, request_id: str, target: Target) -> bool:
+        """Whether a read of a private bucket carries a valid signature (header or pre-signed URL)."""
+        try:
+            return self.api.signer(request, target, query_of(target)) is not None
+        except SignatureProblem as e:
+            _log.info("refused a read of {uri!r}: {code}", uri=request.uri, code=e.code)
+            return False
 
     def _answer_later(self, opened: IStoredObject | Failure | None, *args: Any) -> None:
         """The answer of a store that answered later, sent when it comes."""
