@@ -21,13 +21,15 @@ from pathlib import Path
 
 import attrs
 
-from . import load, servers
+from . import load, mirror, servers
 from .servers import BUCKET, REPO
 
 MiB = 1024 * 1024
 STREAM_TRIES = 5  # downloads per server for the single stream; the median counts
 PACE_MS = 100  # wrk delay between requests on each connection, paced miss run
 SERVERS = ("cosedge", "nginx", "static")
+#: Groups of workloads ``--only`` selects: "core" (hits, streams, misses, fills, RSS), "mirror" (issue 11).
+WORKLOADS = ("core", "mirror")
 _START = "<!-- bench:results:start -->"
 _END = "<!-- bench:results:end -->"
 
@@ -58,8 +60,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def generate(gen: Path, with_gib: bool) -> None:
-    """The objects: hit/{1k,100k,256m,1g}.bin, obj16k.bin, obj1m.bin (incompressible bytes)."""
+def generate(gen: Path, with_gib: bool, hits: bool = True) -> None:
+    """The objects: hit/{1k,100k,256m,1g}.bin (unless not ``hits``), obj16k.bin, obj1m.bin (incompressible bytes)."""
     (gen / "hit").mkdir(parents=True)
     block = os.urandom(MiB)
 
@@ -71,12 +73,14 @@ def generate(gen: Path, with_gib: bool) -> None:
                 f.write(block[:n])
                 left -= n
 
+    write(gen / "obj16k.bin", 16 * 1024)
+    write(gen / "obj1m.bin", MiB)
+    if not hits:
+        return
     write(gen / "hit" / "1k.bin", 1024)
     write(gen / "hit" / "100k.bin", 100 * 1024)
     write(gen / "hit" / "256m.bin", 256 * MiB)
     write(gen / "hit" / "1g.bin", 1024 * MiB if with_gib else 64 * MiB)
-    write(gen / "obj16k.bin", 16 * 1024)
-    write(gen / "obj1m.bin", MiB)
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -134,9 +138,8 @@ def code_version() -> str:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    secs = args.seconds
-    rounds = args.rounds
-    n_fill = args.fill_objects
+    """Generate the objects, start the origin and the nginx peer, run the selected workloads."""
+    only = args.only or list(WORKLOADS)
     work = Path(tempfile.mkdtemp(prefix="cosedge-bench-"))
     if not args.keep:
         import atexit
@@ -144,18 +147,41 @@ def run(args: argparse.Namespace) -> list[Row]:
         # Registered after servers.install_cleanup, so it runs first: stop
         # the servers, then remove their files.
         atexit.register(lambda: (servers.stop_all(), shutil.rmtree(work, True)))
-    log(f"work dir {work}")
+    log(f"work dir {work}, workloads: {', '.join(only)}")
     gen = work / "gen"
-    generate(gen, with_gib=not args.quick)
+    generate(gen, with_gib=not args.quick, hits="core" in only)
+    if "mirror" in only:
+        mirror.generate(gen, 10 * MiB if args.quick else mirror.HERD_SIZE)
+    peer_root = work / "peer-root"
+    peer_root.mkdir()
+    ports = {name: servers.free_port() for name in ("origin", "nginx")}
+    origin, access = servers.start_origin(work, gen, ports["origin"], herd_rate=args.herd_rate)
+    servers.start_peer(work, peer_root, ports["nginx"], ports["origin"], args.workers)
+    rows: list[Row] = []
+    if "core" in only:
+        rows += core(args, work, gen, peer_root, access, ports)
+    if "mirror" in only:
+        figures = mirror.measure(
+            work, gen, ports["origin"], ports["nginx"], peer_root, access,
+            n=args.fill_objects, fills=args.fills, workers=args.workers, say=log,
+        )  # fmt: skip
+        rows += mirror.rows(figures, args.herd_rate, Row)
+    return rows
+
+
+def core(
+    args: argparse.Namespace, work: Path, gen: Path, peer_root: Path, access: Path, ports: dict[str, int]
+) -> list[Row]:
+    """Hits, single streams, misses, fills, 200 cold requests (302 mode) and RSS, against every server."""
+    secs = args.seconds
+    rounds = args.rounds
+    n_fill = args.fill_objects
     data = work / "data"
     link_tree(gen / "hit", data / BUCKET / "hit")
-    peer_root = work / "peer-root"
     link_tree(gen / "hit", peer_root / "hit")
 
     workers = args.workers
-    ports = {name: servers.free_port() for name in ("origin", "cosedge", "nginx", "static", "one")}
-    origin, access = servers.start_origin(work, gen, ports["origin"])
-    servers.start_peer(work, peer_root, ports["nginx"], ports["origin"], workers)
+    ports.update({name: servers.free_port() for name in ("cosedge", "static", "one")})
     servers.start_static(work, gen, ports["static"])
     cosedge = servers.start_cosedge(work, data, ports["cosedge"], ports["origin"], fills=args.fills, workers=workers)
     # The same daemon as one process, for the 1 KiB hits (stopped after them).
@@ -401,6 +427,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             fmt="{:.2f}",
         )
     )
+    servers.stop(cosedge, grace=15)
     return rows
 
 
@@ -432,6 +459,15 @@ def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace, elap
             f"median of {STREAM_TRIES} for single streams, 32 connections, "
             f"2 wrk threads; nginx with worker_processes {args.workers}; cosedge with workers = {args.workers},"
             f' access_log = "" and {args.fills} parallel fills per process.',
+            *(
+                [
+                    f"Mirror rows: a second cosedge whose bucket has one mirror rule; {mirror.CONNECTIONS} keep-alive"
+                    f" connections for the misses; the herd's object comes from the origin at {args.herd_rate}/s per"
+                    " connection (nginx limit_rate, a remote origin); every answer checked byte for byte.",
+                ]
+                if "mirror" in (args.only or WORKLOADS)
+                else []
+            ),
             "",
             table(rows),
             "",
@@ -467,12 +503,31 @@ def main(argv: list[str] | None = None) -> int:
         default=os.cpu_count() or 1,
         help="processes of cosedge (server.workers) and of the nginx peer (worker_processes); default: one per CPU",
     )
-    parser.add_argument("--quick", action="store_true", help="a short smoke run: 64 MiB instead of 1 GiB, 2 s runs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short smoke run: 64 MiB instead of 1 GiB, 2 s runs, 500 fills, a 10 MiB mirror herd",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")
-    parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="where to write the results")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=WORKLOADS,
+        help="run only this group of workloads (repeatable): core (hits, streams, misses, fills, RSS) or "
+        "mirror (issue 11's mirror mode against nginx proxy_store); a selection writes no file unless --out is given",
+    )
+    parser.add_argument(
+        "--herd-rate",
+        default="20m",
+        help="the origin's pace per connection for the mirror herd's object, as nginx's limit_rate (default 20m)",
+    )
+    parser.add_argument("--out", help="where to write the results (default BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.out is None and args.only:
+        args.no_write = True  # a partial table must not replace the full one in BENCHMARKS.md
+    out = Path(args.out or REPO / "BENCHMARKS.md")
     if args.quick:
         args.seconds, args.rounds, args.fill_objects = min(args.seconds, 2.0), 1, min(args.fill_objects, 500)
     for tool in ("nginx", "wrk", "curl"):
@@ -488,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     servers.stop_all()
     print(section)
     if not args.no_write:
-        write_benchmarks(Path(args.out), section)
-        log(f"results written to {args.out}")
+        write_benchmarks(out, section)
+        log(f"results written to {out}")
     return 0
 
 

@@ -145,11 +145,13 @@ def _nginx(name: str, workdir: Path, body: str, workers: int = 1) -> subprocess.
     return spawn(["nginx", "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")], tmp / "stdout.log")
 
 
-def start_origin(workdir: Path, gen: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_origin(workdir: Path, gen: Path, port: int, herd_rate: str = "20m") -> tuple[subprocess.Popen[bytes], Path]:
     """
-    The origin: nginx serving ``gen``.  Any key under /miss/, /fill/ is the
-    16 KiB object, /cold/ is a 1 MiB object sent at 20 MB/s (a remote origin),
-    /bigfill/ is the 1 GiB object.  Its access log counts origin GETs.
+    The origin: nginx serving ``gen``.  Any key under /miss/, /fill/, /mirror/
+    is the 16 KiB object, /cold/ is a 1 MiB object sent at 20 MB/s (a remote
+    origin), /bigfill/ is the 1 GiB object, /herd/ the mirror herd's object
+    (``herd.bin``) sent at ``herd_rate`` per connection (nginx's
+    ``limit_rate``: "20m" is 20 MiB/s).  Its access log counts origin GETs.
     """
     access = workdir / "origin" / "access.log"
     body = f"""
@@ -162,6 +164,8 @@ def start_origin(workdir: Path, gen: Path, port: int) -> tuple[subprocess.Popen[
         location /fill/ {{ try_files /obj16k.bin =404; }}
         location /cold/ {{ limit_rate 20m; try_files /obj1m.bin =404; }}
         location /bigfill/ {{ try_files /hit/1g.bin =404; }}
+        location /mirror/ {{ try_files /obj16k.bin =404; }}
+        location /herd/ {{ limit_rate {herd_rate}; try_files /herd.bin =404; }}
     }}"""
     proc = _nginx("origin", workdir, body)
     wait_http(port, proc=proc)
@@ -233,6 +237,16 @@ origin_pull = true
 """
 
 
+def mirror_rule(origin_port: int) -> str:
+    """The bucket's one rule: mirror mode, every key, from the origin (it takes over from ``origin``)."""
+    return f"""
+[[buckets."{BUCKET}".rules]]
+priority = 1
+type = "mirror"
+hosts = ["{HOST}:{origin_port}"]
+"""
+
+
 _NO_SENDFILE = (
     "import sys, cosedge.web.sendfile as s; s.SENDFILE_MIN = 1 << 62; "
     "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -248,11 +262,13 @@ def start_cosedge(
     name: str = "cosedge",
     sendfile: bool = True,
     workers: int = 1,
+    extra: str = "",
 ) -> subprocess.Popen[bytes]:
     """
     cosedge under twistd, no access log, a big fill concurrency.  With
     ``sendfile=False`` every body takes the plain read-and-write path (to
-    compare, in the same run).
+    compare, in the same run).  ``extra`` is appended to the configuration
+    (e.g. :func:`mirror_rule`).
     """
     config = workdir / f"{name}.toml"
     config.write_text(
@@ -266,6 +282,7 @@ def start_cosedge(
             origin_port=origin_port,
             workers=workers,
         )
+        + extra
     )
     twistd = [str(VENV_BIN / "twistd")] if sendfile else [str(VENV_BIN / "python"), "-c", _NO_SENDFILE]
     proc = spawn(
