@@ -241,6 +241,7 @@ def build_service(
     ops.attach(service)
     # The origin API changes rules as the manhole does (validated, saved, audited).
     service.resource.api.changes = service.getServiceNamed("admin").edge
+    service.resource.api.forget = service.forget  # a purge forgets the key in every process
     return service
 
 

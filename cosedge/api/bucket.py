@@ -94,7 +94,8 @@ class BucketApi:
     ) -> None:
         self._config = config
         self._store = store
-        self._forget = forget
+        #: Drops a purged key's remembered 404 (the daemon's every process, once the service says so).
+        self.forget = forget
         self._clock = clock
         #: Set by the admin service: the ``edge`` façade of a channel (None: no live changes here).
         self.changes: Callable[[str], OriginChanges] | None = None
@@ -283,7 +284,7 @@ class BucketApi:
 
     def _purge(self, request: Request, request_id: str, bucket: str, target: Target, signer: str) -> Deferred[Any]:
         def removed(existed: bool) -> bytes:
-            self._forget(bucket, target.segments)
+            self.forget(bucket, target.segments)
             _log.info(
                 "purged {bucket}/{key} through the API ({signer}): {what}",
                 bucket=bucket,
