@@ -107,6 +107,13 @@ class IObjectStore(Interface):
     def remove(bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
         """Deferred of True if an object was deleted, False if there was none."""
 
+    def update_meta(bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> Deferred[bool]:
+        """
+        Merge ``changes`` into a stored object's metadata, durably (a
+        revalidation's new check time); the bytes stay.  Deferred of False
+        when there is no such object.
+        """
+
     def list(
         bucket: str, prefix: str = "", marker: str = "", limit: int = 1000
     ) -> Deferred[builtins.list[StoredEntry]]:

@@ -255,6 +255,9 @@ class LaterStore:
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
         return self._later(self.inner.remove(bucket, segments))
 
+    def update_meta(self, bucket: str, segments: tuple[str, ...], changes: Any) -> Deferred[bool]:
+        return self._later(self.inner.update_meta(bucket, segments, changes))
+
     def list(self, bucket: str, prefix: str = "", marker: str = "", limit: int = 1000) -> Deferred[Any]:
         return self._later(self.inner.list(bucket, prefix, marker, limit))
 

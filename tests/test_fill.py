@@ -163,6 +163,7 @@ def test_stores_exact_bytes_and_kept_metadata(disk: Fills) -> None:
             "content-disposition": "inline",
             "expires": "Thu, 01 Dec 2030 16:00:00 GMT",
             "x-cos-meta-author": "alice",
+            "cosedge-checked": "0",  # when the copy was known to be the origin's (the test clock's time)
         }
         assert obj.mtime == 1445412480.0  # from Last-Modified
     finally:
@@ -893,3 +894,36 @@ def test_unusable_header_values_and_dates_from_the_origin_are_not_kept() -> None
     assert result_of(d).reason == "stored"
     obj = result_of(fills.store.open(BUCKET, ("k",)))
     assert obj is not None and "x-cos-meta-bad" not in obj.meta
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_a_revalidation_keeps_a_not_modified_copy_and_replaces_a_changed_one(where: str, tmp_path: Path) -> None:
+    """
+    With validators, a 304 keeps the stored bytes and marks them checked now;
+    a 200 replaces them atomically; an origin 404 leaves the copy alone.
+    """
+    fills = Fills(store=DiskStore(str(tmp_path)) if where == "disk" else MemoryStore())
+    fills.origin.add("r.txt", b"version 1", headers={"ETag": '"v1"'})
+    assert fills.run("r.txt").stored
+    validators = ((b"if-none-match", b'"v1"'),)
+
+    def checked() -> str:
+        obj = result_of(fills.store.open(BUCKET, ("r.txt",)))
+        try:
+            return str(obj.meta["cosedge-checked"])
+        finally:
+            obj.close()
+
+    assert checked() == "0"
+    fills.clock.advance(3600)
+    fills.origin.add("r.txt", b"", status=304, headers={"ETag": '"v1"'})
+    assert fills.run("r.txt", force=True, validators=validators) == FillResult(BUCKET, "r.txt", False, "not-modified")
+    assert fills.stored("r.txt") == b"version 1" and checked() == "3600"
+    assert fills.origin.requests[-1][2][b"If-None-Match"] == [b'"v1"']
+    assert fills.stats.events["fills_not_modified"] == 1
+    fills.origin.add("r.txt", b"version 2", headers={"ETag": '"v2"'})
+    assert fills.run("r.txt", force=True, validators=validators).stored
+    assert fills.stored("r.txt") == b"version 2"
+    del fills.origin.objects["r.txt"]  # the old server no longer has it: the copy stays
+    assert fills.run("r.txt", force=True, validators=((b"if-none-match", b'"v2"'),)).reason == "http-404"
+    assert fills.stored("r.txt") == b"version 2"

@@ -42,7 +42,7 @@ from ..interfaces import IObjectStore, IObjectWriter
 from ..origins import Source
 from .client import OriginFault
 
-__all__ = ["FillFailed", "FillResult", "Fetcher", "Fill", "KEPT_HEADERS", "Reader", "reason_of"]
+__all__ = ["CHECKED", "FillFailed", "FillResult", "Fetcher", "Fill", "KEPT_HEADERS", "Reader", "reason_of"]
 
 _T = TypeVar("_T")
 
@@ -59,6 +59,8 @@ KEPT_HEADERS = (
 )
 _META_LIMIT = 2048  # COS limits user metadata to 2 KiB; it also fits any xattr.
 _USER_AGENT = b"cosedge (back-to-origin fill)"
+#: The metadata field that says when the stored copy was last known to be the origin's (POSIX seconds).
+CHECKED = "cosedge-checked"
 _MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: Failures after which the next host is tried (nothing has reached a reader yet).
@@ -156,6 +158,8 @@ class Fill:
     result: FillResult | None = None
     #: The URL asked last (another host after a fail-over, or a redirect's target).
     tried: bytes | None = None
+    #: A revalidation's conditional headers (If-None-Match, If-Modified-Since): a 304 keeps the stored copy.
+    validators: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def key(self) -> str:
@@ -404,7 +408,7 @@ class Fetcher:
     async def _ask(self, fill: Fill, url: bytes, cfg: FillConfig) -> IResponse:
         """One GET of ``url``, following the origin's redirects when the source says so."""
         source = fill.source
-        extra = list(source.headers)
+        extra = [*source.headers, *fill.validators]
         for hop in range(_MAX_REDIRECTS + 1):
             fill.tried = url
             headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
@@ -462,6 +466,12 @@ class Fetcher:
         response = await self._respond(fill, cfg)
         if response.length is not UNKNOWN_LENGTH:
             fill.expected = response.length
+        if response.code == 304 and fill.validators:
+            # The stored copy is still the origin's: it is fresh again from now.
+            response.deliverBody(_Discard())
+            checked = {CHECKED: f"{self.clock.seconds():.0f}"}
+            await _through_cancel(self.store.update_meta(fill.bucket, fill.segments, checked))
+            return FillResult(fill.bucket, fill.key, False, "not-modified")
         if response.code != 200:
             response.deliverBody(_Discard())
             raise FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
@@ -491,6 +501,7 @@ class Fetcher:
             for reader in readers:
                 reader.finished(None)
             # A cancelled fill whose commit still succeeded is stored: whole and visible.
+            meta[CHECKED] = f"{self.clock.seconds():.0f}"  # not a header: never served
             await _through_cancel(writer.commit(meta, _mtime(meta)))
         except BaseException:
             writer.abort()

@@ -114,7 +114,13 @@ class Filler:
         return isinstance(self._start(bucket, segments, source, force, reader), Fill)
 
     def _start(
-        self, bucket: str, segments: tuple[str, ...], source: Source, force: bool, reader: Reader | None = None
+        self,
+        bucket: str,
+        segments: tuple[str, ...],
+        source: Source,
+        force: bool,
+        reader: Reader | None = None,
+        validators: tuple[tuple[bytes, bytes], ...] = (),
     ) -> Fill | str:
         """The fill of this key (started, queued or joined), or why there is none."""
         key = (bucket, segments)
@@ -137,7 +143,7 @@ class Filler:
                 self.stats.inc("fills_skipped_backoff")
                 return "backoff"
         cfg = self.config()
-        fill = Fill(bucket, segments, source, now)
+        fill = Fill(bucket, segments, source, now, validators=validators)
         has_slot = self._running < cfg.max_concurrent
         if has_slot or len(self._queue) < cfg.max_queue:
             refused = self._claim(bucket, segments, force)
@@ -184,14 +190,22 @@ class Filler:
         return waiter
 
     def fill(
-        self, bucket: str, segments: tuple[str, ...], source: Source, *, force: bool = False
+        self,
+        bucket: str,
+        segments: tuple[str, ...],
+        source: Source,
+        *,
+        force: bool = False,
+        validators: tuple[tuple[bytes, bytes], ...] = (),
     ) -> Deferred[FillResult]:
         """
         Like :meth:`start`, and return a Deferred that fires with the
         :class:`FillResult` (it never fails; cancelling it does not cancel the
-        shared fill).
+        shared fill).  ``validators`` make it a revalidation of a stored copy
+        (``If-None-Match``/``If-Modified-Since``): the origin's 304 keeps the
+        copy (reason ``not-modified``), a 200 replaces it atomically.
         """
-        fill = self._start(bucket, segments, source, force)
+        fill = self._start(bucket, segments, source, force, None, validators)
         if isinstance(fill, str):
             return succeed(FillResult(bucket, "/".join(segments), False, fill))
         if fill.result is not None:  # it finished synchronously
@@ -337,6 +351,9 @@ class Filler:
             elif reason != "cancelled":
                 _remember(self._backoff, key, now + cfg.retry_backoff)
             result = FillResult(fill.bucket, fill.key, False, reason, fill.received)
+        elif not result.stored:  # a revalidation's 304: the stored copy stays, fresh again
+            _log.info("fill {bucket}/{key} not modified: the stored copy is fresh ({url})", **log_fields)
+            self.stats.inc("fills_not_modified")
         else:
             _log.info(
                 "fill {bucket}/{key} stored: {received} bytes in {seconds}s from {url} (rule {rule})", **log_fields

@@ -305,6 +305,30 @@ class DiskStore:
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
         return maybeDeferred(self.remove_file, bucket, segments)
 
+    def update_meta(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> Deferred[bool]:
+        return self.run_blocking(lambda: self.update_meta_file(bucket, segments, changes))
+
+    def update_meta_file(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> bool:
+        """Merge ``changes`` into an object's metadata attribute and make it durable; False if not stored."""
+        if not segments:
+            return False
+        try:
+            with _walk(self.bucket_path(bucket), segments[:-1]) as dfd:
+                fd = os.open(segments[-1], _OPEN_FILE, dir_fd=dfd)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return False
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            meta = {**_read_meta(fd), **changes}
+            os.setxattr(fd, META_XATTR, json.dumps(meta, sort_keys=True).encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
     def list(
         self, bucket: str, prefix: str = "", marker: str = "", limit: int = 1000
     ) -> Deferred[builtins.list[StoredEntry]]:

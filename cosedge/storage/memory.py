@@ -136,6 +136,13 @@ class MemoryStore:
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
         return succeed(self.objects.pop((bucket, segments), None) is not None)
 
+    def update_meta(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> Deferred[bool]:
+        obj = self.objects.get((bucket, segments))
+        if obj is None:
+            return succeed(False)
+        obj.meta = {**obj.meta, **changes}
+        return succeed(True)
+
     def list(
         self, bucket: str, prefix: str = "", marker: str = "", limit: int = 1000
     ) -> Deferred[builtins.list[StoredEntry]]:
