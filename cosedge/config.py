@@ -70,6 +70,11 @@ def _check_origin_pull(instance: BucketConfig, attribute: object, value: bool) -
         raise ConfigError("origin_pull cannot be enabled without an origin address or rules; set 'origin' first")
 
 
+def _check_revalidate_after(instance: object, attribute: object, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"revalidate_after must be zero (never) or a number of seconds, not {value!r}")
+
+
 def _check_acl(instance: object, attribute: object, value: object) -> None:
     if value not in ("public-read", "private"):
         raise ConfigError(f"acl must be 'public-read' or 'private', not {value!r}")
@@ -101,6 +106,8 @@ class BucketConfig:
     )
     #: ``"public-read"``: anyone may GET/HEAD objects; ``"private"``: only signed requests (``[api]``).
     acl: str = field(default="public-read", validator=_check_acl)
+    #: Seconds after which a hit also revalidates its copy with the origin in the background (0: never).
+    revalidate_after: float = field(default=0, validator=_check_revalidate_after)
 
 
 #: A bucket's settings, by the names the file, the state file, the manhole

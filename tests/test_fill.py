@@ -925,5 +925,6 @@ def test_a_revalidation_keeps_a_not_modified_copy_and_replaces_a_changed_one(whe
     assert fills.run("r.txt", force=True, validators=validators).stored
     assert fills.stored("r.txt") == b"version 2"
     del fills.origin.objects["r.txt"]  # the old server no longer has it: the copy stays
-    assert fills.run("r.txt", force=True, validators=((b"if-none-match", b'"v2"'),)).reason == "http-404"
-    assert fills.stored("r.txt") == b"version 2"
+    fills.clock.advance(60)
+    assert fills.run("r.txt", force=True, validators=((b"if-none-match", b'"v2"'),)).reason == "origin-gone"
+    assert fills.stored("r.txt") == b"version 2" and checked() == "3660"  # kept, and not asked again at once

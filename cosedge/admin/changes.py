@@ -70,7 +70,8 @@ def show(value: object) -> str:
 
 def _describe(bucket: BucketConfig) -> str:
     values = {name: plain(getattr(bucket, name)) for name in BUCKET_FIELDS}
-    said = {name: value for name, value in values.items() if value != () and (name, value) != ("acl", "public-read")}
+    defaults = {name: plain(getattr(BucketConfig(), name)) for name in ("acl", "revalidate_after")}
+    said = {name: value for name, value in values.items() if value != () and defaults.get(name, ()) != value}
     return " ".join(f"{name}={show(value)}" for name, value in said.items())  # no rules, the default acl: not said
 
 

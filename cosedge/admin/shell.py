@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import origins
-from ..config import BUCKET_FIELDS, ConfigError, Origin, parse_origin, plain, validate_bucket_name
+from ..config import BUCKET_FIELDS, BucketConfig, ConfigError, Origin, parse_origin, plain, validate_bucket_name
 from ..keys import BadKey, split_key
 from ..settle import settled
 from .changes import Change, audit, show
@@ -51,7 +51,9 @@ class Prefetched:
 
 
 #: The bucket settings as ``edge.buckets()`` and ``edge.changes()`` show them: rules last, by their number.
-_SETTINGS = tuple(f for f in BUCKET_FIELDS if f not in ("rules", "acl"))
+#: Shown by edge.buckets() only once some bucket sets them (most daemons never do).
+_RARE = ("acl", "revalidate_after")
+_SETTINGS = tuple(f for f in BUCKET_FIELDS if f not in ("rules", *_RARE))
 
 
 def _shown(setting: str, value: object) -> str:
@@ -153,8 +155,9 @@ class Edge(RuleCommands):
         it fires.
         """
         rows = Table()
-        # The acl column only once a bucket is private: most daemons serve public buckets alone.
-        private = any(b.acl == "private" for b in self._live.config.buckets.values())
+        # The rarer settings' columns only once a bucket sets them.
+        buckets = self._live.config.buckets.values()
+        rare = [f for f in _RARE if any(getattr(b, f) != getattr(BucketConfig(), f) for b in buckets)]
         for name, bucket in self._live.config.buckets.items():
             rows.append(
                 {
@@ -162,7 +165,7 @@ class Edge(RuleCommands):
                     **{setting: plain(getattr(bucket, setting)) for setting in _SETTINGS},
                     "live": "changed" if self._live.state.touches(name) else "",
                     "rules": len(bucket.rules),
-                    **({"acl": bucket.acl} if private else {}),
+                    **{f: plain(getattr(bucket, f)) for f in rare},
                 }
             )
         if not usage:

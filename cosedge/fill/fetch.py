@@ -472,6 +472,13 @@ class Fetcher:
             checked = {CHECKED: f"{self.clock.seconds():.0f}"}
             await _through_cancel(self.store.update_meta(fill.bucket, fill.segments, checked))
             return FillResult(fill.bucket, fill.key, False, "not-modified")
+        if response.code in (404, 410) and fill.validators:
+            # The old server no longer has it (it is going away): the copy is
+            # kept, and not asked about again before the next revalidation.
+            response.deliverBody(_Discard())
+            checked = {CHECKED: f"{self.clock.seconds():.0f}"}
+            await _through_cancel(self.store.update_meta(fill.bucket, fill.segments, checked))
+            raise FillFailed("origin-gone", f"the origin answered {response.code}; the stored copy is kept")
         if response.code != 200:
             response.deliverBody(_Discard())
             raise FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))

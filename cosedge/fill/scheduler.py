@@ -244,6 +244,10 @@ class Filler:
         now = self.clock.seconds()
         return sum(1 for until in self._not_found.values() if until > now)
 
+    def recently_failed(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        """Whether a recent failure of this key holds it back (the back-off), as a miss would find."""
+        return _remembered(self._backoff, (bucket, segments), self.clock.seconds())
+
     def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
         """Drop any remembered 404 or failure for a key (after a purge, say)."""
         self._not_found.pop((bucket, segments), None)

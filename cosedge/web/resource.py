@@ -27,6 +27,7 @@ from .. import origins
 from ..api.auth import SignatureProblem
 from ..api.bucket import BucketApi, is_api_call, query_of
 from ..config import BucketConfig, Config
+from ..fill.fetch import CHECKED
 from ..fill.scheduler import Filler, FillResult
 from ..interfaces import IObjectStore, IStoredObject, StoreError
 from ..keys import BadKey, Target, parse_target
@@ -118,6 +119,8 @@ class EdgeResource(Resource):
             obj: Any = opening.result
             if obj is not None:  # a hit: straight to it, one call less on every hit
                 self._stats.inc("hits")
+                if bucket.revalidate_after:
+                    self._revalidate(obj, bucket, bucket_name, target)
                 answer = answer_hit(request, request_id, obj, target.segments[-1], self._stats)
             else:
                 answer = self._answer(obj, request, request_id, bucket, bucket_name, target)
@@ -154,6 +157,8 @@ class EdgeResource(Resource):
             return self._open_failed(opened, request, request_id, bucket_name, target)
         if opened is not None:
             self._stats.inc("hits")
+            if bucket.revalidate_after:
+                self._revalidate(opened, bucket, bucket_name, target)
             return answer_hit(request, request_id, opened, target.segments[-1], self._stats)
         self._stats.inc("misses")
         plan = origins.plan(
@@ -245,6 +250,35 @@ class EdgeResource(Resource):
                 self._answer_later(opened, *args)
 
         clock.callLater(0.1, check)
+
+    def _revalidate(self, obj: IStoredObject, bucket: BucketConfig, bucket_name: str, target: Target) -> None:
+        """
+        Stale-while-revalidate: a copy last known to be the origin's more than
+        ``revalidate_after`` seconds ago is served as it is, and one
+        conditional fill checks it in the background (the scheduler runs one
+        per key; its 304 or new copy resets the clock).
+        """
+        meta = obj.meta
+        checked = meta.get(CHECKED)
+        now = self._filler.clock.seconds()
+        try:
+            fresh = checked is not None and now - float(checked) <= bucket.revalidate_after
+        except ValueError:
+            fresh = False
+        if fresh or self._filler.recently_failed(bucket_name, target.segments):
+            return
+        source = origins.prefetch_source(bucket, target.segments)
+        if source is None:
+            return
+        validators = []
+        if meta.get("etag"):
+            validators.append((b"if-none-match", meta["etag"].encode("latin-1")))
+        if meta.get("last-modified"):
+            validators.append((b"if-modified-since", meta["last-modified"].encode("latin-1")))
+        if not validators:  # nothing to compare with: a plain copy would replace it whatever it is
+            return
+        self._stats.inc("revalidations")
+        self._filler.fill(bucket_name, target.segments, source, force=True, validators=tuple(validators))
 
     def _signed(self, request: Request, request_id: str, target: Target) -> bool:
         """Whether a read of a private bucket carries a valid signature (header or pre-signed URL)."""
