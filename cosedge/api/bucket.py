@@ -225,11 +225,14 @@ class BucketApi:
             for entry in page:
                 if entry.key <= after:
                     continue
+                cut = entry.key.find(delimiter, len(prefix)) if delimiter else -1
+                common = entry.key[: cut + len(delimiter)] if cut >= 0 else ""
+                if common and common <= marker:  # reported already: the previous page ended with it
+                    after = common + "\U0010ffff"
+                    continue
                 if len(contents) + len(prefixes) >= max_keys:
                     return contents, prefixes, True
-                cut = entry.key.find(delimiter, len(prefix)) if delimiter else -1
-                if cut >= 0:
-                    common = entry.key[: cut + len(delimiter)]
+                if common:
                     prefixes.append(common)
                     after = common + "\U0010ffff"  # every key under it is summed up by it
                 else:

@@ -5,6 +5,7 @@ every error of the bucket listener carries.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 from twisted.web.server import Request
@@ -54,6 +55,8 @@ def resource_of(request: Request) -> str:
     """What an error's Resource names: the Host and the path, as COS does (``bucket-appid.cos.…/key``)."""
     host = request.getHeader(b"host") or b""
     path = (request.path or b"/").split(b"?", 1)[0]
+    if not path.startswith(b"/"):  # an absolute-form target (a client using cosedge as its proxy)
+        path = urlsplit(path).path or b"/"
     return (host + path).decode("utf-8", "replace")
 
 
@@ -80,6 +83,9 @@ def answer_error(request: Request, request_id: str, code: str, message: str) -> 
     request.setHeader(b"content-type", b"application/xml")
     body = error_body(code, message, request_id, resource_of(request))
     if request.method == b"HEAD":  # the headers of the GET answer, no body
+        # The SDKs read a bodiless error's code from these (else they report code "Unknown").
+        request.setHeader(b"x-cos-error-code", code.encode("ascii"))
+        request.setHeader(b"x-cos-trace-id", request_id.encode("ascii"))
         request.setHeader(b"content-length", b"%d" % len(body))
         return b""
     return body

@@ -99,8 +99,10 @@ class EdgeResource(Resource):
                     return answer
                 answer.addBoth(_deliver, request, request_id)
                 return NOT_DONE_YET
-        if bucket.acl == "private" and not self._signed(request, request_id, target):
-            return answer_error(request, request_id, "AccessDenied", "This bucket is private: sign the request.")
+        if bucket.acl == "private":
+            problem = self._signed(request, request_id, target)
+            if problem is not None:
+                return answer_error(request, request_id, problem.code, problem.message)
         if request.method not in _SERVED_METHODS:
             request.setHeader(b"allow", b"GET, HEAD")
             return answer_error(
@@ -280,13 +282,15 @@ class EdgeResource(Resource):
         self._stats.inc("revalidations")
         self._filler.fill(bucket_name, target.segments, source, force=True, validators=tuple(validators))
 
-    def _signed(self, request: Request, request_id: str, target: Target) -> bool:
-        """Whether a read of a private bucket carries a valid signature (header or pre-signed URL)."""
+    def _signed(self, request: Request, request_id: str, target: Target) -> SignatureProblem | None:
+        """Why a read of a private bucket is refused (no or a bad signature), or None when validly signed."""
         try:
-            return self.api.signer(request, target, query_of(target)) is not None
+            if self.api.signer(request, target, query_of(target)) is not None:
+                return None
+            return SignatureProblem("AccessDenied", "This bucket is private: sign the request.")
         except SignatureProblem as e:
             _log.info("refused a read of {uri!r}: {code}", uri=request.uri, code=e.code)
-            return False
+            return e
 
     def _answer_later(self, opened: IStoredObject | Failure | None, *args: Any) -> None:
         """The answer of a store that answered later, sent when it comes."""
