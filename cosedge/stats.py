@@ -17,6 +17,16 @@ __all__ = ["FILL_DURATION_BUCKETS", "Stats", "Totals"]
 FILL_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
+#: Keys remembered per bucket by :meth:`Stats.missed` (a space-saving top-k: bounded memory).
+MISSED_KEYS = 100
+
+
+def _keep_top(counts: dict[str, int], limit: int) -> dict[str, int]:
+    if len(counts) <= limit:
+        return counts
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:limit])
+
+
 @define(eq=False)
 class Stats:
     """
@@ -33,6 +43,22 @@ class Stats:
     fill_duration_counts: list[int] = field(factory=lambda: [0] * len(FILL_DURATION_BUCKETS))
     fill_duration_sum: float = 0.0
     fill_duration_count: int = 0
+    #: Requests by ``"<bucket> <outcome>"`` (hit, redirect, mirror, not-found): bounded by the buckets.
+    requests: Counter[str] = field(factory=Counter)
+    #: Per bucket, the most-missed keys and how often (an over-estimate by at most the smallest count).
+    missed_keys: dict[str, dict[str, int]] = field(factory=dict)
+
+    def request(self, bucket: str, outcome: str) -> None:
+        self.requests[f"{bucket} {outcome}"] += 1
+
+    def missed(self, bucket: str, key: str) -> None:
+        """Count a miss of ``key`` (space-saving: a new key takes the place of the least-missed one)."""
+        counts = self.missed_keys.setdefault(bucket, {})
+        if key in counts or len(counts) < MISSED_KEYS:
+            counts[key] = counts.get(key, 0) + 1
+            return
+        least = min(counts, key=counts.__getitem__)
+        counts[key] = counts.pop(least) + 1
 
     def inc(self, name: str, n: int = 1) -> None:
         self.events[name] += n
@@ -57,6 +83,8 @@ class Stats:
             "fill_duration_counts": list(self.fill_duration_counts),
             "fill_duration_sum": self.fill_duration_sum,
             "fill_duration_count": self.fill_duration_count,
+            "requests": dict(self.requests),
+            "missed_keys": {bucket: dict(counts) for bucket, counts in self.missed_keys.items()},
         }
 
     def add(self, data: Mapping[str, Any]) -> None:
@@ -69,6 +97,12 @@ class Stats:
         ]
         self.fill_duration_sum += data["fill_duration_sum"]
         self.fill_duration_count += data["fill_duration_count"]
+        self.requests.update(data.get("requests", {}))
+        for bucket, counts in data.get("missed_keys", {}).items():
+            mine = self.missed_keys.setdefault(bucket, {})
+            for key, n in counts.items():
+                mine[key] = mine.get(key, 0) + n
+            self.missed_keys[bucket] = _keep_top(mine, MISSED_KEYS)
 
     def snapshot(self) -> dict[str, object]:
         """A plain, printable copy of every counter."""

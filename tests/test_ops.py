@@ -544,6 +544,10 @@ def test_metrics_move_with_hits_misses_and_fills(monkeypatch: pytest.MonkeyPatch
     assert metric("cosedge_hits_total") == 1
     assert metric("cosedge_served_bytes_total") == 1000
     assert metric("cosedge_http_responses_total", code="200") == 1
+    # The share answered locally, per bucket (issue 14): one redirect, then one hit.
+    assert metric("cosedge_requests_total", bucket=BUCKET, outcome="redirect") == 1
+    assert metric("cosedge_requests_total", bucket=BUCKET, outcome="hit") == 1
+    assert metric("cosedge_fills_by_rule_total", type="proxy", outcome="stored") == 1
 
 
 def test_metrics_show_failures_by_reason_queue_and_remembered_404s(monkeypatch: pytest.MonkeyPatch) -> None:

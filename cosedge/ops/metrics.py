@@ -150,6 +150,16 @@ class EdgeCollector:
             value=totals.origin_hosts_down,
         )
 
+        requests = CounterMetricFamily(
+            "cosedge_requests",
+            "Object requests by bucket and outcome: hit (answered locally), redirect, mirror, not-found.",
+            labels=["bucket", "outcome"],
+        )
+        for bucket_outcome, count in sorted(stats.requests.items()):
+            bucket, _, outcome = bucket_outcome.partition(" ")
+            requests.add_metric([bucket, outcome], count)
+        yield requests
+
         yield GaugeMetricFamily("cosedge_fills_in_flight", "Fills running now.", value=totals.fills_running)
         yield GaugeMetricFamily("cosedge_fills_queued", "Fills waiting for a free slot.", value=totals.fills_queued)
         yield GaugeMetricFamily(

@@ -121,6 +121,7 @@ class EdgeResource(Resource):
             obj: Any = opening.result
             if obj is not None:  # a hit: straight to it, one call less on every hit
                 self._stats.inc("hits")
+                self._stats.request(bucket_name, "hit")
                 if bucket.revalidate_after:
                     self._revalidate(obj, bucket, bucket_name, target)
                 answer = answer_hit(request, request_id, obj, target.segments[-1], self._stats)
@@ -159,6 +160,7 @@ class EdgeResource(Resource):
             return self._open_failed(opened, request, request_id, bucket_name, target)
         if opened is not None:
             self._stats.inc("hits")
+            self._stats.request(bucket_name, "hit")
             if bucket.revalidate_after:
                 self._revalidate(opened, bucket, bucket_name, target)
             return answer_hit(request, request_id, opened, target.segments[-1], self._stats)
@@ -173,9 +175,14 @@ class EdgeResource(Resource):
             up=self._filler.health.up,
         )
         if plan.answer == "mirror" and plan.fetch is not None:
+            self._stats.request(bucket_name, "mirror")
+            self._stats.missed(bucket_name, target.key)
             return self._mirror(plan.fetch, request, request_id, bucket, bucket_name, target)
         if plan.answer == "not-found" or plan.location is None:
+            self._stats.request(bucket_name, "not-found")
             return answer_error(request, request_id, "NoSuchKey", "The specified key does not exist.")
+        self._stats.request(bucket_name, "redirect")
+        self._stats.missed(bucket_name, target.key)
         request.setResponseCode(plan.status)
         request.setHeader(b"location", plan.location)
         request.setHeader(b"cache-control", b"no-store")
