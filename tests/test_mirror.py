@@ -322,3 +322,56 @@ def test_a_tls_refusal_fails_over_but_does_not_mark_the_host_down(cooperator: St
     hosts.flush()
     assert conn.response().body == b"tls"
     assert edge.filler.health.down_hosts() == [] and edge.stats.events["fills_failed_over"] == 1
+
+
+def test_a_mirror_client_of_a_key_another_process_fills_is_served_or_reads_itself(
+    cooperator: StepCooperator, a: FakeOrigin
+) -> None:
+    """
+    With workers, the process that did not win a key's claim waits for the
+    store; if the winner's fill fails, it reads the origin itself instead of
+    waiting out the whole deadline.
+    """
+    from cosedge.storage.memory import MemoryStore
+
+    class ProcessClaims:
+        """Claims as two processes see them (POSIX locks never conflict within one process)."""
+
+        held: dict[tuple[str, tuple[str, ...]], str] = {}
+
+        def __init__(self, me: str) -> None:
+            self.me = me
+
+        def claim(self, bucket: str, segments: tuple[str, ...]) -> bool:
+            return self.held.setdefault((bucket, segments), self.me) == self.me
+
+        def release(self, bucket: str, segments: tuple[str, ...]) -> None:
+            if self.held.get((bucket, segments)) == self.me:
+                del self.held[(bucket, segments)]
+
+    store = MemoryStore()
+    edges = []
+    for name in ("one", "two"):
+        hosts = Hosts(a_test=a)
+        edge = mirror_edge(cooperator, hosts)
+        edge.store = store
+        edge.filler = attrs.evolve(edge.filler, store=store, claims=ProcessClaims(name))
+        edge.resource._filler = edge.filler
+        edge.resource._store = store
+        edges.append((edge, hosts, name))
+    (first, first_hosts, _), (second, second_hosts, _) = edges
+    a.add("w.bin", BODY, mode="stall", cut=10)
+    winner = first.connect()
+    winner.send(raw_request("/w.bin"))
+    first_hosts.flush()  # the first process holds the claim; its origin stalls
+    waiting = second.connect()
+    waiting.send(raw_request("/w.bin"))
+    second.clock.advance(0.5)
+    assert waiting.transport.value() == b""  # waiting for the other process
+    a.stalled.pop().transport.loseConnection()  # the first process's fill fails: its claim is released
+    first_hosts.flush()
+    a.add("w.bin", BODY)
+    second.clock.advance(0.1)
+    second_hosts.flush()
+    response = waiting.response()
+    assert (response.status, response.body) == (200, BODY)

@@ -244,6 +244,18 @@ class Filler:
         now = self.clock.seconds()
         return sum(1 for until in self._not_found.values() if until > now)
 
+    def filling_elsewhere(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        """Whether another process of the daemon holds this key's claim (is filling it) right now."""
+        if self.claims is None or (bucket, segments) in self._fills:
+            return False
+        try:
+            if not self.claims.claim(bucket, segments):
+                return True
+        except OSError:
+            return False
+        self.claims.release(bucket, segments)
+        return False
+
     def recently_failed(self, bucket: str, segments: tuple[str, ...]) -> bool:
         """Whether a recent failure of this key holds it back (the back-off), as a miss would find."""
         return _remembered(self._backoff, (bucket, segments), self.clock.seconds())

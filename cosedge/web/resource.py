@@ -194,7 +194,15 @@ class EdgeResource(Resource):
     # -- mirror mode --
 
     def _mirror(
-        self, source: Source, request: Request, request_id: str, bucket: BucketConfig, bucket_name: str, target: Target
+        self,
+        source: Source,
+        request: Request,
+        request_id: str,
+        bucket: BucketConfig,
+        bucket_name: str,
+        target: Target,
+        *,
+        again: bool = True,
     ) -> Any:
         """Answer a miss from the origin's stream while the fill stores it (:mod:`cosedge.web.mirror`)."""
         args = (request, request_id, bucket, bucket_name, target)
@@ -210,7 +218,7 @@ class EdgeResource(Resource):
             return NOT_DONE_YET
         if refused == "not-found":
             return answer_error(request, request_id, "NoSuchKey", "The specified key does not exist.")
-        if refused in ("elsewhere", "stored"):  # another process of the daemon fills it
+        if refused in ("elsewhere", "stored") and again:  # another process of the daemon fills it
             self._await_stored(self._filler.clock.seconds() + self._config().fill.total_timeout, *args)
             return NOT_DONE_YET
         if refused == "backoff":
@@ -251,12 +259,23 @@ class EdgeResource(Resource):
             opening.addBoth(checked)
 
         def checked(opened: Any) -> None:
-            if opened is None and clock.seconds() < deadline:
-                clock.callLater(0.1, check)
-            elif opened is None:
-                _deliver(answer_error(request, request_id, "MirrorFailed", _MIRROR_FAILED), request, request_id)
-            else:
+            if opened is not None:
                 self._answer_later(opened, *args)
+            elif not self._filler.filling_elsewhere(bucket_name, target.segments):
+                # The other process has given up (its fill failed): this one
+                # reads the origin itself, once, and answers what it finds.
+                bucket = self._config().buckets.get(bucket_name)
+                plan = None if bucket is None else origins.prefetch_source(bucket, target.segments)
+                if bucket is None or plan is None:
+                    _deliver(answer_error(request, request_id, "MirrorFailed", _MIRROR_FAILED), request, request_id)
+                    return
+                answer = self._mirror(plan, request, request_id, bucket, bucket_name, target, again=False)
+                if answer is not NOT_DONE_YET:
+                    _deliver(answer, request, request_id)
+            elif clock.seconds() < deadline:
+                clock.callLater(0.1, check)
+            else:
+                _deliver(answer_error(request, request_id, "MirrorFailed", _MIRROR_FAILED), request, request_id)
 
         clock.callLater(0.1, check)
 
