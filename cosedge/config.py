@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FillConfig",
+    "JobsConfig",
     "Origin",
     "ServerConfig",
     "default_config_text",
@@ -156,6 +157,28 @@ class FillConfig:
     host_down_time: float = field(default=30.0, validator=_positive)
 
 
+@frozen
+class JobsConfig:
+    """
+    Backfill and verify jobs (:mod:`cosedge.jobs`): keys worked on at once
+    by all jobs together (keep it below ``[fill] max_concurrent``, so that
+    live misses keep their slots), jobs running at once, and each job's
+    default rate (objects and bytes per second; 0: unlimited).
+    """
+
+    max_concurrent: int = field(default=4, validator=_positive)
+    max_running: int = field(default=1, validator=_positive)
+    rate_objects: float = field(default=0.0, validator=_non_negative)
+    rate_bytes: int = field(default=0, validator=_non_negative)
+
+    @max_concurrent.validator
+    @max_running.validator
+    @rate_bytes.validator
+    def _whole(self, attribute: Any, value: object) -> None:
+        if not isinstance(value, int):
+            raise ConfigError(f"{attribute.name} must be a whole number, not {value!r}")
+
+
 def _domains(value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list | tuple):
         raise ConfigError(f"domains must be a list of domain names, not {value!r}")
@@ -264,6 +287,7 @@ class Config:
     extra: Mapping[str, Any] = field(factory=dict)
     #: The COS API's credentials (``[api]``); None: the API is off.
     api: ApiSettings | None = None
+    jobs: JobsConfig = JobsConfig()
 
     def with_bucket(self, name: str, bucket: BucketConfig) -> Config:
         """A new config with bucket ``name`` added or replaced."""
@@ -275,7 +299,7 @@ class Config:
         return evolve(self, buckets={k: v for k, v in self.buckets.items() if k != name})
 
 
-_SECTIONS = {"server": ServerConfig, "fill": FillConfig}
+_SECTIONS = {"server": ServerConfig, "fill": FillConfig, "jobs": JobsConfig}
 _EXTRA_SECTIONS = ("manhole", "admin", "log")
 
 

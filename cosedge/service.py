@@ -25,6 +25,8 @@ from .fill.claims import Claims
 from .fill.client import OriginAgents, QuietPool
 from .fill.scheduler import Filler
 from .interfaces import IObjectStore
+from .jobs import JobsService
+from .jobs import attach as attach_jobs
 from .settle import settled
 from .stats import Stats, Totals
 from .storage.disk import DiskStore
@@ -72,6 +74,8 @@ class EdgeService(MultiService):
         self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims, tls=tls)
         #: The worker processes (``[server] workers`` above 1), or None.
         self.workers: WorkerPool | None = None
+        #: Backfill and verify jobs (the primary process's; None in a worker).
+        self.jobs: JobsService | None = None
         self._primary = primary
         self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
         self.site = EdgeSite(
@@ -153,8 +157,11 @@ class EdgeService(MultiService):
             _log.info("removed {count} leftover temporary file(s) from an earlier run", count=count)
 
     def stopService(self) -> Deferred[object]:
+        # Jobs first: the keys they have asked the origin for end before the
+        # fills are cancelled (for a bounded time), so a restart asks for none again.
+        jobs: Deferred[Any] = self.jobs.wind_down() if self.jobs is not None else succeed(None)
         listeners = super().stopService()
-        fills = self.filler.stop()
+        fills = jobs.addCallback(lambda _: self.filler.stop())
         steps: list[Deferred[Any]] = [d for d in (listeners, fills) if d is not None]
 
         def after_stop(_: object) -> object:
@@ -237,6 +244,7 @@ def build_service(
     from .admin import live
     from .ops import service as ops
 
+    attach_jobs(service, run_blocking)  # in the primary only: workers run no jobs
     live.attach(service)
     ops.attach(service)
     # The origin API changes rules as the manhole does (validated, saved, audited).

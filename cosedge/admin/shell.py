@@ -28,6 +28,7 @@ from ..settle import settled
 from .changes import Change, audit, show
 from .context import LiveAdmin
 from .errors import AdminError
+from .jobs import JobCommands
 from .rules import RuleCommands
 from .state import State
 from .values import Message, Report, Table
@@ -63,7 +64,7 @@ def _shown(setting: str, value: object) -> str:
     return show(value)
 
 
-class Edge(RuleCommands):
+class Edge(RuleCommands, JobCommands):
     """
     Administer this cosedge daemon live.  Changes are validated by the same
     rules as the configuration file, saved to the state file under the data
@@ -121,6 +122,21 @@ class Edge(RuleCommands):
                                            origin);
                                            returns a Deferred (the shell shows
                                            its result, and the URL, when it fires)
+
+    Jobs (in the background; a restart of the daemon resumes them):
+
+      edge.backfill(bucket, source)        copy the keys of 'keys:/path' (one a
+                                           line), 'log:/path' (an access log's
+                                           GETs answered 200) or 'sitemap:URL'
+                                           not stored yet; rate_objects=,
+                                           rate_bytes= limit it
+      edge.verify(bucket, prefix='')       HEAD each stored object at the origin:
+                                           differences and keys gone, in a report
+      edge.jobs()                          every job: state, done/total, rate, ETA
+      edge.job(id)                         one job in full
+      edge.pause(id), edge.resume(id), edge.cancel(id)
+      edge.watch(id)                       a progress bar until the job ends
+                                           (Ctrl-C: stop watching; the job goes on)
 
     Keys are plain object keys such as '1.jpg' or 'img/a b.jpg' (not
     percent-encoded).  From a script, one command per ssh call prints its

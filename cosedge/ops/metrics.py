@@ -169,6 +169,10 @@ class EdgeCollector:
         )
         yield GaugeMetricFamily("cosedge_buckets", "Buckets configured.", value=len(service.config.buckets))
 
+        jobs = getattr(service, "jobs", None)
+        if jobs is not None:
+            yield from _job_families(jobs)
+
         cumulative = [
             (_bound(b), float(n)) for b, n in zip(FILL_DURATION_BUCKETS, stats.fill_duration_counts, strict=True)
         ]
@@ -179,6 +183,37 @@ class EdgeCollector:
             buckets=cumulative,
             sum_value=stats.fill_duration_sum,
         )
+
+
+def _job_families(jobs: Any) -> Iterator[Metric]:
+    """The jobs' families (a :class:`~cosedge.jobs.JobsService`): labels are bounded by kinds, states, reasons."""
+    objects = CounterMetricFamily(
+        "cosedge_job_objects",
+        "Keys that backfill and verify jobs finished since the start, by job kind and outcome"
+        " (stored, skipped, elsewhere; same, differs, gone; failed).",
+        labels=["kind", "outcome"],
+    )
+    for (kind, outcome), count in sorted(jobs.objects.items()):
+        objects.add_metric([kind, outcome], count)
+    yield objects
+    failures = CounterMetricFamily(
+        "cosedge_job_failures",
+        "Keys jobs failed on since the start, by job kind and reason.",
+        labels=["kind", "reason"],
+    )
+    for (kind, reason), count in sorted(jobs.failures.items()):
+        failures.add_metric([kind, reason], count)
+    yield failures
+    size = CounterMetricFamily(
+        "cosedge_job_bytes", "Bytes jobs copied (backfill) or checked (verify) since the start.", labels=["kind"]
+    )
+    for kind, count in sorted(jobs.bytes.items()):
+        size.add_metric([kind], count)
+    yield size
+    states = GaugeMetricFamily("cosedge_jobs", "Jobs listed, by kind and state.", labels=["kind", "state"])
+    for (kind, state), count in sorted(jobs.states().items()):
+        states.add_metric([kind, state], count)
+    yield states
 
 
 def _bound(value: float) -> str:
@@ -303,7 +338,7 @@ class AdminResource(Resource):
                 return self._text(request, "not ready\n" + "".join(f"- {p}\n" for p in problems))
             return self._text(request, "ready\n")
         request.setResponseCode(404)
-        return self._text(request, "not found; try /metrics, /livez or /readyz\n")
+        return self._text(request, "not found; try /, /metrics, /livez or /readyz\n")
 
     def _metrics(self, request: Request) -> bytes:
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")

@@ -7,7 +7,9 @@ daemon.
   keep-alives when ``WatchdogSec=`` asks for them (see :mod:`cosedge.ops.notify`).
 - The ``[admin]`` section: an HTTP listener, separate from the bucket
   listener, with ``/metrics``, ``/livez`` and ``/readyz``
-  (see :mod:`cosedge.ops.metrics`)::
+  (see :mod:`cosedge.ops.metrics`) and, at ``/``, the migration page for
+  people (see :mod:`cosedge.ops.page`; the request counters it charts are
+  sampled once a minute while the daemon runs)::
 
       [admin]
       listen = "tcp:9090:interface=127.0.0.1"   # or a list of endpoint strings
@@ -44,8 +46,10 @@ from ..config import Config, ConfigError, build_section
 from ..interfaces import IObjectStore
 from ..logs import json_file_observer
 from ..stats import Totals
+from .history import RequestHistory, UsageCache
 from .metrics import AdminResource, AdminSite, Readiness, free_disk_check, make_registry, store_writable_check
 from .notify import notify, watchdog_interval
+from .page import AdminRoot, MigrationPage, PageContext
 
 __all__ = [
     "AdminConfig",
@@ -80,8 +84,8 @@ class Workers(Protocol):
         """Readiness: None while every worker process serves."""
 
 
-class OpsContext(Protocol):
-    """What the operations services use of the daemon (an ``EdgeService``)."""
+class OpsContext(PageContext, Protocol):
+    """What the operations services use of the daemon (an ``EdgeService``), the migration page's included."""
 
     @property
     def config(self) -> Config:
@@ -219,7 +223,11 @@ class OpsService(Service):
         self.listening: Deferred[bool] = Deferred()
         self.registry = make_registry(root)
         self.readiness = Readiness([self.listeners_check])
-        self.resource = AdminResource(self.registry, self.readiness)
+        self.history = RequestHistory(reactor, lambda: root.totals().stats.requests)
+        self.page = MigrationPage(root, reactor, self.history, UsageCache(root.store, reactor))
+        self.resource = AdminRoot(AdminResource(self.registry, self.readiness), self.page)
+        #: Sample the request counters for the page while running (:func:`attach` sets it with ``[admin]``).
+        self.sampling = False
 
     def startService(self) -> None:
         super().startService()
@@ -233,6 +241,8 @@ class OpsService(Service):
             self._watchdog = LoopingCall(notify, "WATCHDOG=1", self._environ)
             self._watchdog.clock = self._reactor
             self._watchdog.start(interval, now=True)
+        if self.sampling:
+            self.history.start()
         # Every service of the tree has been asked to start by the time this
         # call runs (a listener added after this one included).
         self._call = self._reactor.callLater(0, self._watch)
@@ -245,6 +255,7 @@ class OpsService(Service):
             self._call.cancel()
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
+        self.history.stop()
         notify("STOPPING=1\nSTATUS=Stopping: closing listeners, cancelling fills", self._environ)
         _log.info("cosedge stopping")
         _exit_zero_after_sigterm(self._reactor)
@@ -350,6 +361,7 @@ def attach(service: OpsContext, *, _environ: Mapping[str, str] | None = None) ->
     admin = parse_admin(service.config.extra)
     log_config = parse_log(service.config.extra)
     ops = OpsService(service, service.reactor, _environ)
+    ops.sampling = admin is not None
     parent = IServiceCollection(service)  # an EdgeService is a MultiService
 
     if admin is not None:
