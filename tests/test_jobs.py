@@ -550,3 +550,22 @@ def test_jobs_run_in_the_primary_only(tmp_path: Path) -> None:
     d.service.jobs = None
     with pytest.raises(AdminError, match="this process runs no jobs"):
         d.edge().jobs()
+
+
+def test_refresh_keeps_fresh_copies_replaces_changed_ones_and_keeps_those_gone(tmp_path: Path) -> None:
+    """A conditional GET per copy: 304 fresh, 200 replaced atomically, 404 kept (origin-gone)."""
+    d = Daemon(tmp_path)
+    keys = add_keys(d.origin, 4)
+    d.edge().backfill(BUCKET, f"keys:{keys_file(tmp_path, keys)}")
+    d.run(1)
+    d.origin.add("k/0.bin", b"", status=304)  # unchanged (the fake origin answers 304 as told)
+    d.origin.add("k/1.bin", b"", status=304)
+    d.origin.add("k/2.bin", b"a new version", headers={"ETag": '"new"'})
+    del d.origin.objects["k/3.bin"]
+    job = d.jobs.get(job_id(d.edge().refresh(BUCKET)))
+    d.run(1)
+    assert (job.state, job.total, dict(job.outcomes)) == ("done", 4, {"fresh": 2, "replaced": 1, "origin-gone": 1})
+    assert (d.data_dir / BUCKET / "k" / "2.bin").read_bytes() == b"a new version"
+    assert (d.data_dir / BUCKET / "k" / "3.bin").exists()  # the old server lost it: the copy stays
+    conditional = [h for m, p, h in d.origin.requests if m == b"GET" and b"If-None-Match" in h]
+    assert len(conditional) == 4

@@ -83,6 +83,20 @@ class JobCommands:
         rate = _rate(rate_objects, "rate_objects")
         return self._started(lambda jobs: jobs.create("verify", name, prefix, self._channel, rate))
 
+    def refresh(self, bucket: str, prefix: str = "", *, rate_objects: float | None = None) -> Message:
+        """
+        Re-check each copy ``bucket`` stores under ``prefix`` with a
+        conditional GET: unchanged (304) → fresh; changed (200) → replaced
+        atomically; gone (404, 410) → kept and counted ``origin-gone``.
+        Copies checked within the bucket's revalidate_after are fresh without
+        asking.  Returns at once with the job's id.
+        """
+        name = self._bucket(bucket)
+        if not isinstance(prefix, str):
+            raise AdminError(f"prefix must be a string like 'img/', not {prefix!r}; nothing started")
+        rate = _rate(rate_objects, "rate_objects")
+        return self._started(lambda jobs: jobs.create("refresh", name, prefix, self._channel, rate))
+
     def _started(self, create: Any) -> Message:
         try:
             job = create(self._jobs())

@@ -132,6 +132,8 @@ class Edge(RuleCommands, JobCommands):
                                            rate_bytes= limit it
       edge.verify(bucket, prefix='')       HEAD each stored object at the origin:
                                            differences and keys gone, in a report
+      edge.refresh(bucket, prefix='')      re-check each copy (conditional GET):
+                                           304 fresh, 200 replaced, 404 kept
       edge.jobs()                          every job: state, done/total, rate, ETA
       edge.job(id)                         one job in full
       edge.pause(id), edge.resume(id), edge.cancel(id)

@@ -30,7 +30,7 @@ __all__ = [
     "clock_text",
 ]
 
-KINDS = ("backfill", "verify")
+KINDS = ("backfill", "verify", "refresh")
 STATES = ("queued", "running", "paused", "done", "cancelled", "failed")
 #: States of a job that has work left (resumed after a restart, unless paused).
 ACTIVE = frozenset({"queued", "running", "paused"})
@@ -41,6 +41,9 @@ OUTCOMES = {
     "backfill": ("stored", "skipped", "elsewhere"),
     # same: length and ETag agree; differs: they do not; gone: the origin answers 404 or 410
     "verify": ("same", "differs", "gone"),
+    # fresh: the origin's 304 (or checked within revalidate_after); replaced: a new copy stored;
+    # origin-gone: the origin answers 404/410 and the copy is kept
+    "refresh": ("fresh", "replaced", "origin-gone"),
 }
 #: Seconds of progress the rate (and so the ETA) is measured over.
 _WINDOW = 30

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..fill.fetch import FillFailed
+from ..fill.fetch import CHECKED, FillFailed
 from ..origins import Source, prefetch_source
 from .journal import AppendFile, DiffReport, Journal, replay
 from .model import Item, Job, JobFailed
@@ -182,7 +182,7 @@ class Runner:
 
     async def _source(self) -> FileSource | ListingSource:
         job, shared = self.job, self.shared
-        if job.kind == "verify":
+        if job.kind in ("verify", "refresh"):
             return ListingSource(shared.store, job.bucket, job.source)
         kind, where = split_spec(job.source)
         if kind != "sitemap":
@@ -265,7 +265,7 @@ class Runner:
 
     def _launch(self, item: Item) -> None:
         self._in_flight[item.seq] = item
-        work = self._backfill if self.job.kind == "backfill" else self._verify
+        work = {"backfill": self._backfill, "verify": self._verify, "refresh": self._refresh}[self.job.kind]
         call = Deferred.fromCoroutine(work(item))
         call.addBoth(self._finished, item)
         if item.seq in self._in_flight:
@@ -411,6 +411,50 @@ class Runner:
             self._report(item, "differs", problem)
             return "differs", size
         return "same", size
+
+    async def _refresh(self, item: Item) -> tuple[str, int] | None:
+        """
+        Re-check a stored copy with a conditional GET (its ETag and
+        Last-Modified): 304 → fresh; 200 → replaced atomically; 404/410 →
+        kept (``origin-gone``).  A copy checked within the bucket's
+        ``revalidate_after`` is fresh without asking.
+        """
+        try:
+            obj = await self.shared.store.open(self.job.bucket, item.segments)
+        except OSError:
+            return "!store-error", 0
+        if obj is None:
+            return "!not-stored", 0  # removed since it was listed
+        meta = dict(obj.meta)
+        obj.close()
+        bucket = self.shared.config().buckets.get(self.job.bucket)
+        window = bucket.revalidate_after if bucket is not None else 0
+        checked = meta.get(CHECKED, "")
+        if window and checked.replace(".", "", 1).isdigit() and self.shared.clock.seconds() - float(checked) <= window:
+            return "fresh", 0
+        source = self._origin(item)
+        if source is None:
+            return "!no-origin", 0
+        validators = tuple(
+            (header, meta[field].encode("latin-1"))
+            for field, header in (("etag", b"if-none-match"), ("last-modified", b"if-modified-since"))
+            if meta.get(field)
+        )
+        await self._limiter.take()
+        self._asked.add(item.seq)
+        result = await self.shared.filler.fill(
+            self.job.bucket, item.segments, source, force=True, validators=validators
+        )
+        if result.stored:
+            self._limiter.spend(result.size)
+            return "replaced", result.size
+        if result.reason == "not-modified":
+            return "fresh", 0
+        if result.reason in ("origin-gone", "http-404", "http-410"):
+            return "origin-gone", 0
+        if result.reason in ("cancelled", "stopping"):
+            return None
+        return "!" + result.reason, 0
 
     def _report(self, item: Item, problem: str, detail: str) -> None:
         if self.report is None:

@@ -53,8 +53,8 @@ STOP_GRACE = 10.0
 
 
 def _what(job: Job) -> str:
-    if job.kind == "verify":
-        return f"verify of {job.bucket} (prefix {job.source!r})"
+    if job.kind in ("verify", "refresh"):
+        return f"{job.kind} of {job.bucket} (prefix {job.source!r})"
     return f"backfill of {job.bucket} from {job.source}"
 
 
