@@ -27,6 +27,8 @@ first segment of the request path (the rest only names the object):
 ``/stall-after-headers/`` headers with Content-Length, then silence (F4)
 ``/stall-mid-body/...``   headers and half the body, then silence (F4)
 ``/status/<code>/...``    that status (404, 500, 302 → back to this origin, …) (F5, F6)
+``/mut/...``              200 with an ETag; a new version after :meth:`change`; 304 to a
+                          matching ``If-None-Match``
 ``/slow/...``             a large body: the first 64 KiB at once, then one byte
                           every 0.2 s until the test calls :meth:`release`, then
                           the rest at full speed — a fill held in flight on demand
@@ -113,7 +115,7 @@ class _Handler(socketserver.BaseRequestHandler):
             origin.record(method, target)
             close = b"connection: close" in header_block.lower()
             try:
-                keep = origin.respond(sock, method, target)
+                keep = origin.respond(sock, method, target, header_block)
             except OSError:  # the client went away; that is its right
                 return
             if not keep or close:
@@ -155,6 +157,8 @@ class MisbehavingOrigin:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._gets: Counter[str] = Counter()
+        #: The version of each ``/mut/...`` object (changed by :meth:`change`).
+        self.versions: dict[str, int] = {}
         self._released: dict[str, threading.Event] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -208,9 +212,16 @@ class MisbehavingOrigin:
     def _hold(self, seconds: float = HOLD_LIMIT) -> None:
         self.stopping.wait(seconds)
 
-    def respond(self, sock: socket.socket, method: str, path: str) -> bool:
+    def change(self, path: str) -> None:
+        """A new version of a ``/mut/...`` object (its bytes and ETag change)."""
+        with self._lock:
+            self.versions[path] = self.versions.get(path, 0) + 1
+
+    def respond(self, sock: socket.socket, method: str, path: str, request_headers: bytes = b"") -> bool:
         """Answer one request; returns whether the connection may be reused."""
         first = path.lstrip("/").partition("/")[0]
+        if first == "mut":
+            return self._mutable(sock, method, path, request_headers)
         body = body_for(path)
         ctype = content_type_for(path)
         framed = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
@@ -286,6 +297,24 @@ class MisbehavingOrigin:
         else:
             send(_head("404 Not Found", [("Content-Length", "0"), ("Connection", "close")]))
         return False
+
+    def _mutable(self, sock: socket.socket, method: str, path: str, request_headers: bytes) -> bool:
+        """A ``/mut/...`` object: its version's bytes, an ETag, and 304 to a matching If-None-Match."""
+        with self._lock:
+            version = self.versions.get(path, 0)
+        body = body_for(path) + b"version %d" % version
+        etag = '"' + hashlib.md5(body).hexdigest() + '"'
+        asked = [
+            line.partition(b":")[2].strip().decode("latin-1")
+            for line in request_headers.split(b"\r\n")
+            if line.lower().startswith(b"if-none-match:")
+        ]
+        if etag in asked:
+            sock.sendall(_head("304 Not Modified", [("ETag", etag), ("Content-Length", "0")]))
+            return True
+        head = [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body))), ("ETag", etag)]
+        sock.sendall(_head("200 OK", head) + (b"" if method == "HEAD" else body))
+        return True
 
     def _stream(self, sock: socket.socket, piece: bytes) -> int:
         """Send ``piece`` again and again until the client closes (or HOLD_LIMIT); the bytes sent."""

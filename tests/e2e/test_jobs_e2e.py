@@ -196,3 +196,41 @@ async def test_a_verify_reports_exactly_the_object_the_origin_no_longer_has(
     assert [origin.gets(f"/{key}") for key in keys] == [1] * 30  # HEADs: nothing fetched again
     out = await manhole.run("edge.jobs()")
     assert re.search(rf"^{verify}\s+verify\s+{BUCKET}\s+prefix ''\s+done\s+31\s+31\s", out, re.MULTILINE), out
+
+
+@admin.ensure_deferred
+async def test_a_refresh_after_10_files_changed_on_the_origin_replaces_exactly_those(
+    make_admin_daemon: Callable[..., admin.AdminDaemon], credentials: admin.Credentials, origin: MisbehavingOrigin
+) -> None:
+    """
+    40 copies, 10 of which change on the old server: a refresh replaces
+    exactly those 10 (new bytes) and finds the other 30 fresh with a 304 each;
+    copies the old server no longer has are kept (origin-gone).
+    """
+    daemon = make_admin_daemon()
+    manhole = Manhole(daemon, credentials)
+    tag = uuid.uuid4().hex[:8]
+    keys = [f"mut/rf-{tag}/{i}.bin" for i in range(40)]
+    source = daemon.root / "keys.txt"
+    source.write_text("".join(f"{key}\n" for key in keys))
+    backfill = await manhole.start(f"backfill({BUCKET!r}, 'keys:{source}')")
+    assert (await manhole.ended(backfill))["outcomes"] == {"stored": 40}
+    before = {key: stored(daemon, key) for key in keys}
+    changed = keys[:10]
+    for key in changed:
+        origin.change(f"/{key}")
+
+    refresh = await manhole.start(f"refresh({BUCKET!r}, 'mut/rf-{tag}/')")
+    details = await manhole.ended(refresh)
+    assert details["outcomes"] == {"fresh": 30, "replaced": 10} and details["failures"] == {}, details
+    for key in changed:
+        assert stored(daemon, key) == body_for(f"/{key}") + b"version 1" != before[key]
+    assert all(stored(daemon, key) == before[key] for key in keys[10:])
+    assert [origin.gets(f"/{key}") for key in keys] == [2] * 40  # the backfill's GET and one conditional GET
+
+    gone = daemon.data_dir / BUCKET / f"gone-{tag}" / "a.bin"  # a copy of a page the old server deleted
+    gone.parent.mkdir()
+    gone.write_bytes(b"only here now")
+    details = await manhole.ended(await manhole.start(f"refresh({BUCKET!r}, 'gone-{tag}/')"))
+    assert details["outcomes"] == {"origin-gone": 1}, details
+    assert gone.read_bytes() == b"only here now"
