@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 from xml.parsers import expat
 
@@ -173,6 +173,28 @@ class _Refused(Exception):
     """Raised from an expat handler: the document uses a construct cosedge never reads."""
 
 
+def safe_parser(
+    refuse: Callable[..., NoReturn],
+    start: Callable[..., Any],
+    end: Callable[..., Any],
+    text: Callable[[str], Any],
+    namespace_separator: str | None = None,
+    encoding: str | None = "utf-8",
+) -> Any:
+    """
+    An expat parser that never loads an entity or a DTD: ``refuse`` is
+    called on a DOCTYPE or an entity declaration (and must raise).
+    """
+    parser = expat.ParserCreate(encoding, namespace_separator)
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    return parser
+
+
 def _refuse_doctype(*args: object) -> NoReturn:
     raise _Refused("a DOCTYPE (and so any entity) is not accepted")
 
@@ -187,13 +209,7 @@ def _parse(data: object) -> ET.Element:
     except UnicodeDecodeError as e:
         raise CosXmlError("OriginConfiguration", f"the document is not UTF-8 ({e.reason} at byte {e.start})") from None
     builder = ET.TreeBuilder()
-    parser = expat.ParserCreate("utf-8")
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    parser.StartDoctypeDeclHandler = _refuse_doctype
-    parser.EntityDeclHandler = _refuse_doctype
-    parser.StartElementHandler = builder.start
-    parser.EndElementHandler = builder.end
-    parser.CharacterDataHandler = builder.data
+    parser = safe_parser(_refuse_doctype, builder.start, builder.end, builder.data)
     try:
         parser.Parse(bytes(data), True)
         root = builder.close()

@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ..config import BucketConfig, FillConfig
+from ..cosxml import safe_parser
 from ..fill.fetch import FillFailed, reason_of, redirect_target
 from ..keys import BadKey, split_key
 from ..origins import Source, prefetch_source
@@ -148,14 +149,7 @@ class _Sitemap:
         self._loc: list[str] | None = None
         self._kept = 0
         self.locs = 0
-        parser = expat.ParserCreate(namespace_separator=" ")
-        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-        parser.StartDoctypeDeclHandler = _refuse
-        parser.EntityDeclHandler = _refuse
-        parser.StartElementHandler = self._start
-        parser.EndElementHandler = self._end
-        parser.CharacterDataHandler = self._text
-        self._parser = parser
+        self._parser = safe_parser(_refuse, self._start, self._end, self._text, " ", encoding=None)
 
     def _start(self, name: str, attributes: object) -> None:
         local = name.rpartition(" ")[2]

@@ -177,26 +177,28 @@ class JobsService(Service):
             raise JobError(f"no job {job_id!r} (jobs: {known})") from None
 
     def pause(self, job_id: object, channel: str) -> Job:
-        job = self.get(job_id)
-        if job.state not in ("queued", "running"):
-            raise JobError(f"job {job.id} is {job.state}; only a queued or running job can be paused")
+        job = self._in_state(job_id, ("queued", "running"), "only a queued or running job can be paused")
         runner = self._runners.get(job.id)
         if runner is not None:
             runner.pause()
         job.halt(self.clock.seconds())
-        job.state = "paused"
-        self._save(job)
-        _log.info("job {job} paused via {channel}", job=job.id, channel=channel)
-        self._schedule()
-        return job
+        return self._moved(job, "paused", "paused", channel)
 
     def resume(self, job_id: object, channel: str) -> Job:
+        job = self._in_state(job_id, ("paused",), "only a paused job can be resumed")
+        return self._moved(job, "queued", "resumed", channel)
+
+    def _in_state(self, job_id: object, states: tuple[str, ...], rule: str) -> Job:
         job = self.get(job_id)
-        if job.state != "paused":
-            raise JobError(f"job {job.id} is {job.state}; only a paused job can be resumed")
-        job.state = "queued"
+        if job.state not in states:
+            raise JobError(f"job {job.id} is {job.state}; {rule}")
+        return job
+
+    def _moved(self, job: Job, state: str, verb: str, channel: str) -> Job:
+        """``job`` is now in ``state``: saved, logged, and the jobs scheduled again."""
+        job.state = state
         self._save(job)
-        _log.info("job {job} resumed via {channel}", job=job.id, channel=channel)
+        _log.info("job {job} {verb} via {channel}", job=job.id, verb=verb, channel=channel)
         self._schedule()
         return job
 
