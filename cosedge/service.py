@@ -30,6 +30,7 @@ from .jobs import attach as attach_jobs
 from .settle import settled
 from .stats import Stats, Totals
 from .storage.disk import DiskStore
+from .storage.s3 import open_s3_store
 from .web.channel import EdgeSite
 from .web.resource import EdgeResource
 from .workers import AdoptedEndpoint, SharedEndpoint, WorkerPool
@@ -196,6 +197,12 @@ def _origin_agent(
     return agent, pool, partial(deferToThreadPool, reactor, threads)
 
 
+def _open_store(config: Config, reactor: Any, run_blocking: Callable[..., Deferred[Any]]) -> IObjectStore:
+    """``[storage] backend = "s3"``: the S3 store; else (the default) the disk store in ``data_dir``."""
+    s3 = open_s3_store(config, reactor, run_blocking)  # validates [storage]: errors name the field
+    return s3 if s3 is not None else DiskStore(config.server.data_dir, run_blocking)
+
+
 def _claims(config: Config) -> Claims:
     return Claims(os.path.join(config.server.data_dir, ".cosedge", "claims"))
 
@@ -219,7 +226,7 @@ def build_service(
     if _agent is None:
         # ``service`` is bound below, before any fill can start.
         _agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
-    store = _store if _store is not None else DiskStore(config.server.data_dir, run_blocking)
+    store = _store if _store is not None else _open_store(config, reactor, run_blocking)
     workers = config.server.workers
     shared = [SharedEndpoint(reactor, d, workers - 1) for d in config.server.listen] if workers > 1 else None
     # Several processes on one data directory claim keys there (a test's own store has none).
@@ -259,7 +266,7 @@ def build_worker_service(config: Config, reactor: Any, listeners: list[tuple[int
     listeners it was given as descriptors, fills, and nothing the primary owns.
     """
     agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
-    store = DiskStore(config.server.data_dir, run_blocking)
+    store = _open_store(config, reactor, run_blocking)
     endpoints: list[IStreamServerEndpoint] = [AdoptedEndpoint(reactor, fd, family) for fd, family in listeners]
     service = EdgeService(
         config, reactor, store, agent, pool, endpoints=endpoints, claims=_claims(config), primary=False

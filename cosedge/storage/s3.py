@@ -1,0 +1,437 @@
+"""
+Buckets on an S3-compatible store (SeaweedFS, Ceph RGW, AWS S3): the
+``[storage] backend = "s3"`` section and :class:`S3Store`.
+
+Each cosedge bucket is the store bucket of its name, or, with ``bucket``
+set, the key prefix ``<name>/`` in that one store bucket.  The store talks S3
+with its own Twisted HTTP client (:mod:`cosedge.storage.s3_http`), so no
+call ever blocks the reactor beyond a small temporary-file write.
+
+- A hit opens the object with one GET of its first 64 KiB (size, metadata
+  and a small body in one answer) and reads the rest with ranged GETs that
+  must match its ETag, streamed with back-pressure.
+- A fill holds the body (in memory when small, else in a temporary file
+  under ``<data_dir>/.cosedge/s3-tmp/``) and PUTs it whole on commit, with
+  its length and MD5: S3 never shows a partial object, so a fill cut short
+  leaves nothing in the store, and a crash leaves only a temporary file,
+  swept at the next start.
+- Listings come in key order whatever the store's own order (SeaweedFS
+  lists a folder before its siblings ``a-b`` and ``a.b``): each folder is
+  listed with the delimiter ``/`` and its entries merged in key order.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import glob
+import heapq
+import io
+import os
+import re
+import tempfile
+from collections.abc import Coroutine, Mapping
+from functools import partial
+from itertools import count
+from typing import Any, TypeVar
+
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+from ..config import Config
+from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoredEntry, StoreError
+from .produce import CHUNK, RunBlocking
+from .s3_config import StorageConfig, access_keys, check_config, parse_storage
+from .s3_http import MAX_REPLY, Reply, S3Client, parse_listing, quote_key, read_body
+from .s3_objects import PREFIX, S3Object, S3Writer, last_modified, meta_headers, meta_of
+
+__all__ = ["S3Store", "StorageConfig", "check_config", "open_s3_store", "parse_storage"]
+
+_log = Logger()
+_T = TypeVar("_T")
+
+#: A body declared this small or smaller is held in memory until commit (as the disk store does).
+SMALL_BODY = 256 * 1024
+#: Seconds a PUT may take per byte beyond ``timeout`` (a floor of 1 MB/s to the store).
+_PUT_SECONDS_PER_BYTE = 1e-6
+_NOT_NAMES = frozenset({"", ".", ".."})
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no log line for every connection to the store
+
+
+def open_s3_store(config: Config, reactor: Any, run_blocking: RunBlocking) -> S3Store | None:
+    """
+    The S3 store that ``[storage]`` asks for, with its own connection pool
+    (closed when the reactor stops); None when the backend is the disk.
+
+    :raises ConfigError: naming the field that is wrong.
+    """
+    settings = check_config(config)
+    if settings.backend != "s3":
+        return None
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietFactory
+    pool.maxPersistentPerHost = 32
+    reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
+    agent = Agent(reactor, connectTimeout=settings.timeout, pool=pool)
+    keys = access_keys(settings, os.environ)
+    client = S3Client(agent, reactor, settings.endpoint, settings.region, keys, settings.addressing, settings.timeout)
+    tmp_dir = os.path.join(config.server.data_dir, ".cosedge", "s3-tmp")
+    store = S3Store(client, reactor, tmp_dir, bucket=settings.bucket, run_blocking=run_blocking)
+    store.describe = settings.endpoint + (f" (bucket {settings.bucket})" if settings.bucket else "")
+    reactor.callWhenRunning(store.announce)
+    return store
+
+
+# -- the store --
+
+
+def _is_key(segments: tuple[str, ...]) -> bool:
+    return bool(segments) and _NOT_NAMES.isdisjoint(segments) and not any("/" in s for s in segments)
+
+
+def _start_after(directory: str, marker: str) -> str:
+    """
+    Where a listing of ``directory`` may start so that it misses nothing
+    after ``marker``: a sub-folder ``a/`` sorts after its siblings ``a-b`` and
+    ``a.b`` but a store may list it before them, so the listing starts before
+    the shortest name of the marker's that could be such a folder.
+    """
+    if not marker.startswith(directory):
+        return marker if marker > directory else ""
+    name = marker[len(directory) :].split("/", 1)[0]
+    cut = next((i for i in range(1, len(name)) if name[i] < "/"), len(name))
+    return directory + name[: cut - 1] if cut > 1 else ""
+
+
+@implementer(IObjectStore)
+class S3Store:
+    """
+    An :class:`~cosedge.interfaces.IObjectStore` on an S3 endpoint.
+    ``bucket``: the one store bucket holding every cosedge bucket as a
+    prefix ("": each cosedge bucket is the store bucket of its name).
+    """
+
+    def __init__(
+        self,
+        client: S3Client,
+        clock: IReactorTime,
+        tmp_dir: str,
+        *,
+        bucket: str = "",
+        run_blocking: RunBlocking = maybeDeferred,
+        cooperator: Any = task,
+    ) -> None:
+        self.client = client
+        self._clock = clock
+        self.tmp_dir = tmp_dir
+        self.bucket = bucket
+        self._run_blocking = run_blocking
+        self._cooperator = cooperator
+        #: How the store is named in log lines and errors (never with credentials).
+        self.describe = "S3 store"
+
+    def _where(self, bucket: str, segments: tuple[str, ...]) -> tuple[str, str]:
+        """The store bucket and key of a cosedge bucket's object."""
+        key = "/".join(segments)
+        return (self.bucket, f"{bucket}/{key}") if self.bucket else (bucket, key)
+
+    def _guard(self, what: str, work: Coroutine[Any, Any, _T]) -> Deferred[_T]:
+        """Run ``work``; any failure but a store's own answer or a cancel becomes a :class:`StoreError`."""
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(StoreError, ShortObject, CancelledError):
+                return failure
+            why = "no answer in time" if failure.check(DeferredTimeout) else failure.getErrorMessage()
+            error = StoreError(f"{self.describe}: {what}: {why}")
+            error.__cause__ = failure.value
+            return Failure(error)
+
+        return Deferred.fromCoroutine(work).addErrback(failed)
+
+    # -- IObjectStore --
+
+    def open(self, bucket: str, segments: tuple[str, ...]) -> Deferred[IStoredObject | None]:
+        if not _is_key(segments):
+            return succeed(None)
+        return self._guard("GET", self._open(*self._where(bucket, segments)))
+
+    async def _open(self, store_bucket: str, key: str) -> IStoredObject | None:
+        response = await self.client.request("GET", store_bucket, key, headers={"range": f"bytes=0-{PREFIX - 1}"})
+        if response.code in (200, 206):
+            size = _total_size(response)
+            headers, prefix = response.headers, await read_body(response, PREFIX, cut=True)
+        else:
+            reply = Reply(response.code, response.headers, await read_body(response, MAX_REPLY))
+            if reply.status == 404:
+                return None
+            if reply.status != 416:  # an empty object has no first byte: its headers from a HEAD
+                raise reply.failure(f"GET {key}")
+            head = await self.client.call("HEAD", store_bucket, key)
+            if head.status == 404:
+                return None
+            if head.status != 200:
+                raise head.failure(f"HEAD {key}")
+            headers, prefix, size = head.headers, b"", int(head.header(b"content-length") or 0)
+        meta, mtime = meta_of(headers)
+        etag = (headers.getRawHeaders(b"etag") or [b""])[-1].decode("latin-1")
+        ranged = partial(self._ranged, store_bucket, key)
+        return S3Object(ranged, size, last_modified(headers) if mtime is None else mtime, etag, meta, prefix)
+
+    def _ranged(self, store_bucket: str, key: str, start: int, end: int, etag: str) -> Deferred[IResponse]:
+        headers = {"range": f"bytes={start}-{end - 1}"}
+        if etag:
+            headers["if-match"] = etag
+
+        def answered(response: IResponse) -> IResponse | Deferred[IResponse]:
+            if response.code == 206 or (response.code == 200 and start == 0):
+                return response
+
+            def refused(body: bytes) -> IResponse:
+                if response.code in (404, 412, 416):
+                    raise ShortObject(f"{key} was replaced or removed while it was read")
+                raise Reply(response.code, response.headers, body).failure(f"GET {key}")
+
+            return read_body(response, MAX_REPLY).addCallback(refused)
+
+        request: Deferred[IResponse] = self.client.request("GET", store_bucket, key, headers=headers)
+        return request.addCallback(answered)
+
+    def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
+        if not _is_key(segments):
+            return fail(OSError(errno.EINVAL, f"not an object key: {'/'.join(segments)!r}"))
+        put = partial(self._put, *self._where(bucket, segments))
+        if length is not None and length <= SMALL_BODY:
+            return succeed(S3Writer(put, self._open_body, self._clock.seconds))
+        return self._run_blocking(lambda: S3Writer(put, self._open_body, self._clock.seconds, *self._temporary(bucket)))
+
+    def _temporary(self, bucket: str) -> tuple[int, str]:
+        """A new temporary file ``<pid>.<bucket>.<random>.part`` (blocking)."""
+        try:
+            return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
+        except FileNotFoundError:
+            os.makedirs(self.tmp_dir, exist_ok=True)
+            return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
+
+    def _open_body(self, source: bytes | str) -> FileBodyProducer:
+        data = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        return FileBodyProducer(data, cooperator=self._cooperator, readSize=CHUNK)
+
+    def _put(
+        self, store_bucket: str, key: str, body: Any, size: int, headers: dict[str, str], md5: str
+    ) -> Deferred[None]:
+        return self._guard("PUT", self._put_object(store_bucket, key, body, size, headers, md5))
+
+    async def _put_object(
+        self, store_bucket: str, key: str, body: Any, size: int, headers: dict[str, str], md5: str
+    ) -> None:
+        timeout = self.client.timeout + size * _PUT_SECONDS_PER_BYTE
+        reply = await self.client.call("PUT", store_bucket, key, headers=headers, body=body(), timeout=timeout)
+        if reply.status == 404 and reply.failure("").code == "NoSuchBucket" and not self.bucket:
+            await self._create_bucket(store_bucket)
+            reply = await self.client.call("PUT", store_bucket, key, headers=headers, body=body(), timeout=timeout)
+        if reply.status != 200:
+            raise reply.failure(f"PUT {key}")
+        etag = (reply.header(b"etag") or "").strip('"')
+        if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != md5:
+            await self.client.call("DELETE", store_bucket, key)
+            raise StoreError(f"{self.describe}: PUT {key}: the stored ETag {etag} is not the body's MD5 {md5}")
+
+    async def _create_bucket(self, store_bucket: str) -> None:
+        region = self.client.region
+        body = None
+        if region != "us-east-1":
+            xml = f'<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><LocationConstraint>{region}</LocationConstraint></CreateBucketConfiguration>'  # noqa: E501
+            body = self._open_body(xml.encode("ascii"))
+        reply = await self.client.call("PUT", store_bucket, body=body)
+        if reply.status != 200 and reply.failure("").code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise reply.failure(f"creating the store bucket {store_bucket}")
+        _log.info("created the store bucket {bucket} on {store}", bucket=store_bucket, store=self.describe)
+
+    def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
+        if not _is_key(segments):
+            return succeed(False)
+        return self._guard("DELETE", self._remove(*self._where(bucket, segments)))
+
+    async def _remove(self, store_bucket: str, key: str) -> bool:
+        head = await self.client.call("HEAD", store_bucket, key)
+        if head.status == 404:
+            return False
+        if head.status != 200:
+            raise head.failure(f"HEAD {key}")
+        reply = await self.client.call("DELETE", store_bucket, key)
+        if reply.status not in (200, 204, 404):
+            raise reply.failure(f"DELETE {key}")
+        return reply.status != 404
+
+    def update_meta(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> Deferred[bool]:
+        if not _is_key(segments):
+            return succeed(False)
+        return self._guard("COPY", self._update_meta(*self._where(bucket, segments), changes))
+
+    async def _update_meta(self, store_bucket: str, key: str, changes: Mapping[str, str]) -> bool:
+        head = await self.client.call("HEAD", store_bucket, key)
+        if head.status == 404:
+            return False
+        if head.status != 200:
+            raise head.failure(f"HEAD {key}")
+        meta, mtime = meta_of(head.headers)
+        headers = meta_headers({**meta, **changes}, last_modified(head.headers) if mtime is None else mtime)
+        headers["x-amz-copy-source"] = f"/{store_bucket}/{quote_key(key)}"
+        headers["x-amz-metadata-directive"] = "REPLACE"
+        etag = head.header(b"etag")
+        if etag:  # replaced meanwhile: the new object's metadata is newer, and stays
+            headers["x-amz-copy-source-if-match"] = etag
+        reply = await self.client.call("PUT", store_bucket, key, headers=headers)
+        if reply.status in (404, 412):
+            return reply.status == 412
+        if reply.status != 200 or b"<Error>" in reply.body:  # a copy may fail after its 200 has been sent
+            raise reply.failure(f"COPY {key}")
+        return True
+
+    def list(
+        self, bucket: str, prefix: str = "", marker: str = "", limit: int = 1000
+    ) -> Deferred[builtins.list[StoredEntry]]:
+        base = f"{bucket}/" if self.bucket else ""
+        found: builtins.list[StoredEntry] = []
+        if limit <= 0:
+            return succeed(found)
+        folder = base + prefix[: prefix.rfind("/") + 1]
+        walk = self._walk(self.bucket or bucket, folder, base + prefix, base + marker, len(base), found, limit)
+        return self._guard("list", walk).addCallback(lambda _: found)
+
+    async def _walk(
+        self,
+        store_bucket: str,
+        folder: str,
+        prefix: str,
+        marker: str,
+        base: int,
+        found: builtins.list[StoredEntry],
+        limit: int,
+    ) -> None:
+        """
+        Append to ``found`` the objects under ``folder`` whose keys start with
+        ``prefix`` and sort after ``marker``, in key order, up to ``limit``:
+        the folder's entries, page by page, each sub-folder walked in its place.
+        """
+        order = count()
+        waiting: list[tuple[str, int, tuple[int, float, str] | None]] = []  # (sort key, arrival, object)
+        token = None
+        start = _start_after(folder, marker)
+        while True:
+            query = [("list-type", "2"), ("delimiter", "/"), ("prefix", prefix)]
+            query.append(("continuation-token", token) if token else ("start-after", start))
+            reply = await self.client.call("GET", store_bucket, query=[q for q in query if q[1]])
+            if reply.status == 404 and not self.bucket:
+                return  # no store bucket yet: no objects
+            if reply.status != 200:
+                raise reply.failure("list")
+            objects, folders, token = parse_listing(reply.body)
+            names = [key for key, *_ in objects] + [f[:-1] for f in folders]
+            for key, size, mtime, etag in objects:
+                if not key.endswith("/"):  # a folder marker object is no object
+                    heapq.heappush(waiting, (key, next(order), (size, mtime, etag)))
+            for sub in folders:
+                heapq.heappush(waiting, (sub, next(order), None))
+            # A sub-folder sorts as "name/": it waits until no later entry of the store can sort before it.
+            bound = max(names, default="")
+            while waiting and (token is None or waiting[0][0] <= bound):
+                key, _, entry = heapq.heappop(waiting)
+                if entry is None:
+                    if marker < key or marker.startswith(key):
+                        await self._walk(store_bucket, key, key, marker, base, found, limit)
+                elif key > marker:
+                    found.append(StoredEntry(key[base:], *entry))
+                if len(found) >= limit:
+                    return
+            if token is None:
+                return
+
+    def usage(self, bucket: str) -> Deferred[tuple[int, int]]:
+        return self._guard("list", self._usage(bucket))
+
+    async def _usage(self, bucket: str) -> tuple[int, int]:
+        objects = total = 0
+        token = None
+        while True:
+            query = [("list-type", "2"), ("prefix", f"{bucket}/" if self.bucket else "")]
+            if token:
+                query.append(("continuation-token", token))
+            reply = await self.client.call("GET", self.bucket or bucket, query=[q for q in query if q[1]])
+            if reply.status == 404 and not self.bucket:
+                return 0, 0
+            if reply.status != 200:
+                raise reply.failure("list")
+            page, _, token = parse_listing(reply.body)
+            for key, size, _mtime, _etag in page:
+                if not key.endswith("/"):
+                    objects += 1
+                    total += size
+            if token is None:
+                return objects, total
+
+    def probe(self) -> Deferred[None]:
+        return self._guard("probe", self._probe())
+
+    async def _probe(self) -> None:
+        if not self.bucket:
+            reply = await self.client.call("GET", "")  # ListBuckets: reachable, and the keys are right
+        else:
+            reply = await self.client.call("HEAD", self.bucket)
+            if reply.status == 404:
+                await self._create_bucket(self.bucket)
+                return
+        if reply.status != 200:
+            raise reply.failure(self.describe)
+
+    def sweep(self, owner: int | None = None) -> Deferred[int]:
+        return maybeDeferred(self._sweep_files, owner)
+
+    def _sweep_files(self, owner: int | None) -> int:
+        """Remove leftover temporary files (``owner``: only that process's); how many."""
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        pattern = "*.part" if owner is None else f"{owner}.*.part"
+        removed = 0
+        for path in glob.glob(os.path.join(glob.escape(self.tmp_dir), pattern)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += 1
+        return removed
+
+    def announce(self) -> Deferred[None]:
+        """Say in one line, at start, whether the store answers (``/readyz`` says so until it does)."""
+
+        def reachable(_: object) -> None:
+            _log.info("objects are stored in {store}", store=self.describe)
+
+        def unreachable(failure: Failure) -> None:
+            _log.warn(
+                "{store} is unreachable: {why}; /readyz answers 503 until it is",
+                store=self.describe,
+                why=failure.getErrorMessage(),
+            )
+
+        return self.probe().addCallbacks(reachable, unreachable)
+
+
+def _total_size(response: IResponse) -> int:
+    """The object's size from a (ranged) GET's Content-Range, or its Content-Length."""
+    ranges = response.headers.getRawHeaders(b"content-range")
+    if ranges:
+        total = ranges[-1].rpartition(b"/")[2]
+        if total.isdigit():
+            return int(total)
+    elif isinstance(response.length, int):  # not UNKNOWN_LENGTH
+        return response.length
+    raise StoreError("the store's answer does not say the object's size")

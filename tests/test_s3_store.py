@@ -1,0 +1,588 @@
+"""
+The S3 store (issue 13) against a fake S3 served in memory: a twisted.web
+resource behind ``RequestTraversalAgent`` that checks each request's SigV4
+signature with botocore, keeps objects with their headers, and answers
+ranges, conditionals, copies and ListObjectsV2 pages (in S3's key order, or
+in SeaweedFS's folder-first order).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+from json import loads
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+from xml.sax.saxutils import escape
+
+import pytest
+from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+from botocore.credentials import Credentials  # type: ignore[import-untyped]
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from zope.interface.verify import verifyObject
+
+from cosedge.config import ConfigError, parse_config
+from cosedge.interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoreError
+from cosedge.service import build_service
+from cosedge.storage.s3 import S3Store, check_config, open_s3_store
+from cosedge.storage.s3_http import RangeStream, S3Client
+from cosedge.storage.s3_objects import META_HEADER, PREFIX
+
+from .helpers import capture_logs, result_of
+
+BUCKET = "example-1250000000"
+KEYS = ("AKIDEXAMPLE", "s3-secret-never-logged")
+NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+
+
+def _folder_first(key: str) -> list[str]:
+    """SeaweedFS's listing order: folder by folder, each folder's names in order (``a/`` before ``a-b``)."""
+    return key.split("/")
+
+
+class FakeS3(Resource):
+    """An S3 endpoint in memory: buckets of objects (bytes, stored headers, ETag)."""
+
+    isLeaf = True
+
+    def __init__(self, seaweed_order: bool = False) -> None:
+        super().__init__()
+        self.buckets: dict[str, dict[str, tuple[bytes, dict[str, str], str]]] = {}
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.page_size = 1000
+        self.seaweed_order = seaweed_order
+        #: status to answer the next request of a method with (then forgotten).
+        self.fail_next: dict[str, int] = {}
+        self.bad_etag = False
+
+    def _signature_ok(self, request: Request, headers: dict[str, str]) -> bool:
+        match = re.fullmatch(
+            r"AWS4-HMAC-SHA256 Credential=(\w+)/\d{8}/us-east-1/s3/aws4_request, "
+            r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})",
+            headers.get("authorization", ""),
+        )
+        if match is None or match.group(1) != KEYS[0]:
+            return False
+        signed = {name: headers[name] for name in match.group(2).split(";")}
+        aws = AWSRequest(method=request.method.decode(), url=f"http://{headers['host']}{request.uri.decode()}")
+        for name, value in signed.items():
+            aws.headers[name] = value
+        aws.context["timestamp"] = signed["x-amz-date"]
+        signer = S3SigV4Auth(Credentials(*KEYS), "s3", "us-east-1")
+        string_to_sign = signer.string_to_sign(aws, signer.canonical_request(aws))
+        return bool(signer.signature(string_to_sign, aws) == match.group(3))
+
+    def render(self, request: Request) -> bytes:
+        method = request.method.decode()
+        headers = {k.decode().lower(): v[-1].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()}
+        url = urlsplit(request.uri.decode())
+        host = headers["host"]
+        bucket, _, key = url.path.lstrip("/").partition("/")
+        if host.count(".") > 1:  # virtual-hosted: <bucket>.s3.test:8333
+            bucket, key = host.split(".")[0], url.path.lstrip("/")
+        key = unquote(key)
+        self.requests.append((method, f"{bucket}/{key}", headers))
+        if not self._signature_ok(request, headers) or headers.get("x-amz-content-sha256") != "UNSIGNED-PAYLOAD":
+            return self._error(request, 403, "SignatureDoesNotMatch")
+        if method in self.fail_next:
+            return self._error(request, self.fail_next.pop(method), "InternalError")
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        if not bucket:
+            return b"<ListAllMyBucketsResult/>"
+        if bucket not in self.buckets:
+            if method == "PUT" and not key:
+                self.buckets[bucket] = {}
+                return b""
+            return self._error(request, 404, "NoSuchBucket")
+        objects = self.buckets[bucket]
+        if not key:
+            return self._list(objects, query) if method == "GET" else b""
+        if method == "PUT":
+            return self._put(request, objects, key, headers)
+        if method == "DELETE":
+            objects.pop(key, None)
+            request.setResponseCode(204)
+            return b""
+        if key not in objects:
+            return self._error(request, 404, "NoSuchKey")
+        return self._get(request, objects[key], headers)
+
+    def _error(self, request: Request, status: int, code: str) -> bytes:
+        request.setResponseCode(status)
+        return f"<Error><Code>{code}</Code><Message>fake</Message></Error>".encode()
+
+    def _put(self, request: Request, objects: dict[str, Any], key: str, headers: dict[str, str]) -> bytes:
+        kept = {k: v for k, v in headers.items() if k.startswith("x-amz-meta-") or k == "content-type"}
+        if "x-amz-copy-source" in headers:
+            source = unquote(headers["x-amz-copy-source"]).split("/", 2)[2]
+            data, _, etag = objects[source]
+            if headers.get("x-amz-copy-source-if-match", etag) != etag:
+                return self._error(request, 412, "PreconditionFailed")
+            objects[key] = (data, kept, etag)
+            return b"<CopyObjectResult/>"
+        assert request.content is not None
+        data = request.content.read()
+        assert headers["content-length"] == str(len(data)) and "transfer-encoding" not in headers
+        if headers["content-md5"] != base64.b64encode(hashlib.md5(data).digest()).decode():
+            return self._error(request, 400, "BadDigest")
+        etag = '"' + ("0" * 32 if self.bad_etag else hashlib.md5(data).hexdigest()) + '"'
+        objects[key] = (data, kept, etag)
+        request.setHeader(b"etag", etag.encode())
+        return b""
+
+    def _get(self, request: Request, stored: tuple[bytes, dict[str, str], str], headers: dict[str, str]) -> bytes:
+        data, kept, etag = stored
+        if headers.get("if-match", etag) != etag:
+            return self._error(request, 412, "PreconditionFailed")
+        for name, value in kept.items():
+            request.setHeader(name.encode(), value.encode("latin-1"))
+        request.setHeader(b"etag", etag.encode())
+        request.setHeader(b"last-modified", b"Tue, 01 Dec 2026 11:00:00 GMT")
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d+)", headers.get("range", ""))
+        if wanted is None:
+            return data
+        first, last = int(wanted.group(1)), min(int(wanted.group(2)), len(data) - 1)
+        if first > last:
+            request.setHeader(b"content-range", b"bytes */%d" % len(data))
+            return self._error(request, 416, "InvalidRange")
+        request.setResponseCode(206)
+        request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, len(data)))
+        return data[first : last + 1]
+
+    def _list(self, objects: dict[str, Any], query: dict[str, str]) -> bytes:
+        prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
+        entries: dict[str, str | None] = {}
+        for key in objects:
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if key.startswith(prefix):
+                entries[key[: cut + 1] if cut >= 0 else key] = None if cut >= 0 else key
+        order = sorted(entries, key=_folder_first if self.seaweed_order else None)
+        after = query.get("continuation-token") or query.get("start-after", "")
+        if after:
+            order = [e for e in order if (_folder_first(e) > _folder_first(after) if self.seaweed_order else e > after)]
+        page, rest = order[: self.page_size], order[self.page_size :]
+        body = [f'<ListBucketResult xmlns="{NS}"><IsTruncated>{str(bool(rest)).lower()}</IsTruncated>']
+        if rest:
+            body.append(f"<NextContinuationToken>{escape(page[-1])}</NextContinuationToken>")
+        for entry in page:
+            if entries[entry] is None:
+                body.append(f"<CommonPrefixes><Prefix>{escape(entry)}</Prefix></CommonPrefixes>")
+            else:
+                data, _, etag = objects[entry]
+                body.append(
+                    f"<Contents><Key>{escape(entry)}</Key><LastModified>2026-12-01T11:00:00.000Z</LastModified>"
+                    f"<ETag>{escape(etag)}</ETag><Size>{len(data)}</Size></Contents>"
+                )
+        return "".join([*body, "</ListBucketResult>"]).encode()
+
+
+class Harness:
+    """An S3 store on a fake S3, with the clock and cooperator its PUT bodies are produced on."""
+
+    def __init__(self, tmp_path: Path, *, bucket: str = "", addressing: str = "path", **fake: Any) -> None:
+        self.fake = FakeS3(**fake)
+        self.fake.buckets[bucket or BUCKET] = {}
+        self.clock = Clock()
+        self.agent = RequestTraversalAgent(self.fake)
+        client = S3Client(self.agent, self.clock, "http://s3.test:8333", "us-east-1", KEYS, addressing)
+        cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
+        self.store = S3Store(client, self.clock, str(tmp_path / "tmp"), bucket=bucket, cooperator=cooperator)
+        self.objects = self.fake.buckets[bucket or BUCKET]
+        self.base = f"{BUCKET}/" if bucket else ""
+
+    def pump(self) -> None:
+        self.clock.advance(0)
+        self.agent.flush()
+
+    def run(self, d: Deferred[Any]) -> Any:
+        """Pump the fake connections and the cooperator until ``d`` has fired; its result."""
+        for _ in range(1000):
+            if d.called:
+                break
+            self.pump()
+        result = result_of(d)
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def put(self, key: str, data: bytes, meta: dict[str, str] | None = None, mtime: float | None = 1e9) -> None:
+        writer = self.run(self.store.writer(BUCKET, tuple(key.split("/")), len(data)))
+        writer.write(data)
+        self.run(writer.commit(meta or {}, mtime))
+
+    def open(self, key: str) -> Any:
+        return self.run(self.store.open(BUCKET, tuple(key.split("/"))))
+
+    def keys(self, prefix: str = "", marker: str = "", limit: int = 1000) -> list[str]:
+        return [e.key for e in self.run(self.store.list(BUCKET, prefix, marker, limit))]
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+class PullConsumer:
+    """A pull consumer that asks for more only when told to (as a slow client's connection does)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes = 0
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming is False
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.writes += 1
+
+
+def _tmp_files(tmp_path: Path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "tmp")) if (tmp_path / "tmp").exists() else []
+
+
+def test_interfaces(s3: Harness) -> None:
+    """The store, its objects and its writers (in memory, in a temporary file) provide the interfaces."""
+    assert verifyObject(IObjectStore, s3.store)
+    for length in (None, 1, 300_000):
+        writer = s3.run(s3.store.writer(BUCKET, ("a",), length))
+        assert verifyObject(IObjectWriter, writer)
+        writer.write(b"x")
+        assert s3.run(writer.commit({}, None)) is None
+    obj = s3.open("a")
+    assert verifyObject(IStoredObject, obj)
+    assert s3.run(obj.read(0, 1)) == b"x" and obj.fileno() is None
+    assert not hasattr(type(obj), "read_now")  # a network store's objects are read through read()
+    obj.close()
+
+
+@pytest.mark.parametrize("size", [0, 5, PREFIX, PREFIX + 1, 300_000])
+def test_bytes_and_metadata_round_trip(s3: Harness, tmp_path: Path, size: int) -> None:
+    """Bytes, every kept header (exactly, non-ASCII included), the check time and mtime come back."""
+    data = os.urandom(size)
+    meta = {
+        "content-type": "text/plain; charset=utf-8",
+        "etag": '"origin-etag"',
+        "last-modified": "Wed, 21 Oct 2015 07:28:00 GMT",
+        "content-disposition": 'attachment; filename="caf\xe9  menu.pdf"',
+        "x-cos-meta-plain": "a value",
+        "x-cos-meta-spaced": "two  spaces",
+        "x-cos-meta-cosedge": "a name of ours",
+        "cosedge-checked": "1700000000",
+    }
+    s3.put("dir/k.bin", data, meta, 1445412480.0)
+    obj = s3.open("dir/k.bin")
+    assert (obj.size, obj.mtime, dict(obj.meta)) == (size, 1445412480.0, meta)
+    assert obj.identity == hashlib.md5(data).hexdigest()
+    assert s3.run(obj.read(0, size + 10)) == data
+    assert s3.run(obj.read(size // 2, 100)) == data[size // 2 : size // 2 + 100]
+    _, stored, _ = s3.objects["dir/k.bin"]
+    assert stored["x-amz-meta-plain"] == "a value" and stored["content-type"] == meta["content-type"]
+    assert "x-amz-meta-spaced" not in stored and loads(stored[META_HEADER])["meta"]["x-cos-meta-spaced"]
+    assert _tmp_files(tmp_path) == []
+
+
+def test_requests_are_signed_unsigned_payload_with_a_length(s3: Harness) -> None:
+    """Every request passes the fake's botocore signature check; a PUT says UNSIGNED-PAYLOAD, its length and MD5."""
+    s3.put("sp ace/ü+%41?#.txt", b"odd key")
+    assert s3.run(s3.open("sp ace/ü+%41?#.txt").read(0, 7)) == b"odd key"
+    method, where, headers = next(r for r in s3.fake.requests if r[0] == "PUT")
+    assert where == f"{BUCKET}/sp ace/ü+%41?#.txt"
+    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD" and headers["content-length"] == "7"
+    assert KEYS[1] not in repr(s3.fake.requests)
+
+
+def test_virtual_addressing_and_one_store_bucket(tmp_path: Path) -> None:
+    """``addressing = "virtual"`` names the bucket in the Host; ``bucket`` keeps each bucket under a prefix."""
+    s3 = Harness(tmp_path, bucket="shared", addressing="virtual")
+    s3.put("k", b"v")
+    assert list(s3.objects) == [f"{BUCKET}/k"]
+    assert s3.fake.requests[0][2]["host"] == "shared.s3.test:8333"
+    assert s3.keys() == ["k"] and s3.run(s3.store.usage(BUCKET)) == (1, 1)
+    assert s3.run(s3.store.open("other-1250000000", ("k",))) is None
+
+
+def test_a_failed_put_leaves_nothing(s3: Harness, tmp_path: Path) -> None:
+    """A PUT the store refuses fails the commit; nothing is stored and the temporary file is gone."""
+    writer = s3.run(s3.store.writer(BUCKET, ("big",), None))
+    writer.write(b"x" * 300_000)
+    assert len(_tmp_files(tmp_path)) == 1
+    s3.fake.fail_next["PUT"] = 500
+    with pytest.raises(StoreError, match="PUT big: HTTP 500 InternalError"):
+        s3.run(writer.commit({}, None))
+    assert "big" not in s3.objects and _tmp_files(tmp_path) == []
+    writer.abort()  # after a failed commit: harmless
+
+
+def test_abort_and_a_wrong_etag_leave_nothing(s3: Harness, tmp_path: Path) -> None:
+    """An aborted writer PUTs nothing; a store ETag that is not the body's MD5 is deleted and fails."""
+    writer = s3.run(s3.store.writer(BUCKET, ("cut",), None))
+    writer.write(b"partial")
+    writer.abort()
+    writer.abort()
+    with pytest.raises(ValueError):
+        s3.run(writer.commit({}, None))
+    assert _tmp_files(tmp_path) == [] and not any(r[0] == "PUT" for r in s3.fake.requests)
+    s3.fake.bad_etag = True
+    with pytest.raises(StoreError, match="is not the body's MD5"):
+        s3.put("garbled", b"data")
+    assert "garbled" not in s3.objects
+
+
+def test_metadata_over_the_limit(s3: Harness) -> None:
+    """Past S3's 2 KiB, x-cos-meta-* go first, then optional headers; essentials that cannot fit fail."""
+    meta = {"etag": '"e"', "x-cos-meta-big": "b" * 1500, "cache-control": "c" * 1000, "expires": "x" * 1200}
+    with capture_logs() as events:
+        s3.put("m", b"m", meta)
+    assert dict(s3.open("m").meta) == {"etag": '"e"', "cache-control": "c" * 1000}
+    assert [e["names"] for e in events if "names" in e] == ["expires, x-cos-meta-big"]
+    with pytest.raises(StoreError, match="2048-byte limit"):
+        s3.put("n", b"n", {"content-type": "t" * 2100})
+    assert "n" not in s3.objects
+
+
+def test_an_object_from_another_tool(s3: Harness) -> None:
+    """An object without cosedge's metadata is served with its own S3 headers and ETag."""
+    s3.objects["foreign"] = (b"abc", {"content-type": "image/png", "x-amz-meta-owner": "me"}, '"md5"')
+    obj = s3.open("foreign")
+    assert dict(obj.meta) == {"content-type": "image/png", "x-cos-meta-owner": "me"}
+    assert (obj.identity, obj.mtime) == ("md5", 1796122800.0)
+
+
+def test_missing_and_invalid_keys(s3: Harness) -> None:
+    """Missing keys and buckets open as None; keys with empty, . or .. segments are never sent."""
+    assert s3.open("nope") is None
+    assert s3.run(s3.store.open("nobucket-1", ("k",))) is None
+    for segments in [(), ("a", "", "b"), ("..",), ("a/b",)]:
+        assert s3.run(s3.store.open(BUCKET, segments)) is None
+        with pytest.raises(OSError):
+            s3.run(s3.store.writer(BUCKET, segments))
+    assert len(s3.fake.requests) == 2
+
+
+def test_range_produce_with_back_pressure(s3: Harness) -> None:
+    """A range past the first 64 KiB is one ranged GET, written a piece at each request for more."""
+    data = os.urandom(1_000_000)
+    s3.put("big", data)
+    obj = s3.open("big")
+    consumer = PullConsumer()
+    done = obj.produce(consumer, 100_000, 900_000)
+    s3.pump()  # the store has answered; nothing is written before the consumer asks
+    assert consumer.data == b"" and consumer.producer is not None
+    consumer.producer.resumeProducing()
+    assert consumer.writes == 1
+    while consumer.producer is not None:
+        consumer.producer.resumeProducing()
+    assert s3.run(done) == 800_000 and bytes(consumer.data) == data[100_000:900_000]
+    assert s3.fake.requests[-1][2]["range"] == "bytes=100000-899999"
+    small = PullConsumer()
+    done = obj.produce(small, 10, 20)  # inside the first 64 KiB: from memory
+    while small.producer is not None:
+        small.producer.resumeProducing()
+    assert s3.run(done) == 10 and bytes(small.data) == data[10:20]
+
+
+def test_a_replaced_object_fails_the_read(s3: Harness) -> None:
+    """Reads of an open object must match its ETag: a replaced object is ShortObject, not mixed bytes."""
+    s3.put("k", os.urandom(200_000))
+    obj = s3.open("k")
+    s3.put("k", os.urandom(200_000))
+    with pytest.raises(ShortObject):
+        s3.run(obj.read(PREFIX + 1, 10))
+    consumer = PullConsumer()
+    done = obj.produce(consumer, 0, 200_000)
+    with pytest.raises(ShortObject):
+        s3.run(done)
+    assert consumer.producer is None
+
+
+def test_range_stream_pauses_the_store_and_stops() -> None:
+    """Past a few chunks waiting, the store's connection is paused; read, it resumes; stopped, it is dropped."""
+    consumer = PullConsumer()
+    stream = RangeStream(consumer, 10 * 65536)
+    done = stream.start()
+    transport = StringTransport()
+    stream.makeConnection(transport)
+    consumer.producer.resumeProducing()  # asked before any byte came
+    stream.dataReceived(b"a" * 65536)
+    assert consumer.writes == 1
+    for _ in range(5):
+        stream.dataReceived(b"b" * 65536)
+    assert transport.producerState == "paused"
+    consumer.producer.resumeProducing()
+    assert transport.producerState == "producing" and len(consumer.data) == 6 * 65536
+    consumer.producer.stopProducing()
+    assert transport.producerState == "stopped"
+    stopped = result_of(done)
+    assert isinstance(stopped, Failure) and stopped.check(CancelledError)
+    short = RangeStream(PullConsumer(), 10)
+    ended = short.start()
+    short.makeConnection(StringTransport())
+    short.dataReceived(b"12345")
+    short.connectionLost(Failure(ResponseDone()))
+    short.resumeProducing()  # the 5 bytes
+    short.resumeProducing()  # and the end: short
+    assert result_of(ended).check(ShortObject)
+
+
+@pytest.mark.parametrize("seaweed_order", [False, True])
+def test_listing_is_in_key_order_across_pages(tmp_path: Path, seaweed_order: bool) -> None:
+    """
+    Keys come in byte order page after page, whether the store lists in
+    key order or SeaweedFS's folder-first order (``a/…`` before ``a-c``).
+    """
+    s3 = Harness(tmp_path, seaweed_order=seaweed_order)
+    s3.fake.page_size = 2
+    keys = ["a", "a/b", "a-c", "a.d/e", "a0", "a-c/z", "b", "a/b/c-d", "a/b-x", "a!/x", "ab/c", "z/z/z"]
+    for key in keys:
+        s3.put(key, key.encode())
+    s3.objects["folder/"] = (b"", {}, '"d"')  # a folder marker is no object
+    assert s3.keys() == sorted(keys)
+    for limit in (1, 3):
+        marker, seen = "", []
+        while page := s3.keys("", marker, limit):
+            seen += page
+            marker = page[-1]
+        assert seen == sorted(keys)
+    for prefix in ("a", "a/", "a-"):
+        assert s3.keys(prefix) == [k for k in sorted(keys) if k.startswith(prefix)]
+    for marker in ("a!/x", "a/", "a-c", "a/b/c-d"):
+        assert s3.keys("", marker) == [k for k in sorted(keys) if k > marker]
+    entry = s3.run(s3.store.list(BUCKET, "b"))[0]
+    assert (entry.size, entry.etag) == (1, '"' + hashlib.md5(b"b").hexdigest() + '"')
+    assert s3.run(s3.store.usage(BUCKET)) == (len(keys), sum(map(len, keys)))
+
+
+def test_remove_and_update_meta(s3: Harness) -> None:
+    """remove() says whether there was an object; update_meta() copies it onto itself, bytes and mtime kept."""
+    s3.put("k", b"bytes", {"etag": '"e"', "cosedge-checked": "1"}, 1445412480.0)
+    assert s3.run(s3.store.update_meta(BUCKET, ("k",), {"cosedge-checked": "2"})) is True
+    obj = s3.open("k")
+    assert dict(obj.meta) == {"etag": '"e"', "cosedge-checked": "2"} and obj.mtime == 1445412480.0
+    assert s3.run(obj.read(0, 10)) == b"bytes"
+    copy = next(h for m, _, h in s3.fake.requests if "x-amz-copy-source" in h)
+    assert copy["x-amz-metadata-directive"] == "REPLACE" and copy["x-amz-copy-source"] == f"/{BUCKET}/k"
+    assert s3.run(s3.store.update_meta(BUCKET, ("gone",), {"cosedge-checked": "2"})) is False
+    assert s3.run(s3.store.remove(BUCKET, ("k",))) is True
+    assert s3.run(s3.store.remove(BUCKET, ("k",))) is False and s3.open("k") is None
+
+
+def test_a_missing_store_bucket_is_created_on_the_first_put(s3: Harness) -> None:
+    """With a store bucket per cosedge bucket, the first PUT into a new one creates it and is retried."""
+    writer = s3.run(s3.store.writer("new-1250000000", ("k",), 1))
+    writer.write(b"1")
+    s3.run(writer.commit({}, None))
+    assert s3.fake.buckets["new-1250000000"]["k"][0] == b"1"
+    assert s3.run(s3.store.list("none-1250000000")) == [] and s3.run(s3.store.usage("none-1250000000")) == (0, 0)
+
+
+def test_probe_and_the_start_line(s3: Harness) -> None:
+    """probe() fails saying why (an error answer, no connection); the start line says it once."""
+    assert s3.run(s3.store.probe()) is None
+    s3.fake.fail_next["GET"] = 503
+    with pytest.raises(StoreError, match="HTTP 503"):
+        s3.run(s3.store.probe())
+    refusing = S3Client(_Refusing(), s3.clock, "http://s3.test:8333", "us-east-1", KEYS)
+    store = S3Store(refusing, s3.clock, "unused")
+    store.describe = "http://s3.test:8333"
+    with capture_logs() as events:
+        s3.run(store.announce())
+    with pytest.raises(StoreError, match="http://s3.test:8333: probe: Connection was refused"):
+        s3.run(store.probe())
+    warned = [e for e in events if "unreachable" in e.get("log_format", "")]
+    assert len(warned) == 1 and KEYS[1] not in repr(events)
+
+
+class _Refusing:
+    def request(self, *args: object) -> Deferred[Any]:
+        return fail(ConnectionRefusedError())
+
+
+def test_sweep_removes_temporary_files(s3: Harness, tmp_path: Path) -> None:
+    """Temporary files carry the writing process's id; sweep(owner) removes only that process's."""
+    mine = s3.run(s3.store.writer(BUCKET, ("x",), None))
+    theirs = tmp_path / "tmp" / f"{os.getpid() + 1}.{BUCKET}.x.part"
+    theirs.write_bytes(b"left by a dead worker")
+    assert s3.run(s3.store.sweep(owner=os.getpid() + 1)) == 1 and len(_tmp_files(tmp_path)) == 1
+    assert s3.run(s3.store.sweep()) == 1 and _tmp_files(tmp_path) == []
+    mine.abort()
+
+
+def _config(storage: str, buckets: str = f'[buckets."{BUCKET}"]\n') -> Any:
+    import tomllib
+
+    return parse_config(tomllib.loads(storage + "\n" + buckets))
+
+
+S3_SECTION = '[storage]\nbackend = "s3"\nendpoint = "http://127.0.0.1:8333"\n'
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('[storage]\nbackend = "dsk"', "[storage] backend must be 'disk' or 's3', not 'dsk'"),
+        ('[storage]\nbackend = "s3"', "[storage] endpoint must be the S3 gateway's http:// or https:// URL"),
+        ('[storage]\nbackend = "s3"\nendpoint = "ftp://x"', "[storage] endpoint must be"),
+        (S3_SECTION + 'addressing = "vhost"', "[storage] addressing must be 'path' or 'virtual'"),
+        (S3_SECTION + 'bucket = "Bad_Name"', "[storage] bucket 'Bad_Name' is not a valid S3 bucket name"),
+        (S3_SECTION + 'access_key_id = "k"', "[storage] access_key_id and secret_access_key go together"),
+        (S3_SECTION + "timeout = 0", "[storage] timeout must be a positive number of seconds"),
+        (S3_SECTION + "colour = 1", "[storage] has unknown setting(s) colour"),
+        (S3_SECTION, "[storage] backend = 's3' needs credentials"),
+        (S3_SECTION + 'credentials_file = "/nonexistent"', "[storage] credentials_file '/nonexistent' cannot be"),
+    ],
+)
+def test_configuration_errors_name_the_field(section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_config(_config(section), environ={})
+    assert message in str(info.value)
+
+
+def test_credentials_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """Keys come from the section, an INI file (with or without a section), or AWS_* variables; never shown."""
+    plain = tmp_path / "s3.ini"
+    plain.write_text("access_key_id = FILEKEY\nsecret_access_key = file-secret\n")
+    config = _config(S3_SECTION + f'credentials_file = "{plain}"')
+    assert check_config(config, environ={}).credentials_file == str(plain)
+    aws = tmp_path / "aws.ini"
+    aws.write_text("[default]\naws_access_key_id = A\naws_secret_access_key = B\n")
+    check_config(_config(S3_SECTION + f'credentials_file = "{aws}"'), environ={})
+    check_config(_config(S3_SECTION), environ={"AWS_ACCESS_KEY_ID": "E", "AWS_SECRET_ACCESS_KEY": "F"})
+    inline = check_config(_config(S3_SECTION + 'access_key_id = "K"\nsecret_access_key = "hidden-secret"'))
+    assert "hidden-secret" not in repr(inline)
+    long_name = "a" * 50 + "-" + "1" * 20
+    with pytest.raises(ConfigError, match=rf"\[buckets.{long_name}\] is not a valid S3 bucket name"):
+        check_config(
+            _config(S3_SECTION, f'[buckets."{long_name}"]\n'),
+            environ={"AWS_ACCESS_KEY_ID": "E", "AWS_SECRET_ACCESS_KEY": "F"},
+        )
+
+
+def test_the_service_builds_the_store_the_section_asks_for(tmp_path: Path) -> None:
+    """``backend = "s3"`` gives the daemon an S3 store (with its start line); the disk stays the default."""
+    section = S3_SECTION + 'access_key_id = "K"\nsecret_access_key = "S"\nbucket = "edge"\n'
+    config = _config(section + f'[server]\ndata_dir = "{tmp_path}"\n')
+    reactor = MemoryReactorClock()
+    store = open_s3_store(config, reactor, lambda f: Deferred())
+    assert isinstance(store, S3Store) and store.tmp_dir == str(tmp_path / ".cosedge" / "s3-tmp")
+    assert len(reactor.whenRunningHooks) == 1 and reactor.triggers["before"]["shutdown"]
+    assert open_s3_store(_config(""), reactor, lambda f: Deferred()) is None
+    service = build_service(config, reactor, _agent=RequestTraversalAgent(Resource()))
+    assert isinstance(service.store, S3Store)
