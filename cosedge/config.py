@@ -300,7 +300,7 @@ class Config:
 
 
 _SECTIONS = {"server": ServerConfig, "fill": FillConfig, "jobs": JobsConfig}
-_EXTRA_SECTIONS = ("manhole", "admin", "log", "storage")
+_EXTRA_SECTIONS = ("manhole", "admin", "log", "storage", "cluster")
 
 
 def build_section(cls: type, table: object, where: str) -> Any:

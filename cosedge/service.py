@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
+from .cluster import Cluster
 from .config import Config
 from .fill.claims import Claims
 from .fill.client import OriginAgents, QuietPool
@@ -73,12 +74,15 @@ class EdgeService(MultiService):
         self._pool = pool
         tls = agent.tls if isinstance(agent, OriginAgents) else None
         self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims, tls=tls)
+        #: ``[cluster]``: which edge owns each key; hands fills over and takes them.
+        self.cluster = Cluster(lambda: self.config, agent, reactor, self.stats)
+        self.filler.hand_over = self.cluster.hand_over
         #: The worker processes (``[server] workers`` above 1), or None.
         self.workers: WorkerPool | None = None
         #: Backfill and verify jobs (the primary process's; None in a worker).
         self.jobs: JobsService | None = None
         self._primary = primary
-        self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats)
+        self.resource = EdgeResource(lambda: self.config, store, self.filler, self.stats, self.cluster)
         self.site = EdgeSite(
             self.resource,
             self.stats,

@@ -13,9 +13,11 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .admin.live import check_config as check_admin_config
+from .cluster import check_config as check_cluster_config
 from .config import Config, ConfigError, load_config
 from .ops.service import check_config as check_ops_config
 from .ops.service import parse_admin
+from .storage.s3_config import check_config as check_storage_config
 from .workers import listen_problem
 
 __all__ = ["Options", "makeService"]
@@ -57,6 +59,8 @@ class Options(usage.Options):
                 config = evolve(config, server=evolve(config.server, listen=tuple(self["listen"])))
             check_admin_config(config)  # [manhole] and the saved live changes
             check_ops_config(config)  # [admin] and [log]
+            check_storage_config(config)  # [storage]
+            check_cluster_config(config)  # [cluster] and its secret file
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
         # A port already in use: the same one line, not a traceback from the

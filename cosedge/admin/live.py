@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
+from ..cluster import check_config as check_cluster
 from ..config import Config, ConfigError, load_config
 from .changes import Change, audit, audit_unchanged, diff_configs
 from .context import AdminContext
@@ -199,6 +200,7 @@ class LiveConfig(Service):
             from ..ops import service as ops
 
             ops.check_config(loaded)  # [admin] and [log], which ops reads live
+            check_cluster(loaded)  # [cluster] (its peers and secret apply to the next miss)
             state = self.state_file.load()
             running = self.config
             # The other optional sections follow the file; the manhole's

@@ -78,6 +78,9 @@ class Filler:
     claims: Claims | None = None
     #: The agent for ``https://`` origins with a CA file and a name to verify (None: ``agent`` for all).
     tls: Callable[[str | None, bytes | None], IAgent] | None = None
+    #: ``[cluster]``: hands a background fill to the key's owner edge (see
+    #: :meth:`cosedge.cluster.Cluster.hand_over`); None: every fill is this edge's.
+    hand_over: Callable[[str, tuple[str, ...], Source, Callable[[], object]], bool] | None = None
     _fills: dict[tuple[str, tuple[str, ...]], Fill] = field(factory=dict, init=False)
     _queue: deque[Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
@@ -101,6 +104,7 @@ class Filler:
         *,
         force: bool = False,
         reader: Reader | None = None,
+        here: bool = False,
     ) -> bool:
         """
         Start (or join) the fill of ``bucket``/``segments`` from ``source``,
@@ -109,8 +113,21 @@ class Filler:
         ``FillFailed("joined-late")``).
         Returns False when no fill runs for this key: a recent origin 404 or
         failure is remembered (unless ``force``), the queue is full, or the
-        filler is stopping.
+        filler is stopping.  In a cluster, a background fill (no ``reader``,
+        not ``force``d, not ``here``) of a key another edge owns is handed
+        to that edge (True).
         """
+        key = (bucket, segments)
+        if (
+            self.hand_over is not None
+            and reader is None
+            and not (force or here or self._stopping)
+            and key not in self._fills
+            and not _remembered(self._not_found, key, self.clock.seconds())
+            and not _remembered(self._backoff, key, self.clock.seconds())
+            and self.hand_over(bucket, segments, source, lambda: self._start(bucket, segments, source, False))
+        ):
+            return True
         return isinstance(self._start(bucket, segments, source, force, reader), Fill)
 
     def _start(

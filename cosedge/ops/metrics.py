@@ -65,6 +65,12 @@ _COUNTERS = (
         "Misses answered with the object streamed from the origin (mirror rules).",
     ),
     ("fills_failed_over", "cosedge_fills_failed_over", "Origin hosts passed over for the next one during a fill."),
+    ("fills_handed_over", "cosedge_fills_handed_over", "Fills handed to the key's owner edge ([cluster])."),
+    (
+        "fills_owner_missed",
+        "cosedge_fills_owner_missed",
+        "Fills the key's owner edge did not take in time, made here instead ([cluster]).",
+    ),
 )
 _SKIPPED_PREFIX = "fills_skipped_"
 #: Stats events ``fills_by_rule_<type>_<outcome>`` (scheduler), as one labelled family.

@@ -26,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .. import origins
 from ..api.auth import SignatureProblem
 from ..api.bucket import BucketApi, is_api_call, query_of
+from ..cluster import HEADER, Cluster, source_from_json, verify
 from ..config import BucketConfig, Config
 from ..fill.fetch import CHECKED
 from ..fill.scheduler import Filler, FillResult
@@ -56,9 +57,18 @@ class EdgeResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, config: Callable[[], Config], store: IObjectStore, filler: Filler, stats: Stats) -> None:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        store: IObjectStore,
+        filler: Filler,
+        stats: Stats,
+        cluster: Cluster | None = None,
+    ) -> None:
         super().__init__()
         self._config = config
+        #: ``[cluster]``: takes the fills other edges hand over (None: no cluster).
+        self._cluster = cluster
         self._store = store
         self._filler = filler
         self._stats = stats
@@ -84,6 +94,8 @@ class EdgeResource(Resource):
             target = parse_target(request.uri)
         except BadKey as e:
             return answer_error(request, request_id, e.code, e.message)
+        if request.method == b"POST" and self._cluster is not None and request.requestHeaders.hasHeader(HEADER):
+            return self._take_fill(request, request_id, target)
         config = self._config()
         bucket_name = self._bucket_for(request, target.authority, config)
         bucket = config.buckets.get(bucket_name) if bucket_name else None
@@ -190,6 +202,47 @@ class EdgeResource(Resource):
         if plan.fetch is not None:
             self._filler.start(bucket_name, target.segments, plan.fetch)
         return b""
+
+    # -- [cluster] --
+
+    def _take_fill(self, request: Request, request_id: str, target: Target) -> bytes | int:
+        """
+        Another edge hands this one (the key's owner) a fill: 200 when the
+        key is stored already, 202 when its fill runs, 503 when none can.
+        """
+        assert self._cluster is not None
+        settings = self._cluster.settings()
+        body = request.content.read() if request.content is not None else b""
+        header = request.getHeader(HEADER)
+        if settings is None:
+            problem: str | None = "no [cluster] here"
+        else:
+            problem = verify(settings.secret, header, request.uri, body, self._filler.clock.seconds())
+        if problem is not None:
+            peer = request.getClientAddress()
+            _log.warn("refused a cluster request from {peer}: {problem}", peer=peer, problem=problem)
+            return answer_error(request, request_id, "AccessDenied", f"Not a request of this cluster: {problem}.")
+        try:
+            bucket_name, source = source_from_json(body)
+        except ValueError as e:
+            return answer_error(request, request_id, "InvalidArgument", f"Not a fill request: {e}.")
+        if bucket_name not in self._config().buckets:
+            return answer_error(request, request_id, "NoSuchBucket", "The specified bucket does not exist.")
+        if not target.segments:
+            return answer_error(request, request_id, "InvalidArgument", "A fill request names an object key.")
+
+        def opened(obj: IStoredObject | None) -> bytes:
+            if obj is not None:
+                obj.close()
+                return b"stored\n"
+            if self._filler.start(bucket_name, target.segments, source, here=True):
+                request.setResponseCode(202)
+                return b"filling\n"
+            return answer_error(request, request_id, "ServiceUnavailable", "No fill can start here now.")
+
+        answer = self._store.open(bucket_name, target.segments).addCallback(opened)
+        answer.addBoth(_deliver, request, request_id)
+        return NOT_DONE_YET
 
     # -- mirror mode --
 
