@@ -34,6 +34,9 @@ from cosedge.testing import MemoryStore
 
 from .helpers import BUCKET, HOST, ORIGIN, Edge, StepCooperator, edge_config, raw_request
 
+# The in-memory transport of treq's RequestTraversalAgent has no abortConnection.
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+
 A, B, C = "http://127.0.0.1:8080", "http://127.0.0.1:8090", "http://127.0.0.1:8100"
 SECRET = b"0123456789abcdef0123456789abcdef"
 

@@ -23,7 +23,7 @@ import pytest
 
 from cosedge.cluster import owner_of
 
-from .conftest import BUCKET, FAST_FILL, Daemon, _daemons_in_test, free_port, wait_for
+from .conftest import BUCKET, FAST_FILL, Daemon, _daemons_in_test, free_port, refused_start, wait_for
 from .origin import MisbehavingOrigin, body_for
 from .test_s3_e2e import KEY_ID, SECRET, START_TIMEOUT, SeaweedFS, _weed
 
@@ -303,3 +303,33 @@ def test_a_gateway_stopped_mid_run_loses_nothing(
     )
     assert cluster[0].request(f"/{fresh}").status == 302
     wait_for(lambda: served_everywhere([cluster[0], cluster[2]], fresh), 30, "a fill after the gateway stopped")
+
+
+_SELF = 'self = "http://127.0.0.1:1"\n'
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        (
+            'self = "http://127.0.0.1:1"\npeers = ["http://127.0.0.1:2"]\nsecret_file = "{secret}"',
+            "peers must include self",
+        ),
+        (
+            'self = "http://127.0.0.1:1"\npeers = ["http://127.0.0.1:1"]\nsecret_file = "{short}"',
+            "a secret is at least 16",
+        ),
+        ('self = "http://127.0.0.1:1"\npeers = ["http://127.0.0.1:1"]', "[cluster] needs secret_file"),
+    ],
+)
+def test_a_bad_cluster_section_stops_the_start_with_one_line(tmp_path: Path, section: str, words: str) -> None:
+    (tmp_path / "secret").write_text("0123456789abcdef0123\n")
+    (tmp_path / "short").write_text("short\n")
+    config = tmp_path / "cosedge.toml"
+    body = section.format(secret=tmp_path / "secret", short=tmp_path / "short")
+    config.write_text(
+        f'[server]\nlisten = ["tcp:{free_port()}:interface=127.0.0.1"]\ndata_dir = "{tmp_path / "d"}"\n'
+        f"[cluster]\n{body}\n"
+    )
+    output = refused_start(config)
+    assert "configuration error:" in output and words in output, output
