@@ -21,15 +21,16 @@ from pathlib import Path
 
 import attrs
 
-from . import load, mirror, servers
+from . import load, migration, mirror, servers
 from .servers import BUCKET, REPO
 
 MiB = 1024 * 1024
 STREAM_TRIES = 5  # downloads per server for the single stream; the median counts
 PACE_MS = 100  # wrk delay between requests on each connection, paced miss run
 SERVERS = ("cosedge", "nginx", "static")
-#: Groups of workloads ``--only`` selects: "core" (hits, streams, misses, fills, RSS), "mirror" (issue 11).
-WORKLOADS = ("core", "mirror")
+#: Groups of workloads ``--only`` selects: "core" (hits, streams, misses, fills, RSS), "mirror" (issue 11),
+#: "migration" (issue 14: backfill against aria2c, a Zipf replay then backfill and verify).
+WORKLOADS = ("core", "mirror", "migration")
 _START = "<!-- bench:results:start -->"
 _END = "<!-- bench:results:end -->"
 
@@ -116,6 +117,7 @@ def versions() -> dict[str, str]:
         "nginx": cmd(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": cmd(["wrk", "-v"]).split(" [")[0],
         "curl": cmd(["curl", "--version"]).split(" (")[0],
+        "aria2c": cmd(["aria2c", "--version"]),
         "loadavg": Path("/proc/loadavg").read_text().split(" ")[0],
         "code": code_version(),
     }
@@ -166,6 +168,14 @@ def run(args: argparse.Namespace) -> list[Row]:
             n=args.fill_objects, fills=args.fills, workers=args.workers, say=log,
         )  # fmt: skip
         rows += mirror.rows(figures, args.herd_rate, Row)
+    if "migration" in only:
+        moved = migration.measure(
+            work, gen, ports["origin"], access, quick=args.quick, jobs=args.job_concurrency, fills=args.fills,
+            workers=args.workers, say=log,
+        )  # fmt: skip
+        args.sections.append(
+            "### Migration jobs (issue 14)\n\n" + migration.section(moved, args.job_concurrency, args.workers)
+        )
     return rows
 
 
@@ -454,7 +464,9 @@ def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace, elap
             f"Code: {info['code']}.  ",
             f"Machine: {info['cpu']}, Linux {info['kernel']}, load average {info['loadavg']} at the start.  ",
             f"Versions: Python {info['python']}, Twisted {info['twisted']}, {info['nginx']}, "
-            f"{info['wrk']}, {info['curl']}.  ",
+            f"{info['wrk']}, {info['curl']}"
+            + (f", {info['aria2c']}" if "migration" in (args.only or WORKLOADS) else "")
+            + ".  ",
             f"Settings: {args.seconds:g} s per wrk run, best of {args.rounds} rounds for hits, "
             f"median of {STREAM_TRIES} for single streams, 32 connections, "
             f"2 wrk threads; nginx with worker_processes {args.workers}; cosedge with workers = {args.workers},"
@@ -469,8 +481,8 @@ def report(rows: list[Row], info: dict[str, str], args: argparse.Namespace, elap
                 else []
             ),
             "",
-            table(rows),
-            "",
+            *([table(rows), ""] if rows else []),
+            *getattr(args, "sections", []),
         ]
     )
 
@@ -506,31 +518,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a short smoke run: 64 MiB instead of 1 GiB, 2 s runs, 500 fills, a 10 MiB mirror herd",
+        help="a short smoke run: 64 MiB instead of 1 GiB, 2 s runs, 500 fills, a 10 MiB mirror herd, "
+        "2,000 keys and 20,000 requests for the migration workloads",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     parser.add_argument(
         "--only",
         action="append",
         choices=WORKLOADS,
-        help="run only this group of workloads (repeatable): core (hits, streams, misses, fills, RSS) or "
-        "mirror (issue 11's mirror mode against nginx proxy_store); a selection writes no file unless --out is given",
+        help="run only this group of workloads (repeatable): core (hits, streams, misses, fills, RSS), "
+        "mirror (issue 11's mirror mode against nginx proxy_store) or migration (issue 14's backfill against "
+        "aria2c, and a Zipf replay, backfill and verify against nginx proxy_store); a selection writes no file "
+        "unless --out is given",
     )
     parser.add_argument(
         "--herd-rate",
         default="20m",
         help="the origin's pace per connection for the mirror herd's object, as nginx's limit_rate (default 20m)",
     )
+    parser.add_argument(
+        "--job-concurrency",
+        type=int,
+        default=4,
+        help="cosedge's [jobs] max_concurrent and aria2c's -j for the migration workloads (default 4, cosedge's own)",
+    )
     parser.add_argument("--out", help="where to write the results (default BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     args.argv = argv
+    args.sections = []
     if args.out is None and args.only:
         args.no_write = True  # a partial table must not replace the full one in BENCHMARKS.md
     out = Path(args.out or REPO / "BENCHMARKS.md")
     if args.quick:
         args.seconds, args.rounds, args.fill_objects = min(args.seconds, 2.0), 1, min(args.fill_objects, 500)
-    for tool in ("nginx", "wrk", "curl"):
+    tools = ["nginx", "wrk", "curl"]
+    if "migration" in (args.only or WORKLOADS):
+        tools += ["aria2c", "ssh", "ssh-keygen"]
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing; run `bash bench/run`, which installs it", file=sys.stderr)
             return 2

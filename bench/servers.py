@@ -172,8 +172,15 @@ def start_origin(workdir: Path, gen: Path, port: int, herd_rate: str = "20m") ->
     return proc, access
 
 
-def start_peer(workdir: Path, root: Path, port: int, origin_port: int, workers: int = 1) -> subprocess.Popen[bytes]:
-    """nginx mirror-on-demand: serve from ``root``, else proxy to the origin and store the copy."""
+def start_peer(
+    workdir: Path, root: Path, port: int, origin_port: int, workers: int = 1, mark_fetched: bool = False
+) -> subprocess.Popen[bytes]:
+    """
+    nginx mirror-on-demand: serve from ``root``, else proxy to the origin and
+    store the copy.  With ``mark_fetched``, proxied answers carry
+    ``x-bench-fetched: origin`` (those served from ``root`` do not).
+    """
+    mark = "add_header x-bench-fetched origin always;" if mark_fetched else ""
     body = f"""
     upstream origin {{ server {HOST}:{origin_port}; keepalive 64; }}
     server {{
@@ -188,6 +195,7 @@ def start_peer(workdir: Path, root: Path, port: int, origin_port: int, workers: 
             proxy_set_header Host {HOST}:{origin_port};
             proxy_store on;
             proxy_store_access user:rw group:rw all:r;
+            {mark}
         }}
     }}"""
     proc = _nginx("peer", workdir, body, workers)
