@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -454,3 +454,88 @@ def test_settled_answers_at_once_or_later() -> None:
     assert isinstance(waiting, Deferred) and not waiting.called
     pending.callback(4)
     assert result_of(waiting) == 4
+
+
+# -- an object whose producer streams (a network store's) --
+
+
+@implementer(IPushProducer)
+class _Push:
+    """A streaming producer the test feeds by hand; it records pauses."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+@define(eq=False)
+class _StreamingObject:
+    """A stored object without ``read_now`` whose ``produce`` registers a streaming producer."""
+
+    inner: Any
+    produced: list[tuple[_Push, Any, int, int, Deferred[int]]] = field(factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def produce(self, consumer: Any, start: int, end: int) -> Deferred[int]:
+        push, done = _Push(), Deferred[int]()
+        consumer.registerProducer(push, True)
+        self.produced.append((push, consumer, start, end, done))
+        return done
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@define(eq=False)
+class StreamingStore(LaterStore):
+    """A store whose objects produce through a streaming producer."""
+
+    streamed: list[_StreamingObject] = field(factory=list)
+
+    def _hand_out(self, obj: Any) -> Any:
+        if obj is None:
+            return None
+        self.streamed.append(_StreamingObject(obj))
+        return self.streamed[-1]
+
+
+def test_a_streaming_object_producer_is_paused_and_resumed_by_the_client_connection(cooperator: StepCooperator) -> None:
+    """
+    The response's producer becomes a streaming one as soon as the object's
+    producer is (no pull loop on the cooperator while the bytes are on
+    their way), and the client connection's pauses reach the object's producer.
+    """
+    data = os.urandom(SMALL_RESPONSE * 3)
+    store = StreamingStore()
+    store.inner.put(BUCKET, ("s.bin",), data)
+    edge = Edge(cooperator, store=store)  # type: ignore[arg-type]
+    conn = edge.connect()
+    conn.send(raw_request("/s.bin"))
+    store.release()
+    handed = store.streamed
+    (push, consumer, start, end, done) = handed[0].produced[0]
+    channel = conn.transport.protocol
+    assert channel._requestProducerStreaming is True
+    channel.pauseProducing()
+    assert push.pauses == 1 and push.paused
+    channel.resumeProducing()
+    assert not push.paused
+    consumer.write(data[start:end])
+    consumer.unregisterProducer()
+    done.callback(end - start)
+    response = conn.response()
+    assert (response.status, response.body) == (200, data)
+    assert not push.stopped

@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ..interfaces import IObjectWriter, IStoredObject, StoreError
-from .produce import RangeProducer, _Consumer
+from .produce import _Consumer
 from .s3_http import RangeStream, read_body
 
 __all__ = ["META_HEADER", "PREFIX", "S3Object", "S3Writer", "meta_headers", "meta_of"]
@@ -53,8 +53,10 @@ _PLAIN = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*\Z")
 _NAME = re.compile(r"[a-z0-9!#$&'*+.^_`|~-]+\Z")
 #: S3 system headers of an object another tool stored (no cosedge metadata), kept as metadata.
 _FOREIGN = (b"content-type", b"content-encoding", b"content-disposition", b"cache-control", b"expires")
-#: The first bytes of an object, read when it is opened (a small hit needs no other request).
-PREFIX = 64 * 1024
+#: The first bytes of an object, read when it is opened: a hit of an object this small needs
+#: no other request (most of a website's files; 100 KiB hits: 0.19x the engine's rate with
+#: 64 KiB, two GETs each).  Held in memory while the object is open.
+PREFIX = 128 * 1024
 
 
 def _json(meta: Mapping[str, str], mtime: float) -> str:
@@ -168,13 +170,12 @@ class S3Object:
         return read_body(response, length, cut=True)
 
     def produce(self, consumer: IConsumer, start: int, end: int) -> Deferred[int]:
-        if end <= len(self.prefix):
-            prefix = self.prefix
-            return RangeProducer(lambda offset, n: prefix[offset : offset + n], consumer, start, end).start()
-        stream = RangeStream(consumer, end - start)
+        """The range's bytes in the first :data:`PREFIX` from memory, the rest with one ranged GET."""
+        stream = RangeStream(consumer, end - start, self.prefix[start:end])
         done = stream.start()
-        stream.request = self._ranged(start, end, self.etag)
-        stream.request.addCallbacks(lambda response: response.deliverBody(stream), lambda f: stream.fail(f.value))
+        if stream.rest:
+            stream.request = self._ranged(end - stream.rest, end, self.etag)
+            stream.request.addCallbacks(lambda response: response.deliverBody(stream), lambda f: stream.fail(f.value))
         return done
 
     def fileno(self) -> int | None:

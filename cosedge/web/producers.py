@@ -47,6 +47,10 @@ class Sender:
     any object size or client speed; never more is sent than the ranges say,
     and an object that turns out shorter drops the connection.
 
+    An object whose producer is a streaming one (a network store's, which
+    writes as the bytes arrive) makes the Sender one too: the client
+    connection's pauses and resumes then go through to it.
+
     An object whose class has ``read_now`` (see :mod:`cosedge.web.hit`) is
     read here instead, a chunk at each request for more, just as its
     producer would (the same chunks, the same calls of ``resumeProducing``)
@@ -68,6 +72,8 @@ class Sender:
         self._read_now: Any = getattr(type(obj), "read_now", None)
         #: The rest of the range being read by ``read_now``: ``[_offset, _end)``.
         self._offset = self._end = 0
+        #: Registered with the request as a streaming producer (the object's producer is one).
+        self._streaming = False
 
     def start(self) -> None:
         request = self._request
@@ -112,6 +118,20 @@ class Sender:
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self._inner = producer
+        request = self._request
+        if streaming and not self._streaming and request is not None:
+            # A streaming producer (a network store's, writing as the bytes
+            # arrive) is paused and resumed by the transport through us;
+            # driven as a pull producer, HTTPChannel's cooperator would call
+            # it in a busy loop while it waits for the network.
+            self._streaming = True
+            request.unregisterProducer()
+            request.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """The client's transport is full (once a streaming producer has made us one)."""
+        if self._inner is not None:
+            self._inner.pauseProducing()  # type: ignore[attr-defined]
 
     def unregisterProducer(self) -> None:
         self._inner = None
