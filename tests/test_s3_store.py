@@ -36,7 +36,7 @@ from zope.interface.verify import verifyObject
 from cosedge.config import ConfigError, parse_config
 from cosedge.interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoreError
 from cosedge.service import build_service
-from cosedge.storage.s3 import MISS_MEMORY, S3Store, check_config, open_s3_store
+from cosedge.storage.s3 import MISS_CACHE, MISS_MEMORY, S3Store, check_config, open_s3_store
 from cosedge.storage.s3_http import RangeStream, S3Client
 from cosedge.storage.s3_objects import META_HEADER, PREFIX
 
@@ -556,6 +556,7 @@ def test_a_replacement_puts_plainly(s3: Harness) -> None:
     assert "if-none-match" not in _puts(s3)[-1]
     assert s3.open("miss-then-hit") is None
     s3.objects["miss-then-hit"] = (b"there", {}, '"t"')
+    s3.clock.advance(MISS_CACHE)
     assert s3.open("miss-then-hit") is not None  # found since: the miss is forgotten
     _write(s3, "miss-then-hit", b"replaced")
     assert s3.objects["miss-then-hit"][0] == b"replaced"
@@ -750,3 +751,39 @@ def test_the_store_endpoint_is_made_once_per_host() -> None:
     secure = endpoints.endpointForURI(URI.fromBytes(b"https://s3.example.com/b/k"))
     assert not isinstance(secure, HostnameEndpoint)  # wrapped in TLS
     assert endpoints.endpointForURI(URI.fromBytes(b"https://s3.example.com/b/k2")) is secure
+
+
+def test_a_miss_storm_is_not_a_storm_of_store_requests(s3: Harness) -> None:
+    """
+    For :data:`MISS_CACHE` after a miss the key's opens are answered from
+    memory; another edge's copy is seen after it, this store's own write at once.
+    """
+    assert s3.open("storm") is None
+    asked = len(s3.fake.requests)
+    assert all(s3.open("storm") is None for _ in range(100))
+    assert len(s3.fake.requests) == asked
+    s3.objects["storm"] = (b"from another edge", {}, '"o"')
+    assert s3.open("storm") is None  # not seen yet
+    s3.clock.advance(MISS_CACHE)
+    assert s3.open("storm").size == len(b"from another edge")
+    assert s3.open("mine") is None
+    _write(s3, "mine", b"my own fill")
+    assert s3.open("mine").size == len(b"my own fill")  # this store's own write: at once
+
+
+def test_a_miss_answered_after_this_stores_own_write_is_not_remembered(s3: Harness) -> None:
+    """
+    An open that began before this store stored the key and was answered
+    404 after (a miss storm during a fill) must not hide the new copy: the
+    fill is visible to the very next request.
+    """
+    where = s3.store._where(BUCKET, ("raced",))
+    began = s3.store._generation
+    _write(s3, "raced", b"stored meanwhile")
+    assert s3.store._remember(None, where, began) is None  # the late 404 of the open that began before
+    assert s3.open("raced").size == len(b"stored meanwhile")
+    assert s3.open("gone") is None
+    began = s3.store._generation
+    s3.store._remember(None, s3.store._where(BUCKET, ("gone",)), began)  # no store since: remembered
+    asked = len(s3.fake.requests)
+    assert s3.open("gone") is None and len(s3.fake.requests) == asked

@@ -81,6 +81,10 @@ _NOT_NAMES = frozenset({"", ".", ".."})
 MISS_MEMORY = 300.0
 #: Keys remembered so, at most (the oldest are forgotten first: their writers then PUT plainly).
 MISS_KEYS = 50_000
+#: Seconds a miss is answered from that memory, without asking the store again: a miss storm
+#: (hundreds of clients on a new key) is not a storm of GETs on the store.  A copy stored by
+#: another edge is seen this much later at most; this store's own writes are seen at once.
+MISS_CACHE = 1.0
 #: PUTs retried after S3's 409 ConditionalRequestConflict (another conditional write of the key was under way).
 _CONFLICT_RETRIES = 3
 
@@ -188,6 +192,9 @@ class S3Store:
         self.describe = "S3 store"
         #: (store bucket, key) -> when an open found nothing there (see :meth:`writer`).
         self._missing: OrderedDict[tuple[str, str], float] = OrderedDict()
+        #: How many objects this store has stored, and the count at each key's latest store.
+        self._generation = 0
+        self._written: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     def _where(self, bucket: str, segments: tuple[str, ...]) -> tuple[str, str]:
         """The store bucket and key of a cosedge bucket's object."""
@@ -213,16 +220,34 @@ class S3Store:
         if not _is_key(segments):
             return succeed(None)
         where = self._where(bucket, segments)
-        return self._guard("GET", self._open(*where)).addCallback(self._remember, where)
+        since = self._missing.get(where)
+        if since is not None and self._clock.seconds() - since < MISS_CACHE:
+            return succeed(None)
+        opening = self._guard("GET", self._open(*where))
+        return opening.addCallback(self._remember, where, self._generation)
 
-    def _remember(self, found: IStoredObject | None, where: tuple[str, str]) -> IStoredObject | None:
-        """Note whether the store holds ``where`` (a miss makes the key's next writer exclusive)."""
+    def _remember(self, found: IStoredObject | None, where: tuple[str, str], began: int) -> IStoredObject | None:
+        """
+        Note whether the store holds ``where`` (a miss makes the key's next
+        writer exclusive, and answers its opens for :data:`MISS_CACHE`) — unless
+        this store has stored the key since the open began (``began``: the
+        count of stores then): that miss is out of date already.
+        """
         self._missing.pop(where, None)
-        if found is None:
+        if found is None and self._written.get(where, -1) <= began:
             self._missing[where] = self._clock.seconds()
             while len(self._missing) > MISS_KEYS:
                 self._missing.popitem(last=False)
         return found
+
+    def _stored(self, where: tuple[str, str]) -> None:
+        """This store has just stored ``where`` (or found it stored by a PUT's 412): the next open asks the store."""
+        self._generation += 1
+        self._missing.pop(where, None)
+        self._written.pop(where, None)
+        self._written[where] = self._generation
+        while len(self._written) > MISS_KEYS:
+            self._written.popitem(last=False)
 
     def _was_missing(self, where: tuple[str, str]) -> bool:
         """Whether the last open of ``where``, within :data:`MISS_MEMORY` seconds, found nothing (forgotten now)."""
@@ -344,6 +369,7 @@ class S3Store:
                 store=self.describe,
                 key=key,
             )
+            self._stored((store_bucket, key))
             return
         if reply.status != 200:
             raise reply.failure(f"PUT {key}")
@@ -351,6 +377,7 @@ class S3Store:
         if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != md5:
             await self.client.call("DELETE", store_bucket, key)
             raise StoreError(f"{self.describe}: PUT {key}: the stored ETag {etag} is not the body's MD5 {md5}")
+        self._stored((store_bucket, key))
 
     async def _create_bucket(self, store_bucket: str) -> None:
         region = self.client.region
