@@ -92,7 +92,13 @@ class IObjectWriter(IConsumer):  # type: ignore[misc]
 
 
 class IObjectStore(Interface):
-    """Where bucket objects are stored.  Every method returns a Deferred."""
+    """
+    Where bucket objects are stored.  Every method returns a Deferred.
+
+    Not part of the interface, an optional hook: a store that makes requests
+    over the network has ``observe_requests(observer)``, and calls
+    ``observer(operation, outcome, seconds)`` for each (the daemon's metrics).
+    """
 
     def open(bucket: str, segments: tuple[str, ...]) -> Deferred[IStoredObject | None]:
         """Deferred of the :class:`IStoredObject`, or of None if there is none; fails with :class:`StoreError`."""

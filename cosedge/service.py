@@ -71,6 +71,9 @@ class EdgeService(MultiService):
         self.reactor = reactor
         self.store = store
         self.stats = Stats()
+        observe_requests = getattr(store, "observe_requests", None)  # a network store's requests, in the metrics
+        if observe_requests is not None:
+            observe_requests(self.stats.store_request)
         self._pool = pool
         tls = agent.tls if isinstance(agent, OriginAgents) else None
         self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims, tls=tls)

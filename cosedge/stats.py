@@ -47,6 +47,14 @@ class Stats:
     requests: Counter[str] = field(factory=Counter)
     #: Per bucket, the most-missed keys and how often (an over-estimate by at most the smallest count).
     missed_keys: dict[str, dict[str, int]] = field(factory=dict)
+    #: Requests to a network store by ``"<operation> <outcome>"``, and their seconds by operation.
+    store_requests: Counter[str] = field(factory=Counter)
+    store_seconds: dict[str, float] = field(factory=dict)
+
+    def store_request(self, operation: str, outcome: str, seconds: float) -> None:
+        """Count one request to the store (``outcome``: ``2xx`` … ``5xx``, or ``error``: no answer)."""
+        self.store_requests[f"{operation} {outcome}"] += 1
+        self.store_seconds[operation] = self.store_seconds.get(operation, 0.0) + seconds
 
     def request(self, bucket: str, outcome: str) -> None:
         self.requests[f"{bucket} {outcome}"] += 1
@@ -85,6 +93,8 @@ class Stats:
             "fill_duration_count": self.fill_duration_count,
             "requests": dict(self.requests),
             "missed_keys": {bucket: dict(counts) for bucket, counts in self.missed_keys.items()},
+            "store_requests": dict(self.store_requests),
+            "store_seconds": dict(self.store_seconds),
         }
 
     def add(self, data: Mapping[str, Any]) -> None:
@@ -98,6 +108,9 @@ class Stats:
         self.fill_duration_sum += data["fill_duration_sum"]
         self.fill_duration_count += data["fill_duration_count"]
         self.requests.update(data.get("requests", {}))
+        self.store_requests.update(data.get("store_requests", {}))
+        for operation, seconds in data.get("store_seconds", {}).items():
+            self.store_seconds[operation] = self.store_seconds.get(operation, 0.0) + seconds
         for bucket, counts in data.get("missed_keys", {}).items():
             mine = self.missed_keys.setdefault(bucket, {})
             for key, n in counts.items():

@@ -39,7 +39,7 @@ from cosedge.ops import service as ops
 from cosedge.ops.metrics import Readiness, free_disk_check, make_registry, store_writable_check
 from cosedge.ops.notify import notify, notify_socket_address, watchdog_interval
 from cosedge.service import EdgeService, build_service
-from cosedge.stats import Totals
+from cosedge.stats import Stats, Totals
 from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin, MemoryStore
 
@@ -750,3 +750,27 @@ def test_a_restarted_service_reports_ready_again(
         assert ops_of(service).readiness.problems() == []
         service.stopService()
         assert received(sock)[0].startswith("STOPPING=1")
+
+
+def test_store_requests_are_metrics_summed_over_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network store's requests: a counter by operation and outcome, and a summary of their seconds."""
+    cooperator = StepCooperator()
+    cooperator.install(monkeypatch)
+    edge = Edge(cooperator)
+    edge.stats.store_request("GET", "2xx", 0.25)
+    edge.stats.store_request("GET", "4xx", 0.5)
+    worker = Stats()
+    worker.store_request("PUT", "error", 2.0)
+    edge.stats.add(worker.to_json())  # another process's, as the primary sums them
+    resource = ops.AdminResource(make_registry(_metrics_target(edge), process=False), Readiness([]))
+    found = samples(scrape(resource)[2])
+
+    def metric(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert metric("cosedge_store_requests_total", operation="GET", outcome="2xx") == 1
+    assert metric("cosedge_store_requests_total", operation="GET", outcome="4xx") == 1
+    assert metric("cosedge_store_requests_total", operation="PUT", outcome="error") == 1
+    assert metric("cosedge_store_request_seconds_count", operation="GET") == 2
+    assert metric("cosedge_store_request_seconds_sum", operation="GET") == pytest.approx(0.75)
+    assert metric("cosedge_store_request_seconds_sum", operation="PUT") == pytest.approx(2.0)

@@ -787,3 +787,17 @@ def test_a_miss_answered_after_this_stores_own_write_is_not_remembered(s3: Harne
     s3.store._remember(None, s3.store._where(BUCKET, ("gone",)), began)  # no store since: remembered
     asked = len(s3.fake.requests)
     assert s3.open("gone") is None and len(s3.fake.requests) == asked
+
+
+def test_every_store_request_is_observed_by_operation_and_outcome(s3: Harness) -> None:
+    """The metrics' source: each request's operation, outcome (status class) and seconds to its answer."""
+    seen: list[tuple[str, str, float]] = []
+    s3.store.observe_requests(lambda *request: seen.append(request))
+    assert s3.open("absent") is None
+    _write(s3, "present", b"data")
+    s3.keys()
+    s3.run(s3.store.remove(BUCKET, ("present",)))
+    operations = [(operation, outcome) for operation, outcome, _ in seen]
+    assert ("GET", "4xx") in operations and ("PUT", "2xx") in operations and ("LIST", "2xx") in operations
+    assert ("HEAD", "2xx") in operations and ("DELETE", "2xx") in operations
+    assert all(seconds >= 0 for *_, seconds in seen)

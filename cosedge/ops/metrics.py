@@ -22,6 +22,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.platform_collector import PlatformCollector
@@ -165,6 +166,27 @@ class EdgeCollector:
             bucket, _, outcome = bucket_outcome.partition(" ")
             requests.add_metric([bucket, outcome], count)
         yield requests
+
+        store = CounterMetricFamily(
+            "cosedge_store_requests",
+            'Requests to the S3 store ([storage] backend = "s3") by operation and outcome'
+            " (2xx, 3xx, 4xx, 5xx; error: no answer).",
+            labels=["operation", "outcome"],
+        )
+        latency = SummaryMetricFamily(
+            "cosedge_store_request_seconds",
+            "Seconds from a request to the S3 store to its answer's headers, by operation.",
+            labels=["operation"],
+        )
+        counts: dict[str, int] = {}
+        for operation_outcome, count in sorted(stats.store_requests.items()):
+            operation, _, outcome = operation_outcome.partition(" ")
+            store.add_metric([operation, outcome], count)
+            counts[operation] = counts.get(operation, 0) + count
+        for operation, count in sorted(counts.items()):
+            latency.add_metric([operation], count, stats.store_seconds.get(operation, 0.0))
+        yield store
+        yield latency
 
         yield GaugeMetricFamily("cosedge_fills_in_flight", "Fills running now.", value=totals.fills_running)
         yield GaugeMetricFamily("cosedge_fills_queued", "Fills waiting for a free slot.", value=totals.fills_queued)

@@ -37,7 +37,7 @@ import os
 import re
 import tempfile
 from collections import OrderedDict
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from itertools import count
 from typing import Any, TypeVar
@@ -512,6 +512,10 @@ class S3Store:
                     total += size
             if token is None:
                 return objects, total
+
+    def observe_requests(self, observer: Callable[[str, str, float], None]) -> None:
+        """Tell ``observer`` of every request to the store (for the metrics; see :mod:`cosedge.interfaces`)."""
+        self.client.observe = observer
 
     def probe(self) -> Deferred[None]:
         return self._guard("probe", self._probe())

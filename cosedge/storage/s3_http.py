@@ -12,7 +12,7 @@ signer would claim it), and a PUT carries its ``Content-Length`` and
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -124,6 +124,8 @@ class S3Client:
         self._signer = S3SigV4Auth(Credentials(*keys), "s3", region)
         self.region = region
         self.timeout = timeout
+        #: Told of every request: ``(operation, outcome, seconds to the answer's headers)``.
+        self.observe: Callable[[str, str, float], None] | None = None
 
     def url(self, bucket: str, key: str = "", query: Sequence[tuple[str, str]] = ()) -> tuple[str, str]:
         """The URL of a request and its Host."""
@@ -155,6 +157,19 @@ class S3Client:
         for name, value in signed.headers.items():
             sent.addRawHeader(name.lower().encode("latin-1"), value.encode("latin-1"))
         answer = self._agent.request(method.encode("ascii"), url.encode("ascii"), sent, body)
+        observe = self.observe
+        if observe is not None:
+            operation = "COPY" if headers and "x-amz-copy-source" in headers else method
+            if method == "GET" and not key:
+                operation = "LIST" if bucket else "LIST-BUCKETS"
+            began = self._clock.seconds()
+
+            def seen(result: IResponse | Failure) -> IResponse | Failure:
+                outcome = "error" if isinstance(result, Failure) else f"{result.code // 100}xx"
+                observe(operation, outcome, self._clock.seconds() - began)
+                return result
+
+            answer.addBoth(seen)
         return answer.addTimeout(timeout or self.timeout, self._clock)
 
     def call(self, method: str, bucket: str, key: str = "", **options: Any) -> Deferred[Reply]:

@@ -47,9 +47,12 @@ class S3Daemon(Daemon):
             f.write(f'\n[admin]\nlisten = ["tcp:{self.admin_port}:interface=127.0.0.1"]\n')
 
     def readyz(self) -> tuple[int, str]:
+        return self.admin("/readyz")
+
+    def admin(self, path: str) -> tuple[int, str]:
         connection = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
         try:
-            connection.request("GET", "/readyz")
+            connection.request("GET", path)
             response = connection.getresponse()
             return response.status, response.read().decode()
         finally:
@@ -127,6 +130,12 @@ def test_a_miss_fills_into_seaweedfs_and_hits_are_served_from_it(
     assert origin.gets(f"/{key}") == 1
     # A network store's probe answers later: /readyz reports it at the next check.
     wait_for(lambda: edge.readyz()[0] == 200, 10, "/readyz to say 200")
+    # The store's requests in /metrics: the miss's GET (404), the fill's PUT, the hits' GETs.
+    metrics = edge.admin("/metrics")[1]
+    for operation, outcome in (("GET", "4xx"), ("PUT", "2xx"), ("GET", "2xx")):
+        line = f'cosedge_store_requests_total{{operation="{operation}",outcome="{outcome}"}}'
+        assert line in metrics, metrics[-3000:]
+    assert 'cosedge_store_request_seconds_count{operation="PUT"}' in metrics
 
 
 def test_a_large_object_is_stored_whole_and_streamed_in_ranges(
