@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -277,14 +278,20 @@ def rss_kib(pid: int) -> int:
         for line in f:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
+    return total + int(over_children(pid, rss_kib))
+
+
+def over_children(pid: int, measure: Callable[[int], float]) -> int | float:
+    """``measure`` summed over the child processes of ``pid`` (cosedge's workers); one that ended counts 0."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(c) for c in f.read().split()]
     except OSError:
-        children = []
+        return 0
+    total: int | float = 0
     for child in children:
         try:
-            total += rss_kib(child)
+            total += measure(child)
         except OSError:  # it ended meanwhile
             pass
     return total

@@ -236,18 +236,7 @@ def cpu_seconds(pid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / tick
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        children = []
-    for child in children:
-        try:
-            total += cpu_seconds(child)
-        except OSError:
-            pass
-    return total
+    return (int(fields[11]) + int(fields[12])) / tick + load.over_children(pid, cpu_seconds)
 
 
 def children_cpu() -> float:
