@@ -312,3 +312,16 @@ def test_the_internal_request_is_signed_as_the_owner_checks_it(pair: Pair) -> No
     assert uri == f"{B}/{pair.key}".encode()
     signature = headers.getRawHeaders(HEADER)[0]  # type: ignore[index]
     assert verify(SECRET, signature, uri[len(B) :], body, pair.here.clock.seconds()) is None
+
+
+def test_the_owners_memory_of_a_404_holds_for_the_other_edges(pair: Pair) -> None:
+    """A key the origin answered 404 to the owner is not fetched again by the edge that missed it."""
+    missing = next(f"gone/{i}" for i in range(100) if owner_of((A, B), BUCKET, f"gone/{i}") == B)
+    pair.owner.request(f"/{missing}")
+    pair.owner.flush_origin()
+    assert pair.owner.filler.recently_not_found(BUCKET, tuple(missing.split("/")))
+    assert pair.here.request(f"/{missing}").status == 302
+    pair.owner_agent.flush()
+    pair.here.flush_origin()
+    assert pair.owner.origin.gets(f"/{missing}".encode()) == 1
+    assert pair.here.stats.events["fills_owner_missed"] == 0 and pair.here.stats.events["fills_started"] == 0

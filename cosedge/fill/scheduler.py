@@ -277,6 +277,10 @@ class Filler:
         """Whether a recent failure of this key holds it back (the back-off), as a miss would find."""
         return _remembered(self._backoff, (bucket, segments), self.clock.seconds())
 
+    def recently_not_found(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        """Whether the origin's 404 for this key is remembered (``not_found_ttl``), as a miss would find."""
+        return _remembered(self._not_found, (bucket, segments), self.clock.seconds())
+
     def forget(self, bucket: str, segments: tuple[str, ...]) -> None:
         """Drop any remembered 404 or failure for a key (after a purge, say)."""
         self._not_found.pop((bucket, segments), None)

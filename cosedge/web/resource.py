@@ -208,7 +208,8 @@ class EdgeResource(Resource):
     def _take_fill(self, request: Request, request_id: str, target: Target) -> bytes | int:
         """
         Another edge hands this one (the key's owner) a fill: 200 when the
-        key is stored already, 202 when its fill runs, 503 when none can.
+        key is stored already or the owner remembers the origin's 404 or a
+        failure (its back-off), 202 when its fill runs, 503 when none can.
         """
         assert self._cluster is not None
         settings = self._cluster.settings()
@@ -238,6 +239,11 @@ class EdgeResource(Resource):
             if self._filler.start(bucket_name, target.segments, source, here=True):
                 request.setResponseCode(202)
                 return b"filling\n"
+            # What this owner remembers holds for every edge: no other edge asks the origin again.
+            if self._filler.recently_not_found(bucket_name, target.segments):
+                return b"not-found\n"
+            if self._filler.recently_failed(bucket_name, target.segments):
+                return b"backoff\n"
             return answer_error(request, request_id, "ServiceUnavailable", "No fill can start here now.")
 
         answer = self._store.open(bucket_name, target.segments).addCallback(opened)
