@@ -158,6 +158,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--gib", type=int, default=1, help="the streamed object's size in GiB (default 1)")
     parser.add_argument("--workers", type=int, default=1, help="cosedge's [server] workers (default 1)")
+    parser.add_argument(
+        "--cache-validity",
+        type=float,
+        default=None,
+        help="[storage] cache_validity in seconds (default: cosedge's own, 1; 0: every hit asks the store)",
+    )
     args = parser.parse_args()
     servers.install_cleanup()
     load1 = os.getloadavg()[0]
@@ -175,6 +181,8 @@ def main() -> int:
             f'\n[storage]\nbackend = "s3"\nendpoint = "http://{HOST}:{s3}"\nbucket = "{STORE_BUCKET}"\n'
             f'access_key_id = "{KEY_ID}"\nsecret_access_key = "{SECRET}"\n'
         )
+        if args.cache_validity is not None:
+            storage += f"cache_validity = {args.cache_validity}\n"
         port = servers.free_port()
         edge = servers.start_cosedge(
             workdir, workdir / "data", port, servers.free_port(), workers=args.workers, extra=storage
@@ -195,6 +203,7 @@ def main() -> int:
         growth = (sampler.peak_kib - before) / 1024
         print(
             f"\nS3 store over SeaweedFS (issue 13), cosedge workers = {args.workers},"
+            f" cache_validity = {'1 (default)' if args.cache_validity is None else args.cache_validity},"
             f" wrk -t2 -c{args.connections}, {args.seconds:.0f} s a run;"
         )
         print(f"load average at start {load1:.2f}\n")

@@ -37,6 +37,7 @@ from cosedge.config import ConfigError, parse_config
 from cosedge.interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoreError
 from cosedge.service import build_service
 from cosedge.storage.s3 import MISS_CACHE, MISS_MEMORY, S3Store, check_config, open_s3_store
+from cosedge.storage.s3_cache import RecentObjects
 from cosedge.storage.s3_http import RangeStream, S3Client
 from cosedge.storage.s3_objects import META_HEADER, PREFIX
 
@@ -199,14 +200,19 @@ class FakeS3(Resource):
 class Harness:
     """An S3 store on a fake S3, with the clock and cooperator its PUT bodies are produced on."""
 
-    def __init__(self, tmp_path: Path, *, bucket: str = "", addressing: str = "path", **fake: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, *, bucket: str = "", addressing: str = "path", cache: float = 0.0, **fake: Any
+    ) -> None:
         self.fake = FakeS3(**fake)
         self.fake.buckets[bucket or BUCKET] = {}
         self.clock = Clock()
         self.agent = RequestTraversalAgent(self.fake)
         client = S3Client(self.agent, self.clock, "http://s3.test:8333", "us-east-1", KEYS, addressing)
         cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
-        self.store = S3Store(client, self.clock, str(tmp_path / "tmp"), bucket=bucket, cooperator=cooperator)
+        recent = RecentObjects(self.clock, cache, 1024 * 1024)
+        self.store = S3Store(
+            client, self.clock, str(tmp_path / "tmp"), bucket=bucket, cooperator=cooperator, recent=recent
+        )
         self.objects = self.fake.buckets[bucket or BUCKET]
         self.base = f"{BUCKET}/" if bucket else ""
 
@@ -692,6 +698,8 @@ S3_SECTION = '[storage]\nbackend = "s3"\nendpoint = "http://127.0.0.1:8333"\n'
         (S3_SECTION + 'bucket = "Bad_Name"', "[storage] bucket 'Bad_Name' is not a valid S3 bucket name"),
         (S3_SECTION + 'access_key_id = "k"', "[storage] access_key_id and secret_access_key go together"),
         (S3_SECTION + "timeout = 0", "[storage] timeout must be a positive number of seconds"),
+        (S3_SECTION + "cache_validity = -1", "[storage] cache_validity must be a number of seconds, 0 or more"),
+        (S3_SECTION + "cache_bytes = 1.5", "[storage] cache_bytes must be a number of bytes, 0 or more"),
         (S3_SECTION + "colour = 1", "[storage] has unknown setting(s) colour"),
         (S3_SECTION, "[storage] backend = 's3' needs credentials"),
         (S3_SECTION + 'credentials_file = "/nonexistent"', "[storage] credentials_file '/nonexistent' cannot be"),
@@ -801,3 +809,63 @@ def test_every_store_request_is_observed_by_operation_and_outcome(s3: Harness) -
     assert ("GET", "4xx") in operations and ("PUT", "2xx") in operations and ("LIST", "2xx") in operations
     assert ("HEAD", "2xx") in operations and ("DELETE", "2xx") in operations
     assert all(seconds >= 0 for *_, seconds in seen)
+
+
+def test_a_small_object_is_answered_again_without_the_store_for_its_validity(tmp_path: Path) -> None:
+    """
+    ``cache_validity``: a small object opened is opened again from memory
+    until the validity has passed; this store's own write, purge or
+    metadata change of it is seen at once; another edge's after the validity.
+    Objects larger than the first read are never kept.
+    """
+    s3 = Harness(tmp_path, cache=1.0)
+    s3.put("hot", b"v1")
+    assert _read(s3, "hot") == b"v1"
+    asked = len(s3.fake.requests)
+    assert all(_read(s3, "hot") == b"v1" for _ in range(50))
+    assert len(s3.fake.requests) == asked  # from memory
+    s3.objects["hot"] = (b"v2 from another edge", {}, '"other"')
+    assert _read(s3, "hot") == b"v1"
+    s3.clock.advance(1.0)
+    assert _read(s3, "hot") == b"v2 from another edge"
+    s3.put("hot", b"v3")  # this store's own write
+    assert _read(s3, "hot") == b"v3"
+    s3.run(s3.store.update_meta(BUCKET, ("hot",), {"cosedge-checked": "5"}))
+    assert s3.open("hot").meta["cosedge-checked"] == "5"
+    assert s3.run(s3.store.remove(BUCKET, ("hot",)))
+    assert s3.open("hot") is None
+    s3.put("big", os.urandom(PREFIX + 1))
+    s3.open("big")
+    asked = len(s3.fake.requests)
+    s3.open("big")
+    assert len(s3.fake.requests) == asked + 1  # not kept: asked again
+
+
+def test_recent_objects_are_bounded_by_bytes() -> None:
+    """The least recently used objects are dropped past ``cache_bytes``; a validity of 0 keeps none."""
+    clock = Clock()
+    recent = RecentObjects(clock, 10.0, 100)
+
+    def obj(size: int) -> Any:
+        from cosedge.storage.s3_objects import S3Object
+
+        return S3Object(lambda *a: fail(AssertionError("no read")), size, 0.0, '"e"', {}, b"x" * size)
+
+    recent.put(("b", "a"), obj(40))
+    recent.put(("b", "b"), obj(40))
+    assert recent.get(("b", "a")) is not None  # a is now the most recent
+    recent.put(("b", "c"), obj(40))  # 120 bytes: b goes
+    assert recent.get(("b", "b")) is None and recent.get(("b", "a")) is not None and len(recent) == 2
+    recent.put(("b", "huge"), obj(101))
+    assert recent.get(("b", "huge")) is None
+    off = RecentObjects(clock, 0.0, 100)
+    off.put(("b", "a"), obj(1))
+    assert len(off) == 0
+
+
+def _read(s3: Harness, key: str) -> bytes:
+    obj = s3.open(key)
+    consumer = PushConsumer()
+    s3.run(obj.produce(consumer, 0, obj.size))
+    obj.close()
+    return bytes(consumer.data)

@@ -63,6 +63,7 @@ from zope.interface import implementer
 from ..config import Config
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoredEntry, StoreError
 from .produce import CHUNK, RunBlocking
+from .s3_cache import RecentObjects
 from .s3_config import StorageConfig, access_keys, check_config, parse_storage
 from .s3_http import MAX_REPLY, Reply, S3Client, parse_listing, quote_key, read_body
 from .s3_objects import PREFIX, S3Object, S3Writer, last_modified, meta_headers, meta_of
@@ -137,7 +138,8 @@ def open_s3_store(config: Config, reactor: Any, run_blocking: RunBlocking) -> S3
     keys = access_keys(settings, os.environ)
     client = S3Client(agent, reactor, settings.endpoint, settings.region, keys, settings.addressing, settings.timeout)
     tmp_dir = os.path.join(config.server.data_dir, ".cosedge", "s3-tmp")
-    store = S3Store(client, reactor, tmp_dir, bucket=settings.bucket, run_blocking=run_blocking)
+    recent = RecentObjects(reactor, settings.cache_validity, settings.cache_bytes)
+    store = S3Store(client, reactor, tmp_dir, bucket=settings.bucket, run_blocking=run_blocking, recent=recent)
     store.describe = settings.endpoint + (f" (bucket {settings.bucket})" if settings.bucket else "")
     reactor.callWhenRunning(store.announce)
     return store
@@ -181,8 +183,11 @@ class S3Store:
         bucket: str = "",
         run_blocking: RunBlocking = maybeDeferred,
         cooperator: Any = task,
+        recent: RecentObjects | None = None,
     ) -> None:
         self.client = client
+        #: Small objects opened lately, answered again without the store (None given: none kept).
+        self._recent = recent if recent is not None else RecentObjects(clock, 0.0, 0)
         self._clock = clock
         self.tmp_dir = tmp_dir
         self.bucket = bucket
@@ -220,6 +225,9 @@ class S3Store:
         if not _is_key(segments):
             return succeed(None)
         where = self._where(bucket, segments)
+        recent = self._recent.get(where)
+        if recent is not None:
+            return succeed(recent)
         since = self._missing.get(where)
         if since is not None and self._clock.seconds() - since < MISS_CACHE:
             return succeed(None)
@@ -234,16 +242,21 @@ class S3Store:
         count of stores then): that miss is out of date already.
         """
         self._missing.pop(where, None)
-        if found is None and self._written.get(where, -1) <= began:
+        if self._written.get(where, -1) > began:
+            return found
+        if found is None:
             self._missing[where] = self._clock.seconds()
             while len(self._missing) > MISS_KEYS:
                 self._missing.popitem(last=False)
+        elif isinstance(found, S3Object):
+            self._recent.put(where, found)
         return found
 
     def _stored(self, where: tuple[str, str]) -> None:
         """This store has just stored ``where`` (or found it stored by a PUT's 412): the next open asks the store."""
         self._generation += 1
         self._missing.pop(where, None)
+        self._recent.drop(where)
         self._written.pop(where, None)
         self._written[where] = self._generation
         while len(self._written) > MISS_KEYS:
@@ -393,7 +406,9 @@ class S3Store:
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
         if not _is_key(segments):
             return succeed(False)
-        return self._guard("DELETE", self._remove(*self._where(bucket, segments)))
+        where = self._where(bucket, segments)
+        self._stored(where)  # forgotten at once, and again once done (an open meanwhile may see the old copy)
+        return self._guard("DELETE", self._remove(*where)).addBoth(self._changed, where)
 
     async def _remove(self, store_bucket: str, key: str) -> bool:
         head = await self.client.call("HEAD", store_bucket, key)
@@ -409,7 +424,13 @@ class S3Store:
     def update_meta(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> Deferred[bool]:
         if not _is_key(segments):
             return succeed(False)
-        return self._guard("COPY", self._update_meta(*self._where(bucket, segments), changes))
+        where = self._where(bucket, segments)
+        self._stored(where)
+        return self._guard("COPY", self._update_meta(*where, changes)).addBoth(self._changed, where)
+
+    def _changed(self, result: _T, where: tuple[str, str]) -> _T:
+        self._stored(where)
+        return result
 
     async def _update_meta(self, store_bucket: str, key: str, changes: Mapping[str, str]) -> bool:
         head = await self.client.call("HEAD", store_bucket, key)

@@ -40,6 +40,16 @@ def _seconds(instance: object, attribute: Any, value: object) -> None:
         raise ConfigError(f"{attribute.name} must be a positive number of seconds, not {value!r}")
 
 
+def _not_negative(instance: object, attribute: Any, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{attribute.name} must be a number of seconds, 0 or more, not {value!r}")
+
+
+def _bytes(instance: object, attribute: Any, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name} must be a number of bytes, 0 or more, not {value!r}")
+
+
 @frozen
 class StorageConfig:
     """``[storage]``: where bucket objects live (``backend = "disk"``, the default, or ``"s3"``)."""
@@ -54,6 +64,10 @@ class StorageConfig:
     bucket: str = field(default="", validator=_string)
     #: Seconds a request to the store may take to be answered (a PUT: more, by its size).
     timeout: float = field(default=30.0, validator=_seconds)
+    #: Seconds a small object, once opened, is answered again without asking the store (0: never).
+    cache_validity: float = field(default=1.0, validator=_not_negative)
+    #: Bytes of such objects kept at most, per process.
+    cache_bytes: int = field(default=64 * 1024 * 1024, validator=_bytes)
 
     def __attrs_post_init__(self) -> None:
         if self.backend != "s3":
