@@ -110,6 +110,8 @@ class FakeS3(Resource):
                 return b""
             return self._error(request, 404, "NoSuchBucket")
         objects = self.buckets[bucket]
+        if key and ("uploads" in query or "uploadId" in query):
+            return self._upload(request, method, objects, key, headers, query)
         if not key:
             return self._list(objects, query) if method == "GET" else b""
         if method == "PUT":
@@ -121,6 +123,18 @@ class FakeS3(Resource):
         if key not in objects:
             return self._error(request, 404, "NoSuchKey")
         return self._get(request, objects[key], headers)
+
+    def _upload(
+        self,
+        request: Request,
+        method: str,
+        objects: dict[str, Any],
+        key: str,
+        headers: dict[str, str],
+        query: dict[str, str],
+    ) -> bytes:
+        """A multipart upload's request (see tests/test_s3_multipart.py); this fake has none."""
+        return self._error(request, 501, "NotImplemented")
 
     def _error(self, request: Request, status: int, code: str) -> bytes:
         request.setResponseCode(status)
@@ -201,9 +215,17 @@ class Harness:
     """An S3 store on a fake S3, with the clock and cooperator its PUT bodies are produced on."""
 
     def __init__(
-        self, tmp_path: Path, *, bucket: str = "", addressing: str = "path", cache: float = 0.0, **fake: Any
+        self,
+        tmp_path: Path,
+        *,
+        bucket: str = "",
+        addressing: str = "path",
+        cache: float = 0.0,
+        fake_s3: type[FakeS3] = FakeS3,
+        multipart: tuple[int, int] = (64 * 1024 * 1024, 16 * 1024 * 1024),
+        **fake: Any,
     ) -> None:
-        self.fake = FakeS3(**fake)
+        self.fake = fake_s3(**fake)
         self.fake.buckets[bucket or BUCKET] = {}
         self.clock = Clock()
         self.agent = RequestTraversalAgent(self.fake)
@@ -211,7 +233,13 @@ class Harness:
         cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
         recent = RecentObjects(self.clock, cache, 1024 * 1024)
         self.store = S3Store(
-            client, self.clock, str(tmp_path / "tmp"), bucket=bucket, cooperator=cooperator, recent=recent
+            client,
+            self.clock,
+            str(tmp_path / "tmp"),
+            bucket=bucket,
+            cooperator=cooperator,
+            recent=recent,
+            multipart=multipart,
         )
         self.objects = self.fake.buckets[bucket or BUCKET]
         self.base = f"{BUCKET}/" if bucket else ""
@@ -700,6 +728,9 @@ S3_SECTION = '[storage]\nbackend = "s3"\nendpoint = "http://127.0.0.1:8333"\n'
         (S3_SECTION + "timeout = 0", "[storage] timeout must be a positive number of seconds"),
         (S3_SECTION + "cache_validity = -1", "[storage] cache_validity must be a number of seconds, 0 or more"),
         (S3_SECTION + "cache_bytes = 1.5", "[storage] cache_bytes must be a number of bytes, 0 or more"),
+        (S3_SECTION + "multipart_threshold = 1024", "[storage] multipart_threshold must be between 5 MiB"),
+        (S3_SECTION + "multipart_part_size = 6442450944", "[storage] multipart_part_size must be between 5 MiB"),
+        (S3_SECTION + 'multipart_part_size = "16M"', "[storage] multipart_part_size must be a number of bytes"),
         (S3_SECTION + "colour = 1", "[storage] has unknown setting(s) colour"),
         (S3_SECTION, "[storage] backend = 's3' needs credentials"),
         (S3_SECTION + 'credentials_file = "/nonexistent"', "[storage] credentials_file '/nonexistent' cannot be"),

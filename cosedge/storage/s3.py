@@ -12,9 +12,10 @@ call ever blocks the reactor beyond a small temporary-file write.
   must match its ETag, streamed with back-pressure.
 - A fill holds the body (in memory when small, else in a temporary file
   under ``<data_dir>/.cosedge/s3-tmp/``) and PUTs it whole on commit, with
-  its length and MD5: S3 never shows a partial object, so a fill cut short
-  leaves nothing in the store, and a crash leaves only a temporary file,
-  swept at the next start.
+  its length and MD5 (above ``multipart_threshold``: a multipart upload,
+  :mod:`cosedge.storage.s3_multipart`): S3 never shows a partial object, so a
+  fill cut short leaves nothing in the store, and a crash leaves only a
+  temporary file (and an upload's journal), swept at the next start.
 - Several edges over one store: the PUT of a key the store was just found
   not to hold says ``If-None-Match: *``, and the store's 412 means another
   edge stored it first, which is as good (the same key from the same
@@ -32,9 +33,7 @@ import contextlib
 import errno
 import glob
 import heapq
-import io
 import os
-import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
@@ -53,7 +52,6 @@ from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
 )
@@ -62,11 +60,13 @@ from zope.interface import implementer
 
 from ..config import Config
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoredEntry, StoreError
-from .produce import CHUNK, RunBlocking
+from .produce import RunBlocking
 from .s3_cache import RecentObjects
 from .s3_config import StorageConfig, access_keys, check_config, parse_storage
 from .s3_http import MAX_REPLY, Reply, S3Client, parse_listing, quote_key, read_body
+from .s3_multipart import JOURNAL_SUFFIX, abort_journalled
 from .s3_objects import PREFIX, S3Object, S3Writer, last_modified, meta_headers, meta_of
+from .s3_put import S3Puts
 
 __all__ = ["S3Store", "StorageConfig", "check_config", "open_s3_store", "parse_storage"]
 
@@ -75,8 +75,6 @@ _T = TypeVar("_T")
 
 #: A body declared this small or smaller is held in memory until commit (as the disk store does).
 SMALL_BODY = 256 * 1024
-#: Seconds a PUT may take per byte beyond ``timeout`` (a floor of 1 MB/s to the store).
-_PUT_SECONDS_PER_BYTE = 1e-6
 _NOT_NAMES = frozenset({"", ".", ".."})
 #: Seconds a key the store was found not to hold makes its next writer exclusive (``If-None-Match: *``).
 MISS_MEMORY = 300.0
@@ -86,8 +84,6 @@ MISS_KEYS = 50_000
 #: (hundreds of clients on a new key) is not a storm of GETs on the store.  A copy stored by
 #: another edge is seen this much later at most; this store's own writes are seen at once.
 MISS_CACHE = 1.0
-#: PUTs retried after S3's 409 ConditionalRequestConflict (another conditional write of the key was under way).
-_CONFLICT_RETRIES = 3
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -139,7 +135,10 @@ def open_s3_store(config: Config, reactor: Any, run_blocking: RunBlocking) -> S3
     client = S3Client(agent, reactor, settings.endpoint, settings.region, keys, settings.addressing, settings.timeout)
     tmp_dir = os.path.join(config.server.data_dir, ".cosedge", "s3-tmp")
     recent = RecentObjects(reactor, settings.cache_validity, settings.cache_bytes)
-    store = S3Store(client, reactor, tmp_dir, bucket=settings.bucket, run_blocking=run_blocking, recent=recent)
+    multipart = (settings.multipart_threshold, settings.multipart_part_size)
+    store = S3Store(
+        client, reactor, tmp_dir, bucket=settings.bucket, run_blocking=run_blocking, recent=recent, multipart=multipart
+    )
     store.describe = settings.endpoint + (f" (bucket {settings.bucket})" if settings.bucket else "")
     reactor.callWhenRunning(store.announce)
     return store
@@ -184,6 +183,7 @@ class S3Store:
         run_blocking: RunBlocking = maybeDeferred,
         cooperator: Any = task,
         recent: RecentObjects | None = None,
+        multipart: tuple[int, int] = (64 * 1024 * 1024, 16 * 1024 * 1024),
     ) -> None:
         self.client = client
         #: Small objects opened lately, answered again without the store (None given: none kept).
@@ -192,7 +192,8 @@ class S3Store:
         self.tmp_dir = tmp_dir
         self.bucket = bucket
         self._run_blocking = run_blocking
-        self._cooperator = cooperator
+        #: How objects are stored (one PUT, or in parts) and store buckets created.
+        self.puts = S3Puts(client, clock, run_blocking, cooperator, multipart, lambda: self.describe)
         #: How the store is named in log lines and errors (never with credentials).
         self.describe = "S3 store"
         #: (store bucket, key) -> when an open found nothing there (see :meth:`writer`).
@@ -329,8 +330,8 @@ class S3Store:
             exclusive = self._was_missing(where)
         put = partial(self._put, *where, exclusive=exclusive)
         if length is not None and length <= SMALL_BODY:
-            return succeed(S3Writer(put, self._open_body, self._clock.seconds))
-        return self._run_blocking(lambda: S3Writer(put, self._open_body, self._clock.seconds, *self._temporary(bucket)))
+            return succeed(S3Writer(put, self._clock.seconds))
+        return self._run_blocking(lambda: S3Writer(put, self._clock.seconds, *self._temporary(bucket)))
 
     def _temporary(self, bucket: str) -> tuple[int, str]:
         """A new temporary file ``<pid>.<bucket>.<random>.part`` (blocking)."""
@@ -340,15 +341,11 @@ class S3Store:
             os.makedirs(self.tmp_dir, exist_ok=True)
             return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
 
-    def _open_body(self, source: bytes | str) -> FileBodyProducer:
-        data = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
-        return FileBodyProducer(data, cooperator=self._cooperator, readSize=CHUNK)
-
     def _put(
         self,
         store_bucket: str,
         key: str,
-        body: Any,
+        source: bytes | str,
         size: int,
         headers: dict[str, str],
         md5: str,
@@ -357,51 +354,17 @@ class S3Store:
     ) -> Deferred[None]:
         if exclusive:
             headers = {**headers, "if-none-match": "*"}
-        return self._guard("PUT", self._put_object(store_bucket, key, body, size, headers, md5))
+        putting = self._guard("PUT", self.puts.put(store_bucket, key, source, size, headers, md5))
+        return putting.addCallback(self._put_done, store_bucket, key)
 
-    async def _put_object(
-        self, store_bucket: str, key: str, body: Any, size: int, headers: dict[str, str], md5: str
-    ) -> None:
-        timeout = self.client.timeout + size * _PUT_SECONDS_PER_BYTE
-        exclusive = "if-none-match" in headers
-        for attempt in count(1):
-            reply = await self.client.call("PUT", store_bucket, key, headers=headers, body=body(), timeout=timeout)
-            if reply.status == 404 and reply.failure("").code == "NoSuchBucket":
-                # Not created yet: a bucket of its own, or the configured one that the probe at start
-                # is still creating (Ceph RGW takes seconds over its first bucket, while fills start).
-                await self._create_bucket(store_bucket)
-                reply = await self.client.call("PUT", store_bucket, key, headers=headers, body=body(), timeout=timeout)
-            conflict = exclusive and reply.status == 409 and reply.failure("").code == "ConditionalRequestConflict"
-            if not conflict or attempt > _CONFLICT_RETRIES:
-                break
-            # (AWS S3) another conditional write of the key is under way: it ends in a 200, then this one's 412.
-            await task.deferLater(self._clock, 0.2 * attempt)
-        if reply.status == 412 and exclusive:
+    def _put_done(self, stored: bool, store_bucket: str, key: str) -> None:
+        if not stored:
             _log.info(
                 "{store}: {key} is stored already (another edge or process was first): this copy is dropped",
                 store=self.describe,
                 key=key,
             )
-            self._stored((store_bucket, key))
-            return
-        if reply.status != 200:
-            raise reply.failure(f"PUT {key}")
-        etag = (reply.header(b"etag") or "").strip('"')
-        if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != md5:
-            await self.client.call("DELETE", store_bucket, key)
-            raise StoreError(f"{self.describe}: PUT {key}: the stored ETag {etag} is not the body's MD5 {md5}")
         self._stored((store_bucket, key))
-
-    async def _create_bucket(self, store_bucket: str) -> None:
-        region = self.client.region
-        body = None
-        if region != "us-east-1":
-            xml = f'<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><LocationConstraint>{region}</LocationConstraint></CreateBucketConfiguration>'  # noqa: E501
-            body = self._open_body(xml.encode("ascii"))
-        reply = await self.client.call("PUT", store_bucket, body=body)
-        if reply.status != 200 and reply.failure("").code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise reply.failure(f"creating the store bucket {store_bucket}")
-        _log.info("created the store bucket {bucket} on {store}", bucket=store_bucket, store=self.describe)
 
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
         if not _is_key(segments):
@@ -547,23 +510,28 @@ class S3Store:
         else:
             reply = await self.client.call("HEAD", self.bucket)
             if reply.status == 404:
-                await self._create_bucket(self.bucket)
+                await self.puts.create_bucket(self.bucket)
                 return
         if reply.status != 200:
             raise reply.failure(self.describe)
 
     def sweep(self, owner: int | None = None) -> Deferred[int]:
-        return maybeDeferred(self._sweep_files, owner)
+        return self._guard("sweep", self._sweep(owner))
 
-    def _sweep_files(self, owner: int | None) -> int:
-        """Remove leftover temporary files (``owner``: only that process's); how many."""
+    async def _sweep(self, owner: int | None) -> int:
+        """
+        Remove leftover temporary files and abort the multipart uploads their
+        journals name (``owner``: only that process's); how many.
+        """
         os.makedirs(self.tmp_dir, exist_ok=True)
-        pattern = "*.part" if owner is None else f"{owner}.*.part"
+        names = os.path.join(glob.escape(self.tmp_dir), "*" if owner is None else f"{owner}.*")
         removed = 0
-        for path in glob.glob(os.path.join(glob.escape(self.tmp_dir), pattern)):
+        for path in glob.glob(names + ".part"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed += 1
+        for path in glob.glob(names + JOURNAL_SUFFIX):
+            removed += await abort_journalled(self.client, path)
         return removed
 
     def announce(self) -> Deferred[None]:

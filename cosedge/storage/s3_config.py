@@ -20,6 +20,9 @@ __all__ = ["StorageConfig", "access_keys", "check_config", "parse_storage"]
 
 S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 _REGION = re.compile(r"[a-z0-9-]+\Z")
+#: S3's smallest part of a multipart upload (but the last), and its largest single PUT.
+_MIN_PART = 5 * 1024 * 1024
+_MAX_PUT = 5 * 1024 * 1024 * 1024
 
 
 def _choice(*allowed: str) -> Any:
@@ -68,6 +71,9 @@ class StorageConfig:
     cache_validity: float = field(default=1.0, validator=_not_negative)
     #: Bytes of such objects kept at most, per process.
     cache_bytes: int = field(default=64 * 1024 * 1024, validator=_bytes)
+    #: An object larger than this is stored with a multipart upload, in parts of ``multipart_part_size``.
+    multipart_threshold: int = field(default=64 * 1024 * 1024, validator=_bytes)
+    multipart_part_size: int = field(default=16 * 1024 * 1024, validator=_bytes)
 
     def __attrs_post_init__(self) -> None:
         if self.backend != "s3":
@@ -84,6 +90,11 @@ class StorageConfig:
             parts.port  # noqa: B018  (raises on a bad port)
         except ValueError:
             raise ConfigError(f"endpoint has an invalid port: {self.endpoint!r}") from None
+        for name in ("multipart_threshold", "multipart_part_size"):
+            if not _MIN_PART <= getattr(self, name) <= _MAX_PUT:
+                raise ConfigError(
+                    f"{name} must be between 5 MiB (5242880) and 5 GiB (5368709120) bytes, not {getattr(self, name)!r}"
+                )
         if not _REGION.match(self.region):
             raise ConfigError(f"region must be a region name like 'us-east-1', not {self.region!r}")
         if self.bucket and not S3_BUCKET.match(self.bucket):

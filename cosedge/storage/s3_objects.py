@@ -2,7 +2,7 @@
 The S3 store's objects: how a stored object's metadata is kept in S3's
 user metadata, an open object (:class:`S3Object`, read with ranged GETs),
 and a writer (:class:`S3Writer`) that holds the body (in memory, or in a
-temporary file) and PUTs it whole on commit.
+temporary file) and stores it whole on commit.
 
 Metadata: an origin's ``x-cos-meta-<name>`` of plain printable ASCII is
 kept as ``x-amz-meta-<name>`` (what other S3 tools show); everything else
@@ -185,23 +185,22 @@ class S3Object:
         self.prefix = b""
 
 
-#: ``put(body, size, headers, md5_hex)``: Deferred that fires once the object is stored.
-Put = Callable[[Callable[[], Any], int, dict[str, str], str], "Deferred[None]"]
+#: ``put(source, size, headers, md5_hex)``: Deferred that fires once the object is stored;
+#: ``source`` is the body (bytes) or the path of the temporary file that holds it.
+Put = Callable[[bytes | str, int, dict[str, str], str], "Deferred[None]"]
 
 
 @implementer(IObjectWriter)
 class S3Writer(_Consumer):
     """
     A body held until commit: in memory (``path`` None), or in the temporary
-    file ``path`` open as ``fd``.  ``commit`` PUTs it whole, with its length
-    and MD5: the object appears in the store complete or not at all.
+    file ``path`` open as ``fd``.  ``commit`` stores it with its length and
+    MD5 (one PUT, or a multipart upload when large): the object appears in
+    the store complete or not at all.
     """
 
-    def __init__(
-        self, put: Put, open_body: Callable[[bytes | str], Any], now: Callable[[], float], fd: int = -1, path: str = ""
-    ) -> None:
+    def __init__(self, put: Put, now: Callable[[], float], fd: int = -1, path: str = "") -> None:
         self._put = put
-        self._open_body = open_body
         self._now = now
         self._fd = fd
         self._path = path
@@ -238,7 +237,7 @@ class S3Writer(_Consumer):
             self._fd = -1
         source: bytes | str = self._path or b"".join(self._chunks)
         self._chunks = []
-        self._putting = self._put(lambda: self._open_body(source), self.size, headers, digest.hex())
+        self._putting = self._put(source, self.size, headers, digest.hex())
         return self._putting.addBoth(self._committed)
 
     def _committed(self, result: object) -> object:

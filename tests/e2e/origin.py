@@ -49,13 +49,15 @@ import threading
 import time
 from collections import Counter
 
-__all__ = ["HOLD_LIMIT", "LAST_MODIFIED", "MisbehavingOrigin", "body_for", "content_type_for", "etag_for"]
+__all__ = ["BIG_SIZE", "HOLD_LIMIT", "LAST_MODIFIED", "MisbehavingOrigin", "body_for", "content_type_for", "etag_for"]
 
 #: The longest any stall or held body lasts, in seconds.
 HOLD_LIMIT = 30.0
 _MAX_HEAD = 64 * 1024
 _SLOW_HEAD = 64 * 1024
 _SLOW_SIZE = 1024 * 1024 + 12_345
+#: Objects under ``big/``: past a multipart threshold of 5 MiB, in three parts of 5 MiB.
+BIG_SIZE = 12 * 1024 * 1024 + 4321
 _TRICKLE = 0.2
 
 
@@ -67,7 +69,7 @@ def body_for(path: str) -> bytes:
     if first == "gzip":
         return gzip.compress(b"cosedge keeps the origin's exact bytes\n" * 500, mtime=0)
     seed = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big")
-    size = _SLOW_SIZE if first == "slow" else 20_000 + seed % 5000
+    size = {"slow": _SLOW_SIZE, "big": BIG_SIZE}.get(first, 20_000 + seed % 5000)
     return random.Random(seed).randbytes(size)
 
 
@@ -226,7 +228,7 @@ class MisbehavingOrigin:
         ctype = content_type_for(path)
         framed = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
         send = sock.sendall
-        if path == "/1.jpg" or first in ("ok", "empty", "gzip"):
+        if path == "/1.jpg" or first in ("ok", "empty", "gzip", "big"):
             extra = [
                 ("Cache-Control", "max-age=60"),
                 ("ETag", etag_for(path)),

@@ -21,13 +21,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import attrs
 import pytest
 
 from .conftest import BUCKET, FAST_FILL, Daemon, Reply, _daemons_in_test, at_once, wait_for
 from .engines import Engine, api_section, cos_client, shared_engine, storage_section
-from .origin import LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
+from .origin import BIG_SIZE, LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +39,8 @@ FRESH_BUCKET = "fresh-1250000000"
 #: Seconds until its copies are stale: the check time is kept in whole seconds (up to 0.5 s late).
 STALE_AFTER = 2.0
 BACKENDS = ["disk", "seaweedfs", "rgw"]
+#: The S3 daemons' multipart threshold and part size: S3's smallest (a ``big/`` object is 3 parts).
+MULTIPART = 5 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +92,13 @@ def _backend(
     if engine is not None:
         credentials = root / "s3.ini"  # keys from a file: the configuration holds no secret
         credentials.write_text(f"access_key_id = {engine.key_id}\nsecret_access_key = {engine.secret}\n")
-        extra += storage_section(engine, bucket=STORE_BUCKET, credentials_file=str(credentials))
+        extra += storage_section(
+            engine,
+            bucket=STORE_BUCKET,
+            credentials_file=str(credentials),
+            multipart_threshold=MULTIPART,
+            multipart_part_size=MULTIPART,
+        )
     daemon = Daemon(root, origin.netloc, dict(FAST_FILL), extra_config=extra)
     try:
         daemon.start()
@@ -266,6 +275,56 @@ def test_sigkill_mid_fill_leaves_nothing_visible(backend: Backend, origin: Misbe
     fill(backend, origin, key, timeout=30)
     assert origin.gets(f"/{key}") == 2
     assert_served(backend, key)
+
+
+def _uploads(engine: Engine) -> list[str]:
+    """The keys of the multipart uploads under way in the store bucket."""
+    status, _, body = engine.request("GET", STORE_BUCKET, query="uploads")
+    assert status == 200, body[:300]
+    return re.findall(r"<Key>([^<]*)</Key>", body.decode())
+
+
+def test_a_large_object_is_stored_in_parts(backend: Backend, origin: MisbehavingOrigin) -> None:
+    """
+    An object past ``multipart_threshold`` (5 MiB here) is stored on an S3
+    engine with a multipart upload (3 parts: the engine's ETag ends in
+    ``-3``), served whole, and leaves no upload behind.
+    """
+    key = backend.key("big", "video.mp4")
+    fill(backend, origin, key, timeout=60)
+    assert backend.stored(key) == body_for(f"/{key}") and len(body_for(f"/{key}")) == BIG_SIZE
+    assert_served(backend, key)
+    assert backend.tmp_files() == []
+    if backend.engine is not None:
+        status, headers, _ = backend.engine.request("HEAD", STORE_BUCKET, f"{BUCKET}/{key}")
+        assert status == 200 and headers["etag"].strip('"').endswith("-3"), headers
+        assert _uploads(backend.engine) == []
+
+
+def test_an_upload_a_crash_left_is_aborted_at_the_next_start(backend: Backend) -> None:
+    """
+    A daemon killed mid-upload leaves the upload's journal beside its
+    temporary file: the next start aborts the upload in the engine.
+    """
+    if backend.engine is None:
+        pytest.skip("the disk store has no multipart uploads")
+    engine, daemon = backend.engine, backend.daemon
+    key = f"{BUCKET}/" + backend.key("big", "crashed.bin")
+    status, _, body = engine.request("POST", STORE_BUCKET, key, query="uploads")
+    found = re.search(r"<UploadId>([^<]+)</UploadId>", body.decode())
+    assert status == 200 and found is not None, body[:300]
+    upload_id = found.group(1)
+    part = f"partNumber=1&uploadId={quote(upload_id, safe='-_.~')}"
+    assert engine.request("PUT", STORE_BUCKET, key, query=part, body=b"x" * MULTIPART)[0] == 200
+    assert key in _uploads(engine)
+    daemon.kill()
+    backend.tmp_dir.mkdir(parents=True, exist_ok=True)
+    journal = {"bucket": STORE_BUCKET, "key": key, "upload_id": upload_id}
+    (backend.tmp_dir / f"999999.{BUCKET}.crashed.upload").write_text(json.dumps(journal))
+    (backend.tmp_dir / f"999999.{BUCKET}.crashed.part").write_bytes(b"x" * MULTIPART)
+    daemon.start()
+    wait_for(lambda: key not in _uploads(engine), 15, "the upload aborted")
+    wait_for(lambda: backend.tmp_files() == [], 5, "the temporary files swept")
 
 
 def test_a_purge_removes_the_object(backend: Backend, origin: MisbehavingOrigin) -> None:
