@@ -21,7 +21,7 @@ from pathlib import Path
 
 import attrs
 
-from . import load, migration, mirror, servers
+from . import load, migration, mirror, servers, stream
 from .servers import BUCKET, REPO
 
 MiB = 1024 * 1024
@@ -29,8 +29,9 @@ STREAM_TRIES = 5  # downloads per server for the single stream; the median count
 PACE_MS = 100  # wrk delay between requests on each connection, paced miss run
 SERVERS = ("cosedge", "nginx", "static")
 #: Groups of workloads ``--only`` selects: "core" (hits, streams, misses, fills, RSS), "mirror" (issue 11),
-#: "migration" (issue 14: backfill against aria2c, a Zipf replay then backfill and verify).
-WORKLOADS = ("core", "mirror", "migration")
+#: "migration" (issue 14: backfill against aria2c, a Zipf replay then backfill and verify), "stream" (issue 15:
+#: one 256 MiB stream with three clients, and CPU seconds per GB).
+WORKLOADS = ("core", "mirror", "migration", "stream")
 _START = "<!-- bench:results:start -->"
 _END = "<!-- bench:results:end -->"
 
@@ -151,17 +152,30 @@ def run(args: argparse.Namespace) -> list[Row]:
         atexit.register(lambda: (servers.stop_all(), shutil.rmtree(work, True)))
     log(f"work dir {work}, workloads: {', '.join(only)}")
     gen = work / "gen"
-    generate(gen, with_gib=not args.quick, hits="core" in only)
+    generate(gen, with_gib=not args.quick, hits="core" in only or "stream" in only)
     if "mirror" in only:
         mirror.generate(gen, 10 * MiB if args.quick else mirror.HERD_SIZE)
     peer_root = work / "peer-root"
     peer_root.mkdir()
     ports = {name: servers.free_port() for name in ("origin", "nginx")}
     origin, access = servers.start_origin(work, gen, ports["origin"], herd_rate=args.herd_rate)
-    servers.start_peer(work, peer_root, ports["nginx"], ports["origin"], args.workers)
+    peer = servers.start_peer(work, peer_root, ports["nginx"], ports["origin"], args.workers)
     rows: list[Row] = []
     if "core" in only:
         rows += core(args, work, gen, peer_root, access, ports)
+    if "stream" in only:
+        data = work / "data-stream"
+        link_tree(gen / "hit", data / BUCKET / "hit")
+        if not (peer_root / "hit").exists():
+            link_tree(gen / "hit", peer_root / "hit")
+        pid, port = stream.start(work, data, ports["origin"], args.workers)
+        pids, stream_ports = {"cosedge": pid, "nginx": peer.pid}, {"cosedge": port, "nginx": ports["nginx"]}
+        if args.baseline:
+            code = stream.baseline_code(work, args.baseline)
+            pids["baseline"], stream_ports["baseline"] = stream.start(work, data, ports["origin"], args.workers, code)
+        log(f"256 MiB single stream, clients {', '.join(stream.CLIENTS)}: {args.rounds + 1} rounds, the median counts")
+        streamed = stream.measure(work, pids, stream_ports, rounds=args.rounds + 1, seconds=args.seconds, say=log)
+        rows += stream.rows(streamed, Row, f"baseline {args.baseline}")
     if "mirror" in only:
         figures = mirror.measure(
             work, gen, ports["origin"], ports["nginx"], peer_root, access,
@@ -527,9 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         choices=WORKLOADS,
         help="run only this group of workloads (repeatable): core (hits, streams, misses, fills, RSS), "
-        "mirror (issue 11's mirror mode against nginx proxy_store) or migration (issue 14's backfill against "
-        "aria2c, and a Zipf replay, backfill and verify against nginx proxy_store); a selection writes no file "
-        "unless --out is given",
+        "mirror (issue 11's mirror mode against nginx proxy_store), migration (issue 14's backfill against "
+        "aria2c, and a Zipf replay, backfill and verify against nginx proxy_store) or stream (issue 15: one "
+        "256 MiB stream read by the lean client, curl and wrk -c1, and CPU seconds per GB); a selection writes "
+        "no file unless --out is given",
     )
     parser.add_argument(
         "--herd-rate",
@@ -541,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=4,
         help="cosedge's [jobs] max_concurrent and aria2c's -j for the migration workloads (default 4, cosedge's own)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="stream: also run cosedge at this git revision in the same rounds (a before-and-after)",
     )
     parser.add_argument("--out", help="where to write the results (default BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")

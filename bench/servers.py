@@ -35,11 +35,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(argv: Sequence[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a process in its own session, output to ``log``; remembered for stop_all."""
+def spawn(
+    argv: Sequence[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process in its own session, output to ``log`` (``env``: added to ours); remembered for stop_all."""
     out = open(log, "ab")
     proc = subprocess.Popen(
-        list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True
+        list(argv),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        start_new_session=True,
+        env={**os.environ, **env} if env else None,
     )
     out.close()
     _started.append(proc)
@@ -271,12 +279,14 @@ def start_cosedge(
     sendfile: bool = True,
     workers: int = 1,
     extra: str = "",
+    code: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """
     cosedge under twistd, no access log, a big fill concurrency.  With
     ``sendfile=False`` every body takes the plain read-and-write path (to
     compare, in the same run).  ``extra`` is appended to the configuration
-    (e.g. :func:`mirror_rule`).
+    (e.g. :func:`mirror_rule`).  ``code``: a folder with another version's
+    ``cosedge`` and ``twisted/plugins`` (``--baseline``), run instead of this one.
     """
     config = workdir / f"{name}.toml"
     config.write_text(
@@ -297,6 +307,7 @@ def start_cosedge(
         [*twistd, "-n", "--pidfile=", "cosedge", "--config", str(config)],
         workdir / f"{name}.log",
         cwd=workdir,
+        env={"PYTHONPATH": str(code)} if code is not None else None,
     )
     wait_http(port, proc=proc)
     # With workers, the primary answers first; "ready" comes once every process serves.
