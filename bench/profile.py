@@ -26,6 +26,8 @@ from .__main__ import MiB, generate, link_tree, log
 from .servers import BUCKET, VENV_BIN
 
 RATE = 250
+#: Distinct 16 KiB objects per round of the fill workload (the benchmark's fill row).
+FILL_BATCH = 2000
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bash bench/profile", description=__doc__)
     parser.add_argument("--seconds", type=int, default=8, help="sampling time per workload (default 8)")
     parser.add_argument("--top", type=int, default=25, help="functions listed per table (default 25)")
-    parser.add_argument("--only", default="", help="comma-separated workloads: hit1k,hit100k,miss,big")
+    parser.add_argument("--only", default="", help="comma-separated workloads: hit1k,hit100k,miss,big,fill")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (raw py-spy files)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None or not (VENV_BIN / "py-spy").exists():
@@ -155,11 +157,26 @@ def main(argv: list[str] | None = None) -> int:
 
         return threading.Thread(target=run)
 
+    def fill_thread() -> threading.Thread:
+        def run() -> None:
+            import time
+
+            deadline, batch = time.monotonic() + secs, 0
+            while time.monotonic() < deadline:
+                batch += 1
+                paths = [f"/fill/p{batch}/{i}.bin" for i in range(FILL_BATCH)]
+                since = time.monotonic()
+                load.parallel_get(work, port, paths)
+                load.wait_files(data / BUCKET / "fill" / f"p{batch}", FILL_BATCH, since, timeout=60)
+
+        return threading.Thread(target=run)
+
     workloads = {
         "hit1k": ("1 KiB hits, wrk -c32", lambda: wrk_thread("/hit/1k.bin")),
         "hit100k": ("100 KiB hits, wrk -c32", lambda: wrk_thread("/hit/100k.bin")),
         "miss": ("misses on distinct keys (302 + 16 KiB fills), wrk -c32", lambda: wrk_thread("/", "/miss/p-")),
         "big": (f"256 MiB hits, one curl stream at a time ({256 * MiB} bytes)", big_thread),
+        "fill": (f"{FILL_BATCH} distinct 16 KiB fills until stored, again and again (curl, 32 at a time)", fill_thread),
     }
     chosen = [w for w in args.only.split(",") if w] or list(workloads)
     for name in chosen:

@@ -14,7 +14,10 @@ an operator copies in by hand is served with headers derived from the file.
 
 Publishing order, which survives a crash at any point: write the temporary
 file, ``fsync`` it, set its metadata and modification time, ``rename`` it into
-place, ``fsync`` the directory.  Leftover temporary files are swept at start.
+place, ``fsync`` the directory.  Small objects are published in batches
+(:mod:`cosedge.storage.group`): written with their metadata, made durable
+together, renamed, their folders ``fsync``'d.  Leftover temporary files are
+swept at start.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from zope.interface import implementer
 
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry, StoreError
 from .beneath import Unsupported, open_beneath
+from .group import GroupCommit, Small, syncfs
 from .produce import RangeProducer, SmallWriter, Writer
 
 __all__ = ["DiskStore", "META_XATTR", "SMALL_BODY"]
@@ -184,17 +188,26 @@ class _DiskPending:
     def commit(self, meta: Mapping[str, str], mtime: float | None) -> None:
         try:
             os.fsync(self.fd)
-            os.setxattr(self.fd, META_XATTR, json.dumps(dict(meta), sort_keys=True).encode("utf-8"))
-            if mtime is not None:
-                os.utime(self.fd, (mtime, mtime))
-            os.close(self.fd)
-            self.fd = -1
-            with _walk(self.store.bucket_path(self.bucket), self.segments[:-1], create=True) as dfd:
-                os.rename(self.path, self.segments[-1], dst_dir_fd=dfd)
-                self._done = True
-                os.fsync(dfd)
+            self.describe(meta, mtime)
+            self.publish(sync=True)
         finally:
             self.abort()
+
+    def describe(self, meta: Mapping[str, str], mtime: float | None) -> None:
+        """Set the file's metadata attribute and modification time."""
+        os.setxattr(self.fd, META_XATTR, json.dumps(dict(meta), sort_keys=True).encode("utf-8"))
+        if mtime is not None:
+            os.utime(self.fd, (mtime, mtime))
+
+    def publish(self, sync: bool) -> None:
+        """Close the file and rename it into place (``sync``: then ``fsync`` its folder)."""
+        os.close(self.fd)
+        self.fd = -1
+        with _walk(self.store.bucket_path(self.bucket), self.segments[:-1], create=True) as dfd:
+            os.rename(self.path, self.segments[-1], dst_dir_fd=dfd)
+            self._done = True
+            if sync:
+                os.fsync(dfd)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -232,6 +245,12 @@ class DiskStore:
     _meta: dict[tuple[int, ...], Mapping[str, str]] = field(factory=dict, init=False, repr=False)
     #: Each bucket's folder, by bucket name (names come from the configuration, not from clients).
     _roots: dict[str, str] = field(factory=dict, init=False, repr=False)
+    #: Small objects' commits, batched (see :mod:`cosedge.storage.group`).
+    _group: GroupCommit = field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # Through the attribute at each batch: tests point run_blocking elsewhere after construction.
+        self._group = GroupCommit(self.store_batch, lambda work: self.run_blocking(work))
 
     @property
     def tmp_dir(self) -> str:
@@ -295,11 +314,8 @@ class DiskStore:
 
     def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
         if length is not None and length <= SMALL_BODY:
-            return succeed(
-                SmallWriter(
-                    lambda data, meta, mtime: self._store_whole(bucket, segments, data, meta, mtime), self.run_blocking
-                )
-            )
+            commit = self._group.commit
+            return succeed(SmallWriter(lambda data, meta, mtime: commit(Small(bucket, segments, data, meta, mtime))))
         return self.run_blocking(lambda: Writer(self.begin(bucket, segments), self.run_blocking))
 
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
@@ -346,17 +362,50 @@ class DiskStore:
 
     # -- the disk's own, blocking --
 
-    def _store_whole(
-        self, bucket: str, segments: tuple[str, ...], data: bytes, meta: Mapping[str, str], mtime: float | None
-    ) -> None:
-        """Write, make durable and publish a whole object."""
-        pending = self.begin(bucket, segments)
+    def store_batch(self, batch: builtins.list[Small]) -> builtins.list[BaseException | None]:
+        """
+        Write, make durable and publish small objects together (see
+        :mod:`cosedge.storage.group`): each one's outcome, None when stored.
+        """
+        outcomes: builtins.list[BaseException | None] = [None] * len(batch)
+        written: builtins.list[tuple[int, _DiskPending]] = []
+        for index, small in enumerate(batch):
+            pending = None
+            try:
+                pending = self.begin(small.bucket, small.segments)
+                pending.write(small.data)
+                pending.describe(small.meta, small.mtime)
+                written.append((index, pending))
+            except OSError as e:
+                outcomes[index] = e
+                if pending is not None:
+                    pending.abort()
         try:
-            pending.write(data)
-            pending.commit(meta, mtime)
-        except BaseException:
-            pending.abort()
-            raise
+            if written and not syncfs(written[0][1].fd):
+                for _, pending in written:
+                    os.fsync(pending.fd)
+        except OSError as e:
+            for index, pending in written:
+                pending.abort()
+                outcomes[index] = e
+            return outcomes
+        folders: dict[tuple[str, tuple[str, ...]], builtins.list[int]] = {}
+        for index, pending in written:
+            try:
+                pending.publish(sync=False)
+                folders.setdefault((pending.bucket, pending.segments[:-1]), []).append(index)
+            except OSError as e:
+                outcomes[index] = e
+            finally:
+                pending.abort()
+        for (bucket, folder), indexes in folders.items():
+            try:
+                with _walk(self.bucket_path(bucket), folder) as dfd:
+                    os.fsync(dfd)
+            except OSError as e:
+                for index in indexes:
+                    outcomes[index] = e
+        return outcomes
 
     def open_file(self, bucket: str, segments: tuple[str, ...]) -> _DiskObject | None:
         """:meth:`open`, blocking: the object or None.  :raises StoreError:"""

@@ -135,14 +135,12 @@ class Writer(_Consumer):
 class SmallWriter(_Consumer):
     """
     Holds a small body in memory; ``commit`` hands the whole of it to
-    ``store_whole`` (write, make durable, publish) in one blocking call.
+    ``store_whole`` (write, make durable, publish), whose Deferred fires once
+    it is stored.
     """
 
-    def __init__(
-        self, store_whole: Callable[[bytes, Mapping[str, str], float | None], None], run_blocking: RunBlocking
-    ) -> None:
+    def __init__(self, store_whole: Callable[[bytes, Mapping[str, str], float | None], Deferred[None]]) -> None:
         self._store_whole = store_whole
-        self._run_blocking = run_blocking
         self._chunks: list[bytes] = []
         self.size = 0
 
@@ -152,8 +150,7 @@ class SmallWriter(_Consumer):
 
     def commit(self, meta: Mapping[str, str], mtime: float | None) -> Deferred[None]:
         data, self._chunks = b"".join(self._chunks), []
-        store_whole = self._store_whole
-        return self._run_blocking(lambda: store_whole(data, meta, mtime))
+        return self._store_whole(data, meta, mtime)
 
     def abort(self) -> None:
         self._chunks = []
