@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -42,6 +42,7 @@ from zope.interface import implementer
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry, StoreError
 from .beneath import Unsupported, open_beneath
 from .group import GroupCommit, Small, syncfs
+from .hot import HotFiles
 from .produce import RangeProducer, SmallWriter, Writer
 
 __all__ = ["DiskStore", "META_XATTR", "SMALL_BODY"]
@@ -51,6 +52,8 @@ __all__ = ["DiskStore", "META_XATTR", "SMALL_BODY"]
 #: pool: no file is created before the body is whole, and no disk write runs
 #: on the reactor thread.  Memory: at most one such body per running fill.
 SMALL_BODY = 256 * 1024
+
+_T = TypeVar("_T")
 
 META_XATTR = "user.cosedge.meta"
 #: Files whose parsed metadata :class:`DiskStore` keeps (reading and parsing
@@ -247,6 +250,8 @@ class DiskStore:
     _roots: dict[str, str] = field(factory=dict, init=False, repr=False)
     #: Small objects' commits, batched (see :mod:`cosedge.storage.group`).
     _group: GroupCommit = field(init=False, repr=False)
+    #: Small objects read lately, served again after one ``lstat`` (see :mod:`cosedge.storage.hot`).
+    _hot: HotFiles = field(factory=HotFiles, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         # Through the attribute at each batch: tests point run_blocking elsewhere after construction.
@@ -283,6 +288,9 @@ class DiskStore:
         if path.count("/") != len(segments) - 1 or "\0" in path or not _NOT_NAMES.isdisjoint(segments):
             return succeed(None)  # not plain file names (keys never are): never an object
         root = self._roots.get(bucket) or self._root(bucket)
+        hot = self._hot.get(bucket, path, f"{root}/{path}")
+        if hot is not None:
+            return succeed(hot)
         try:
             try:
                 fd = open_beneath(root, path, _OPEN_FILE)
@@ -307,9 +315,13 @@ class DiskStore:
                 if len(self._meta) >= _META_CACHE_SIZE:
                     self._meta.clear()
                 self._meta[key] = meta
+            hot = self._hot.keep(bucket, path, fd, st, meta)
         except BaseException:
             os.close(fd)
             raise
+        if hot is not None:
+            os.close(fd)
+            return succeed(hot)
         return succeed(_DiskObject(fd, st.st_size, st.st_mtime, st, meta))
 
     def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
@@ -319,10 +331,19 @@ class DiskStore:
         return self.run_blocking(lambda: Writer(self.begin(bucket, segments), self.run_blocking))
 
     def remove(self, bucket: str, segments: tuple[str, ...]) -> Deferred[bool]:
-        return maybeDeferred(self.remove_file, bucket, segments)
+        removed = maybeDeferred(self.remove_file, bucket, segments)
+        self._hot.drop(bucket, "/".join(segments))
+        return removed
 
     def update_meta(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> Deferred[bool]:
-        return self.run_blocking(lambda: self.update_meta_file(bucket, segments, changes))
+        key = "/".join(segments)
+        self._hot.drop(bucket, key)
+
+        def updated(result: _T) -> _T:
+            self._hot.drop(bucket, key)  # opened meanwhile: the old attribute, maybe within one timestamp tick
+            return result
+
+        return self.run_blocking(lambda: self.update_meta_file(bucket, segments, changes)).addBoth(updated)
 
     def update_meta_file(self, bucket: str, segments: tuple[str, ...], changes: Mapping[str, str]) -> bool:
         """Merge ``changes`` into an object's metadata attribute and make it durable; False if not stored."""
