@@ -116,9 +116,20 @@ def test_without_syncfs_each_file_is_fsynced(
     tmp_path: Path, syscalls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(disk, "syncfs", lambda fd: syscalls.append("syncfs unavailable") or False)
-    store = DiskStore(str(tmp_path))
-    assert result_of(_commit(store, "k", b"data")) is None and _stored(store, "k") == b"data"
-    assert syscalls == ["syncfs unavailable", "fsync file", "rename k", "fsync dir"]
+    pool = Pool()
+    store = DiskStore(str(tmp_path), pool)
+    first = _commit(store, "k", b"data")
+    pool.run_one()  # a lone object: its own fsync (syncfs would also write out whatever else is dirty)
+    assert result_of(first) is None and _stored(store, "k") == b"data"
+    assert syscalls == ["fsync file", "rename k", "fsync dir"]
+    syscalls.clear()
+    blocker = _commit(store, "first", b"1")
+    two = [_commit(store, "x", b"x"), _commit(store, "y", b"y")]
+    pool.run_one()
+    syscalls.clear()
+    pool.run_one()
+    assert result_of(blocker) is None and [result_of(d) for d in two] == [None, None]
+    assert syscalls == ["syncfs unavailable", "fsync file", "fsync file", "rename x", "rename y", "fsync dir"]
 
 
 def test_one_objects_failure_is_its_own(tmp_path: Path, syscalls: list[str]) -> None:
@@ -144,14 +155,15 @@ def test_a_failed_syncfs_publishes_none_of_the_batch(tmp_path: Path, monkeypatch
     monkeypatch.setattr(disk, "syncfs", broken)
     pool = Pool()
     store = DiskStore(str(tmp_path), pool)
-    blocker = _commit(store, "first", b"1")
+    blocker = _commit(store, "first", b"1")  # alone: fsync'd, stored
     batch = [_commit(store, f"k{n}", b"v") for n in range(3)]
     pool.run_one()
     pool.run_one()
-    for d in (blocker, *batch):
+    assert result_of(blocker) is None and _stored(store, "first") == b"1"
+    for d in batch:
         failure = result_of(d)
         assert isinstance(failure, Failure) and failure.check(OSError)
-    assert all(_stored(store, f"k{n}") is None for n in range(3)) and _stored(store, "first") is None
+    assert all(_stored(store, f"k{n}") is None for n in range(3))
     assert os.listdir(store.tmp_dir) == []
 
 
@@ -213,3 +225,23 @@ def test_the_real_syncfs(tmp_path: Path) -> None:
         os.close(fd)
     with pytest.raises(OSError, match="syncfs: Bad file descriptor"):
         group.syncfs(-1)
+
+
+def test_a_pool_that_refuses_a_batch_fails_it_and_the_next_one_goes(tmp_path: Path) -> None:
+    store = DiskStore(str(tmp_path))
+    refusals = [RuntimeError("the thread pool is stopped")]
+
+    def run_blocking(work: Any) -> Deferred[Any]:
+        if refusals:
+            raise refusals.pop()
+        return Deferred.fromCoroutine(_now(work))
+
+    async def _now(work: Any) -> Any:
+        return work()
+
+    commits = group.GroupCommit(store.store_batch, run_blocking)
+    refused = commits.commit(group.Small(BUCKET, ("a",), b"a", {}, None))
+    failure = result_of(refused)
+    assert isinstance(failure, Failure) and failure.check(RuntimeError)
+    assert result_of(commits.commit(group.Small(BUCKET, ("b",), b"b", {}, None))) is None
+    assert _stored(store, "b") == b"b"

@@ -16,7 +16,7 @@ import pytest
 
 from cosedge.storage import disk
 from cosedge.storage.disk import DiskStore
-from cosedge.storage.hot import HOT_SIZE, HotFiles, HotObject
+from cosedge.storage.hot import ENTRY_COST, HOT_SIZE, HotFiles, HotObject
 
 from .helpers import result_of
 
@@ -100,7 +100,8 @@ def test_large_objects_keep_their_descriptor(store: DiskStore) -> None:
 
 
 def test_the_bytes_kept_are_bounded(tmp_path: Path) -> None:
-    hot = HotFiles(limit=10)
+    """Each entry counts its bytes, key, metadata and ENTRY_COST (a bucket of tiny objects is bounded too)."""
+    hot = HotFiles(limit=2 * (ENTRY_COST + 5 + 1 + 2) + 10)  # two of the entries below
     path = tmp_path / "f"
     for n, data in enumerate((b"12345", b"67890", b"abcde")):
         path.write_bytes(data)
@@ -111,9 +112,9 @@ def test_the_bytes_kept_are_bounded(tmp_path: Path) -> None:
             os.close(fd)
     assert hot.get("b", "k0", str(path)) is None  # the least recently used went
     assert hot.get("b", "k2", str(path)) is not None
-    path.write_bytes(b"x" * 11)
+    path.write_bytes(b"x" * 1100)
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert hot.keep("b", "big", fd, os.fstat(fd), {}) is None  # larger than the whole bound
+        assert hot.keep("b", "big", fd, os.fstat(fd), {}) is None  # with its entry, more than the whole bound
     finally:
         os.close(fd)

@@ -44,6 +44,8 @@ class MultipartS3(FakeS3):
         #: Stored under the key by "another edge" just before the next completion.
         self.stored_before_complete: bytes | None = None
         self.bad_complete_etag = False
+        #: Answer the next completion 200, then (after whitespace, as S3 does for a slow one) an <Error>.
+        self.error_after_200 = False
 
     def _upload(
         self,
@@ -86,6 +88,9 @@ class MultipartS3(FakeS3):
         assert numbers == sorted(received) == list(range(1, len(received) + 1))
         if any(hashlib.md5(received[int(n)]).hexdigest() != etag.decode() for n, etag in listed):
             return self._error(request, 400, "InvalidPart")
+        if self.error_after_200:
+            self.error_after_200 = False
+            return b"\n  \n" + b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code></Error>'
         if self.stored_before_complete is not None:
             objects[key] = (self.stored_before_complete, {}, '"another-edge"')
             self.stored_before_complete = None
@@ -259,3 +264,24 @@ def test_a_file_part_reads_its_bytes_and_opens_only_when_read(tmp_path: Path) ->
     part.close()
     part.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_completion_that_fails_after_its_200_fails_the_commit(s3: Harness, tmp_path: Path) -> None:
+    """S3 may answer a slow completion 200, then whitespace, then an <Error>: no object, the upload aborted."""
+    _fake(s3).error_after_200 = True
+    with pytest.raises(StoreError, match="completing the multipart upload of late-error"):
+        s3.run(_writer(s3, "late-error", _body(THRESHOLD + 1)).commit({}, 1e9))
+    s3.pump()
+    assert "late-error" not in s3.objects and _fake(s3).uploads == {} and _leftovers(tmp_path) == []
+
+
+def test_a_temporary_file_changed_on_disk_is_not_stored(s3: Harness, tmp_path: Path) -> None:
+    """The parts are read back from the temporary file: they must make the body's MD5, as written."""
+    writer = _writer(s3, "corrupt", _body(THRESHOLD + 1))
+    (part,) = (tmp_path / "tmp").iterdir()
+    with open(part, "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(StoreError, match="the temporary file's MD5"):
+        s3.run(writer.commit({}, 1e9))
+    s3.pump()
+    assert "corrupt" not in s3.objects and _fake(s3).uploads == {} and _leftovers(tmp_path) == []

@@ -340,7 +340,9 @@ class DiskStore:
         self._hot.drop(bucket, key)
 
         def updated(result: _T) -> _T:
-            self._hot.drop(bucket, key)  # opened meanwhile: the old attribute, maybe within one timestamp tick
+            # Opened meanwhile: the old attribute, maybe within one tick of the file system's clock.
+            self._hot.drop(bucket, key)
+            self._meta.clear()
             return result
 
         return self.run_blocking(lambda: self.update_meta_file(bucket, segments, changes)).addBoth(updated)
@@ -397,15 +399,15 @@ class DiskStore:
                 pending.write(small.data)
                 pending.describe(small.meta, small.mtime)
                 written.append((index, pending))
-            except OSError as e:
+            except BaseException as e:
                 outcomes[index] = e
                 if pending is not None:
                     pending.abort()
         try:
-            if written and not syncfs(written[0][1].fd):
+            if written and (len(written) == 1 or not syncfs(written[0][1].fd)):
                 for _, pending in written:
                     os.fsync(pending.fd)
-        except OSError as e:
+        except BaseException as e:
             for index, pending in written:
                 pending.abort()
                 outcomes[index] = e
@@ -415,7 +417,7 @@ class DiskStore:
             try:
                 pending.publish(sync=False)
                 folders.setdefault((pending.bucket, pending.segments[:-1]), []).append(index)
-            except OSError as e:
+            except BaseException as e:
                 outcomes[index] = e
             finally:
                 pending.abort()

@@ -12,7 +12,10 @@ wait, and go together as the next batch, in one call on the pool:
 1. each object is written to its temporary file, with its metadata and
    modification time;
 2. all of them are made durable at once: one ``syncfs(2)`` of the file
-   system (``fsync`` of each file where there is no ``syncfs``);
+   system (``fsync`` of each file where there is no ``syncfs``, or when the
+   batch is one object: ``syncfs`` also writes out whatever else is dirty on
+   the file system, large fills' temporary files included, which a lone
+   object need not wait for);
 3. each is renamed into place, then each folder that received one is
    ``fsync``'d once.
 
@@ -115,7 +118,11 @@ class GroupCommit:
         self.batches += 1
         self.objects += len(batch)
         items = [small for small, _ in batch]
-        stored: Deferred[list[BaseException | None]] = self._run_blocking(lambda: self._store_batch(items))
+        try:
+            stored: Deferred[list[BaseException | None]] = self._run_blocking(lambda: self._store_batch(items))
+        except Exception:  # the pool refused it (stopped): these fail, the next batch tries again
+            self._stored(Failure(), batch)
+            return
         stored.addBoth(self._stored, batch)
 
     def _stored(self, outcome: list[BaseException | None] | Failure, batch: list[tuple[Small, Deferred[None]]]) -> None:

@@ -91,22 +91,30 @@ def composite_etag(digests: list[bytes]) -> str:
     return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
-def _md5(path: str, offset: int, length: int) -> bytes:
-    """The MD5 of bytes ``offset`` to ``offset + length`` of the file (blocking)."""
+def _md5(path: str, offset: int, length: int, whole: Any) -> bytes:
+    """
+    The MD5 of bytes ``offset`` to ``offset + length`` of the file (blocking);
+    ``whole``, the whole file's running MD5, is updated with them too.
+    """
     digest = hashlib.md5(usedforsecurity=False)
     part = FilePart(path, offset, length)
     try:
         while chunk := part.read(1024 * 1024):
             digest.update(chunk)
+            whole.update(chunk)
     finally:
         part.close()
     return digest.digest()
 
 
 def _element(body: bytes, name: str) -> tuple[str, str]:
-    """The root element's name and the text of its child ``name`` ("" when the body is no XML)."""
+    """
+    The root element's name and the text of its child ``name`` ("" when the
+    body is no XML).  S3 may send whitespace before a slow answer's XML (to
+    keep the connection open): it is skipped.
+    """
     try:
-        root = ElementTree.fromstring(body)
+        root = ElementTree.fromstring(body.strip())
     except ElementTree.ParseError:
         return "", ""
     for child in root:
@@ -116,15 +124,24 @@ def _element(body: bytes, name: str) -> tuple[str, str]:
 
 
 class _Journal:
-    """The journal file of one upload: written once the store has given its id, removed once it is over."""
+    """
+    The journal file of one upload: written (durably: a temporary file,
+    ``fsync``, ``rename``) once the store has given its id and before the
+    first part, removed once the upload is over.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def write(self, store_bucket: str, key: str, upload_id: str) -> None:
+        """Blocking: on the thread pool."""
         record = {"bucket": store_bucket, "key": key, "upload_id": upload_id}
-        with open(self.path, "w", encoding="utf-8") as f:
+        writing = self.path + ".part"  # a crash leaves it to the sweep of temporary files
+        with open(writing, "w", encoding="utf-8") as f:
             json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(writing, self.path)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -163,7 +180,7 @@ async def abort_journalled(client: S3Client, path: str) -> bool:
     except FileNotFoundError:
         return False
     except (OSError, ValueError, KeyError, TypeError):
-        _Journal(path).remove()  # torn by a crash while it was written: the upload had no id yet
+        _Journal(path).remove()  # not this file's (a journal is renamed into place whole): nothing to abort
         return True
     try:
         gone = await _abort(client, *where)
@@ -188,9 +205,11 @@ async def put_in_parts(
     run_blocking: RunBlocking,
     create_bucket: Callable[[str], Awaitable[None]],
     seconds_per_byte: float,
+    md5: str,
 ) -> bool:
     """
-    Store the file ``path`` (``size`` bytes) under ``key`` in parts.
+    Store the file ``path`` (``size`` bytes, whose MD5 as it was written is
+    ``md5``) under ``key`` in parts.
     ``headers``: the object's (metadata, Content-Type; ``If-None-Match: *``
     makes the upload give way to an object stored meanwhile).  True: stored;
     False: the key was stored already and this upload gave way.
@@ -208,10 +227,11 @@ async def put_in_parts(
         raise reply.failure(f"starting the multipart upload of {key}")
     journal = _Journal(path[: -len(".part")] + JOURNAL_SUFFIX if path.endswith(".part") else path + JOURNAL_SUFFIX)
     try:
-        journal.write(store_bucket, key, upload_id)
+        await run_blocking(partial(journal.write, store_bucket, key, upload_id))
         digests: list[bytes] = []
+        whole = hashlib.md5(usedforsecurity=False)
         for number, (offset, length) in enumerate(parts(size, part_size), 1):
-            digest: bytes = await run_blocking(partial(_md5, path, offset, length))
+            digest: bytes = await run_blocking(partial(_md5, path, offset, length, whole))
             sent = {"content-md5": base64.b64encode(digest).decode("ascii")}
             query = [("partNumber", str(number)), ("uploadId", upload_id)]
             body = open_body(FilePart(path, offset, length))
@@ -223,6 +243,8 @@ async def put_in_parts(
             if len(etag) == 32 and etag != digest.hex():
                 raise StoreError(f"PUT part {number} of {key}: the stored ETag {etag} is not the part's MD5")
             digests.append(digest)
+        if whole.hexdigest() != md5:
+            raise StoreError(f"{key}: the temporary file's MD5 {whole.hexdigest()} is not the body's {md5}")
         if exclusive and (await client.call("HEAD", store_bucket, key)).status == 200:
             _abort_later(client, store_bucket, key, upload_id, journal)
             return False
@@ -258,7 +280,7 @@ async def _complete(
     root, etag = _element(reply.body, "ETag")
     if reply.status == 412 and exclusive:
         return False
-    if reply.status != 200 or root == "Error":
+    if reply.status != 200 or root != "CompleteMultipartUploadResult":  # a 200 may still end in an <Error>
         raise Reply(reply.status if reply.status != 200 else 500, reply.headers, reply.body).failure(
             f"completing the multipart upload of {key}"
         )

@@ -86,6 +86,7 @@ class S3Puts:
                 run_blocking=self._run_blocking,
                 create_bucket=self.create_bucket,
                 seconds_per_byte=PUT_SECONDS_PER_BYTE,
+                md5=md5,
             )
         client = self._client
         timeout = client.timeout + size * PUT_SECONDS_PER_BYTE
