@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from cosedge.storage import disk, group
 from cosedge.storage.disk import DiskStore
-from cosedge.storage.group import BATCH_LIMIT
+from cosedge.storage.group import BATCH_LIMIT, CONCURRENT_BATCHES, SYNCFS_FROM
 
 from .helpers import result_of
 
@@ -89,27 +89,37 @@ def _stored(store: DiskStore, key: str) -> bytes | None:
         found.close()
 
 
+def _busy(store: DiskStore, pool: Pool) -> list[Deferred[None]]:
+    """Occupy every batch slot with a lone commit (each on the pool at once); their Deferreds."""
+    lone = [_commit(store, f"busy/{n}", b"b") for n in range(CONCURRENT_BATCHES)]
+    assert len(pool.calls) == CONCURRENT_BATCHES
+    return lone
+
+
 def test_commits_that_wait_go_together_durable_before_any_is_visible(tmp_path: Path, syscalls: list[str]) -> None:
     pool = Pool()
     store = DiskStore(str(tmp_path), pool)
-    first = _commit(store, "a/1", b"one")
-    assert len(pool.calls) == 1  # the first goes at once, alone
-    waiting = [_commit(store, f"a/{n}", b"x%d" % n) for n in range(2, 6)] + [_commit(store, "b/6", b"six")]
-    assert len(pool.calls) == 1 and not any(d.called for d in waiting)
-    pool.run_one()
-    assert result_of(first) is None and _stored(store, "a/1") == b"one"
-    assert len(pool.calls) == 1  # the five that waited: one batch
+    lone = _busy(store, pool)  # a commit with a free slot goes at once, alone
+    keys = [f"a/{n}" for n in range(SYNCFS_FROM)] + ["b/z"]
+    waiting = [_commit(store, key, key.encode()) for key in keys]
+    assert len(pool.calls) == CONCURRENT_BATCHES and not any(d.called for d in waiting)
+    syscalls.clear()
+    pool.run_one()  # one lone commit ends: the ones that waited go, as one batch
+    assert result_of(lone[0]) is None and _stored(store, "busy/0") == b"b"
+    assert syscalls == ["fsync file", "rename 0", "fsync dir"]  # a lone object: its own fsync
+    assert len(pool.calls) == CONCURRENT_BATCHES
+    while len(pool.calls) > 1:
+        pool.run_one()
     syscalls.clear()
     pool.run_one()
-    assert [result_of(d) for d in waiting] == [None] * 5
-    assert [_stored(store, f"a/{n}") for n in range(2, 6)] == [b"x%d" % n for n in range(2, 6)]
-    assert _stored(store, "b/6") == b"six"
+    assert [result_of(d) for d in waiting] == [None] * len(keys)
+    assert [_stored(store, key) for key in keys] == [key.encode() for key in keys]
     assert syscalls[0] == "syncfs" and syscalls.count("syncfs") == 1  # durable, all at once, before any rename
-    assert [s for s in syscalls if s.startswith("rename")] == [f"rename {n}" for n in (2, 3, 4, 5, 6)]
+    assert [s for s in syscalls if s.startswith("rename")] == [f"rename {k.rpartition('/')[2]}" for k in keys]
     assert syscalls[-2:] == ["fsync dir", "fsync dir"]  # folders a/ and b/, once each, after the renames
     assert "fsync file" not in syscalls
     assert result_of(store.open(BUCKET, ("a", "2"))).meta["etag"] == '"a/2"'
-    assert os.listdir(store.tmp_dir) == []
+    assert os.listdir(store.tmp_dir) == [] and not pool.calls
 
 
 def test_without_syncfs_each_file_is_fsynced(
@@ -118,18 +128,19 @@ def test_without_syncfs_each_file_is_fsynced(
     monkeypatch.setattr(disk, "syncfs", lambda fd: syscalls.append("syncfs unavailable") or False)
     pool = Pool()
     store = DiskStore(str(tmp_path), pool)
-    first = _commit(store, "k", b"data")
-    pool.run_one()  # a lone object: its own fsync (syncfs would also write out whatever else is dirty)
-    assert result_of(first) is None and _stored(store, "k") == b"data"
-    assert syscalls == ["fsync file", "rename k", "fsync dir"]
-    syscalls.clear()
-    blocker = _commit(store, "first", b"1")
-    two = [_commit(store, "x", b"x"), _commit(store, "y", b"y")]
-    pool.run_one()
+    _busy(store, pool)
+    batch = [_commit(store, f"k{n}", b"v") for n in range(SYNCFS_FROM)]
+    while len(pool.calls) > 1:
+        pool.run_one()
     syscalls.clear()
     pool.run_one()
-    assert result_of(blocker) is None and [result_of(d) for d in two] == [None, None]
-    assert syscalls == ["syncfs unavailable", "fsync file", "fsync file", "rename x", "rename y", "fsync dir"]
+    assert [result_of(d) for d in batch] == [None] * SYNCFS_FROM
+    assert syscalls == [
+        "syncfs unavailable",
+        *["fsync file"] * SYNCFS_FROM,
+        *[f"rename k{n}" for n in range(SYNCFS_FROM)],
+        "fsync dir",
+    ]
 
 
 def test_one_objects_failure_is_its_own(tmp_path: Path, syscalls: list[str]) -> None:
@@ -137,12 +148,12 @@ def test_one_objects_failure_is_its_own(tmp_path: Path, syscalls: list[str]) -> 
     store = DiskStore(str(tmp_path), pool)
     (tmp_path / BUCKET).mkdir()
     (tmp_path / BUCKET / "file").write_bytes(b"a file, not a folder")
-    first = _commit(store, "ok/0", b"zero")
+    _busy(store, pool)
     bad = _commit(store, "file/under", b"cannot be")
     good = _commit(store, "ok/1", b"one")
-    pool.run_one()
-    pool.run_one()
-    assert result_of(first) is None and result_of(good) is None
+    while pool.calls:
+        pool.run_one()
+    assert result_of(good) is None
     failure = result_of(bad)
     assert isinstance(failure, Failure) and failure.check(OSError)
     assert _stored(store, "ok/1") == b"one" and os.listdir(store.tmp_dir) == []
@@ -155,15 +166,15 @@ def test_a_failed_syncfs_publishes_none_of_the_batch(tmp_path: Path, monkeypatch
     monkeypatch.setattr(disk, "syncfs", broken)
     pool = Pool()
     store = DiskStore(str(tmp_path), pool)
-    blocker = _commit(store, "first", b"1")  # alone: fsync'd, stored
-    batch = [_commit(store, f"k{n}", b"v") for n in range(3)]
-    pool.run_one()
-    pool.run_one()
-    assert result_of(blocker) is None and _stored(store, "first") == b"1"
+    lone = _busy(store, pool)  # alone: fsync'd, stored
+    batch = [_commit(store, f"k{n}", b"v") for n in range(SYNCFS_FROM)]
+    while pool.calls:
+        pool.run_one()
+    assert [result_of(d) for d in lone] == [None] * CONCURRENT_BATCHES
     for d in batch:
         failure = result_of(d)
         assert isinstance(failure, Failure) and failure.check(OSError)
-    assert all(_stored(store, f"k{n}") is None for n in range(3))
+    assert all(_stored(store, f"k{n}") is None for n in range(SYNCFS_FROM))
     assert os.listdir(store.tmp_dir) == []
 
 
@@ -182,7 +193,7 @@ def test_a_batch_that_raises_fails_its_commits_and_the_next_batch_still_runs(tmp
     doomed = commits.commit(group.Small(BUCKET, ("a",), b"a", {}, None))
     later = commits.commit(group.Small(BUCKET, ("b",), b"b", {}, None))
     pool.run_one()
-    assert isinstance(result_of(doomed), Failure) and not later.called
+    assert isinstance(result_of(doomed), Failure)
     pool.run_one()
     assert result_of(later) is None and _stored(store, "b") == b"b" and calls == [1, 1]
 
@@ -190,29 +201,32 @@ def test_a_batch_that_raises_fails_its_commits_and_the_next_batch_still_runs(tmp
 def test_a_cancelled_commit_does_not_break_its_batch(tmp_path: Path) -> None:
     pool = Pool()
     store = DiskStore(str(tmp_path), pool)
-    first = _commit(store, "a", b"a")
+    _busy(store, pool)
     cancelled = _commit(store, "b", b"b")
     kept = _commit(store, "c", b"c")
     cancelled.cancel()
     failure = result_of(cancelled)
     assert isinstance(failure, Failure) and failure.check(CancelledError)
-    pool.run_one()
-    pool.run_one()
-    assert result_of(first) is None and result_of(kept) is None
+    while pool.calls:
+        pool.run_one()
+    assert result_of(kept) is None
     assert _stored(store, "b") == b"b"  # stored all the same: a cancel only stops the wait
 
 
 def test_batches_are_bounded(tmp_path: Path) -> None:
     pool = Pool()
     store = DiskStore(str(tmp_path), pool)
+    lone = _busy(store, pool)
     commits = [_commit(store, f"k{n}", b"v") for n in range(BATCH_LIMIT + 10)]
-    pool.run_one()  # the first, alone
-    assert len(pool.calls) == 1
-    pool.run_one()  # the next BATCH_LIMIT
-    assert sum(d.called for d in commits) == 1 + BATCH_LIMIT and len(pool.calls) == 1
-    pool.run_one()
-    assert all(result_of(d) is None for d in commits)
-    assert not pool.calls
+    pool.run_one()  # a slot frees: the next BATCH_LIMIT go as one batch
+    assert len(pool.calls) == CONCURRENT_BATCHES
+    pool.run_one()  # another: the other 10
+    while pool.calls:
+        pool.run_one()
+    assert all(result_of(d) is None for d in lone + commits)
+    assert (
+        store._group.batches == CONCURRENT_BATCHES + 2 and store._group.objects == CONCURRENT_BATCHES + BATCH_LIMIT + 10
+    )
 
 
 def test_the_real_syncfs(tmp_path: Path) -> None:

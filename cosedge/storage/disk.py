@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry, StoreError
 from .beneath import Unsupported, open_beneath
-from .group import GroupCommit, Small, syncfs
+from .group import SYNCFS_FROM, GroupCommit, Small, syncfs
 from .hot import HotFiles
 from .produce import RangeProducer, SmallWriter, Writer
 
@@ -404,7 +404,7 @@ class DiskStore:
                 if pending is not None:
                     pending.abort()
         try:
-            if written and (len(written) == 1 or not syncfs(written[0][1].fd)):
+            if written and (len(written) < SYNCFS_FROM or not syncfs(written[0][1].fd)):
                 for _, pending in written:
                     os.fsync(pending.fd)
         except BaseException as e:
