@@ -281,6 +281,13 @@ def rss_kib(pid: int) -> int:
     return total + int(over_children(pid, rss_kib))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its child processes (cosedge's or nginx's workers) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + over_children(pid, cpu_seconds)
+
+
 def over_children(pid: int, measure: Callable[[int], float]) -> int | float:
     """``measure`` summed over the child processes of ``pid`` (cosedge's workers); one that ended counts 0."""
     try:

@@ -231,14 +231,6 @@ class Backfill:
         return keys / min(seconds) if seconds else 0.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its child processes (cosedge's workers) so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / tick + load.over_children(pid, cpu_seconds)
-
-
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -288,11 +280,11 @@ def measure_backfill(
         try:
             os.sync()
             mark = log_size(access)
-            cpu = cpu_seconds(proc.pid)
+            cpu = load.cpu_seconds(proc.pid)
             t0 = time.monotonic()
             job = manhole.start(f"backfill({BUCKET!r}, 'keys:{key_file}')")
             state, t1 = wait_job(data, job)
-            res.cosedge_cpu.append(cpu_seconds(proc.pid) - cpu)
+            res.cosedge_cpu.append(load.cpu_seconds(proc.pid) - cpu)
         finally:
             servers.stop(proc, grace=15)
         seconds = t1 - t0

@@ -13,11 +13,11 @@ speed moves by half from one minute to the next.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
@@ -26,19 +26,8 @@ from . import load, servers
 MiB = 1024 * 1024
 SIZE = 256 * MiB
 PATH = "/hit/256m.bin"
+R = TypeVar("R")
 CLIENTS = ("python", "curl", "wrk -c1")
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its child processes (nginx's or cosedge's workers)."""
-
-    def own(p: int) -> float:
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-
-    return own(pid) + load.over_children(pid, own)
 
 
 @attrs.frozen
@@ -73,9 +62,9 @@ def measure(
     for i in range(rounds):
         for client in CLIENTS:
             for server, port in ports.items():
-                before = cpu_seconds(pids[server])
+                before = load.cpu_seconds(pids[server])
                 size, took = _one(client, port, work, seconds)
-                cpu[server][client] += cpu_seconds(pids[server]) - before
+                cpu[server][client] += load.cpu_seconds(pids[server]) - before
                 served[server][client] += size
                 gbps[server][client].append(size / took / 1e9)
                 say(f"  round {i + 1} {client:8s} {server:8s} {size / took / 1e9:.2f} GB/s")
@@ -83,12 +72,12 @@ def measure(
     return Streamed(gbps, per_gb)
 
 
-def rows(streamed: Streamed, row: Callable[..., object], baseline: str = "") -> list[object]:
+def rows(streamed: Streamed, row: Callable[..., R], baseline: str = "") -> list[R]:
     """
     The table's rows: GB/s per client (target ≥ 0.9× nginx), CPU seconds
     per GB (target ≤ 2× nginx); a ``baseline`` server's figures in the notes.
     """
-    out = []
+    out: list[R] = []
     for client in CLIENTS:
         median = {s: statistics.median(streamed.gbps[s][client]) for s in streamed.gbps}
         spread = " ".join(f"{x:.2f}" for x in streamed.gbps["cosedge"][client])

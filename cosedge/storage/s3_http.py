@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from ..interfaces import ShortObject, StoreError
 
-__all__ = ["Reply", "S3Client", "S3Failure", "RangeStream", "parse_listing", "read_body"]
+__all__ = ["Reply", "S3Client", "S3Failure", "RangeStream", "child_text", "parse_listing", "read_body", "xml_tag"]
 
 #: Read no more of an answer than this (a listing page of 1000 long keys is well under it).
 MAX_REPLY = 8 * 1024 * 1024
@@ -71,18 +71,18 @@ class Reply:
             root = ElementTree.fromstring(self.body) if self.body else None
         except ElementTree.ParseError:
             root = None
-        if root is not None and _tag(root) == "Error":
-            code, message = _text(root, "Code"), _text(root, "Message")
+        if root is not None and xml_tag(root) == "Error":
+            code, message = child_text(root, "Code"), child_text(root, "Message")
         return S3Failure(what, self.status, code, message)
 
 
-def _tag(element: ElementTree.Element) -> str:
+def xml_tag(element: ElementTree.Element) -> str:
     return element.tag.rpartition("}")[2]
 
 
-def _text(element: ElementTree.Element, name: str) -> str:
+def child_text(element: ElementTree.Element, name: str) -> str:
     for child in element:
-        if _tag(child) == name:
+        if xml_tag(child) == name:
             return child.text or ""
     return ""
 
@@ -244,16 +244,17 @@ def parse_listing(body: bytes) -> tuple[builtins.list[tuple[str, int, float, str
     prefixes: list[str] = []
     token, truncated = None, False
     for element in root:
-        tag = _tag(element)
+        tag = xml_tag(element)
         if tag == "Contents":
-            stamp = _text(element, "LastModified")
+            stamp = child_text(element, "LastModified")
             try:
                 mtime = datetime.fromisoformat(stamp).timestamp()
             except ValueError:
                 mtime = 0.0
-            objects.append((_text(element, "Key"), int(_text(element, "Size") or 0), mtime, _text(element, "ETag")))
+            size = int(child_text(element, "Size") or 0)
+            objects.append((child_text(element, "Key"), size, mtime, child_text(element, "ETag")))
         elif tag == "CommonPrefixes":
-            prefixes.append(_text(element, "Prefix"))
+            prefixes.append(child_text(element, "Prefix"))
         elif tag == "IsTruncated":
             truncated = (element.text or "").strip() == "true"
         elif tag == "NextContinuationToken":

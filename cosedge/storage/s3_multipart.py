@@ -31,7 +31,7 @@ from twisted.web.iweb import IBodyProducer
 
 from ..interfaces import StoreError
 from .produce import RunBlocking
-from .s3_http import Reply, S3Client
+from .s3_http import Reply, S3Client, child_text, xml_tag
 
 __all__ = ["JOURNAL_SUFFIX", "FilePart", "abort_journalled", "composite_etag", "parts", "put_in_parts"]
 
@@ -117,10 +117,7 @@ def _element(body: bytes, name: str) -> tuple[str, str]:
         root = ElementTree.fromstring(body.strip())
     except ElementTree.ParseError:
         return "", ""
-    for child in root:
-        if child.tag.rpartition("}")[2] == name:
-            return root.tag.rpartition("}")[2], (child.text or "")
-    return root.tag.rpartition("}")[2], ""
+    return xml_tag(root), child_text(root, name)
 
 
 class _Journal:
