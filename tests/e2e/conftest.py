@@ -169,8 +169,10 @@ origin_pull = true
                     self.start()
                     return
                 pytest.fail(f"twistd cosedge exited with {code} during start-up:\n{self.log()}")
-            # Our own daemon's listener, not whatever else may hold the port.
-            if f"starting on {self.port}" in self.log()[since:]:
+            # Our own daemon's listener, not whatever else may hold the port; and
+            # its start-up done (the listener is bound before the store's sweep).
+            started = self.log()[since:]
+            if f"starting on {self.port}" in started and "cosedge serving" in started:
                 try:
                     socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                     return
