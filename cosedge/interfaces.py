@@ -83,6 +83,10 @@ class IObjectWriter(IConsumer):  # type: ignore[misc]
     """
 
     size = Attribute("Bytes written so far.")
+    spool = Attribute(
+        "The local file that holds the bytes written so far, in order, readable as it grows"
+        " by this machine's other processes (see :mod:`cosedge.fill.partial`); None when there is none."
+    )
 
     def commit(meta: Mapping[str, str], mtime: float | None) -> Deferred[None]:
         """Deferred that fires once the object is visible under its key with ``meta``, atomically."""

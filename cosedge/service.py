@@ -24,6 +24,7 @@ from .cluster import Cluster
 from .config import Config
 from .fill.claims import Claims
 from .fill.client import OriginAgents, QuietPool
+from .fill.partial import Partials
 from .fill.scheduler import Filler
 from .interfaces import IObjectStore
 from .jobs import JobsService
@@ -62,6 +63,7 @@ class EdgeService(MultiService):
         *,
         endpoints: list[IStreamServerEndpoint] | None = None,
         claims: Claims | None = None,
+        partials: Partials | None = None,
         primary: bool = True,
     ) -> None:
         super().__init__()
@@ -76,7 +78,9 @@ class EdgeService(MultiService):
             observe_requests(self.stats.store_request)
         self._pool = pool
         tls = agent.tls if isinstance(agent, OriginAgents) else None
-        self.filler = Filler(store, agent, reactor, lambda: self.config.fill, self.stats, claims, tls=tls)
+        self.filler = Filler(
+            store, agent, reactor, lambda: self.config.fill, self.stats, claims, tls=tls, partials=partials
+        )
         #: ``[cluster]``: which edge owns each key; hands fills over and takes them.
         self.cluster = Cluster(lambda: self.config, agent, reactor, self.stats)
         self.filler.hand_over = self.cluster.hand_over
@@ -146,6 +150,7 @@ class EdgeService(MultiService):
             super().startService()
             return
         # A disk store has swept when this returns, before the listeners start.
+        self._sweep_partials()
         swept = settled(self.store.sweep())
         if isinstance(swept, Deferred):
             swept.addCallbacks(self._swept, lambda f: _log.failure("sweeping temporary files failed", f))
@@ -158,6 +163,19 @@ class EdgeService(MultiService):
             domains=", ".join(self.config.server.domains),
             data_dir=self.config.server.data_dir,
         )
+
+    def sweep(self, owner: int) -> Deferred[int]:
+        """A dead process's leftovers: its published fills' names and its temporary files (how many)."""
+        self._sweep_partials(owner)
+        return self.store.sweep(owner=owner)
+
+    def _sweep_partials(self, owner: int | None = None) -> None:
+        """Remove the published names of fills a process left (:mod:`cosedge.fill.partial`)."""
+        if self.filler.partials is not None:
+            try:
+                self.filler.partials.sweep(owner)
+            except OSError as e:
+                _log.warn("cannot remove the names of fills under way: {error}", error=e)
 
     @staticmethod
     def _swept(count: int) -> None:
@@ -175,6 +193,7 @@ class EdgeService(MultiService):
         def after_stop(_: object) -> object:
             swept: Deferred[Any] = succeed(None)
             if self._primary:  # any temporary file a cancelled fill could not remove
+                self._sweep_partials()
                 swept = self.store.sweep()
             if self._pool is not None:
                 pool = self._pool
@@ -214,6 +233,10 @@ def _claims(config: Config) -> Claims:
     return Claims(os.path.join(config.server.data_dir, ".cosedge", "claims"))
 
 
+def _partials(config: Config) -> Partials:
+    return Partials(os.path.join(config.server.data_dir, ".cosedge", "partial"))
+
+
 def build_service(
     config: Config,
     reactor: Any,
@@ -238,8 +261,16 @@ def build_service(
     shared = [SharedEndpoint(reactor, d, workers - 1) for d in config.server.listen] if workers > 1 else None
     # Several processes on one data directory claim keys there (a test's own store has none).
     claims = _claims(config) if workers > 1 and _store is None else None
+    partials = _partials(config) if _store is None else None
     service = EdgeService(
-        config, reactor, store, _agent, pool, endpoints=list(shared) if shared else None, claims=claims
+        config,
+        reactor,
+        store,
+        _agent,
+        pool,
+        endpoints=list(shared) if shared else None,
+        claims=claims,
+        partials=partials,
     )
     service.config_path = config_path
     if shared:
@@ -249,7 +280,7 @@ def build_service(
             shared,
             lambda: service.config,
             _spawn,
-            sweep=lambda pid: store.sweep(owner=pid),
+            sweep=lambda pid: service.sweep(owner=pid),
             site=service.site,
         )
         service.workers.setServiceParent(service)
@@ -276,6 +307,14 @@ def build_worker_service(config: Config, reactor: Any, listeners: list[tuple[int
     store = _open_store(config, reactor, run_blocking)
     endpoints: list[IStreamServerEndpoint] = [AdoptedEndpoint(reactor, fd, family) for fd, family in listeners]
     service = EdgeService(
-        config, reactor, store, agent, pool, endpoints=endpoints, claims=_claims(config), primary=False
+        config,
+        reactor,
+        store,
+        agent,
+        pool,
+        endpoints=endpoints,
+        claims=_claims(config),
+        partials=_partials(config),
+        primary=False,
     )
     return service

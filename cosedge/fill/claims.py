@@ -19,8 +19,12 @@ import errno
 import fcntl
 import hashlib
 import os
+import struct
 
 __all__ = ["Claims"]
+
+#: ``struct flock`` on 64-bit Linux: type, whence, start, len, pid (and padding).
+_FLOCK = "hhqqi4x"
 
 #: Offsets stay below 2**62, well inside ``off_t``.
 _OFFSET_BITS = 62
@@ -57,6 +61,22 @@ class Claims:
                 return False
             raise
         return True
+
+    def holder(self, bucket: str, segments: tuple[str, ...]) -> int | None:
+        """
+        The pid of the *other* process that holds a key's claim (``F_GETLK``),
+        or None: nobody, this process, or a platform whose ``struct flock``
+        this module does not know.
+        """
+        if struct.calcsize(_FLOCK) != 32:
+            return None
+        asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _offset(bucket, segments), 1, 0)
+        try:
+            answer = fcntl.fcntl(self._file(), fcntl.F_GETLK, asked)
+        except OSError:
+            return None
+        kind, _, _, _, pid = struct.unpack(_FLOCK, answer)
+        return None if kind == fcntl.F_UNLCK or pid <= 0 else int(pid)
 
     def release(self, bucket: str, segments: tuple[str, ...]) -> None:
         """Give a claim up (a no-op for a key not claimed)."""

@@ -41,6 +41,7 @@ from ..config import ConfigError, FillConfig, parse_origin
 from ..interfaces import IObjectStore, IObjectWriter
 from ..origins import Source
 from .client import OriginFault
+from .partial import Partials
 
 __all__ = ["CHECKED", "FillFailed", "FillResult", "Fetcher", "Fill", "KEPT_HEADERS", "Reader", "reason_of"]
 
@@ -388,6 +389,8 @@ class Fetcher:
     health: HealthMarks | None = None
     #: URLs passed over for the next one (a fail-over), for the counters.
     failed_over: int = 0
+    #: Where mirror fills are published for late readers (None: not published).
+    partials: Partials | None = None
 
     async def fetch(self, fill: Fill, cfg: FillConfig) -> FillResult:
         """Copy ``fill``'s object; raises :class:`FillFailed` (or CancelledError) when nothing is stored."""
@@ -486,18 +489,20 @@ class Fetcher:
             response.deliverBody(_Discard())
             raise FillFailed("too-large", f"Content-Length over the {cfg.max_object_size}-byte limit")
         meta = _kept_headers(response)
-        fill.answered = True
-        for reader in fill.readers:
-            reader.response(meta, fill.expected)
         # The store makes its writer off the reactor thread where that can
         # block (creating a file can take a millisecond), or holds a small
-        # body in memory.  Meanwhile the response buffers the body's first bytes.
+        # body in memory.  Meanwhile the response buffers the body's first
+        # bytes, and readers may still join: none has missed any.
         writer, cancelled = await _through_cancel(self.store.writer(fill.bucket, fill.segments, fill.expected))
         fill.writer = writer
         if cancelled:
             writer.abort()
             response.deliverBody(_Discard())
             raise CancelledError()
+        published = self._publish(fill, writer, meta)
+        fill.answered = True
+        for reader in fill.readers:
+            reader.response(meta, fill.expected)
         try:
             body = _BodyWriter(writer, fill.readers, cfg, self.clock)
             response.deliverBody(body)
@@ -513,4 +518,18 @@ class Fetcher:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            if published is not None:
+                Partials.withdraw(published)
         return FillResult(fill.bucket, fill.key, True, "stored", writer.size)
+
+    def _publish(self, fill: Fill, writer: IObjectWriter, meta: Mapping[str, str]) -> str | None:
+        """A mirror fill of known length into a local file is readable as it grows (:mod:`.partial`)."""
+        if (
+            self.partials is None
+            or writer.spool is None
+            or fill.expected is None
+            or not fill.source.rule.endswith(":mirror")
+        ):
+            return None
+        return self.partials.publish(fill.bucket, fill.segments, writer.spool, fill.expected, meta)

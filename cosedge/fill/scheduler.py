@@ -36,6 +36,7 @@ from ..stats import Stats
 from .claims import Claims
 from .fetch import Fetcher, Fill, FillFailed, FillResult, Reader, reason_of
 from .health import Health
+from .partial import Partial, Partials
 
 __all__ = ["FillFailed", "FillResult", "Filler"]
 
@@ -81,6 +82,8 @@ class Filler:
     #: ``[cluster]``: hands a background fill to the key's owner edge (see
     #: :meth:`cosedge.cluster.Cluster.hand_over`); None: every fill is this edge's.
     hand_over: Callable[[str, tuple[str, ...], Source, Callable[[], object]], bool] | None = None
+    #: Where mirror fills are published while under way (None: they are not; see :mod:`.partial`).
+    partials: Partials | None = None
     _fills: dict[tuple[str, tuple[str, ...]], Fill] = field(factory=dict, init=False)
     _queue: deque[Fill] = field(factory=deque, init=False)
     _running: int = field(default=0, init=False)
@@ -94,7 +97,7 @@ class Filler:
 
     def __attrs_post_init__(self) -> None:
         self.health = Health(self.clock, self.config, lambda url, source: self._fetcher.agent_for(url, source))
-        self._fetcher = Fetcher(self.store, self.agent, self.clock, self.tls, self.health)
+        self._fetcher = Fetcher(self.store, self.agent, self.clock, self.tls, self.health, partials=self.partials)
 
     def start(
         self,
@@ -272,6 +275,22 @@ class Filler:
             return False
         self.claims.release(bucket, segments)
         return False
+
+    def partial(self, bucket: str, segments: tuple[str, ...]) -> Partial | None:
+        """
+        The key's mirror fill under way, in this process or another, opened
+        where its bytes so far can be read (None: no such fill, or not yet
+        published; the caller closes it).
+        """
+        if self.partials is None:
+            return None
+        if (bucket, segments) in self._fills:
+            pid: int | None = self.partials.pid
+        elif self.claims is not None:
+            pid = self.claims.holder(bucket, segments)
+        else:
+            pid = None
+        return None if pid is None else self.partials.open(bucket, segments, pid)
 
     def recently_failed(self, bucket: str, segments: tuple[str, ...]) -> bool:
         """Whether a recent failure of this key holds it back (the back-off), as a miss would find."""

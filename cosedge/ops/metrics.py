@@ -65,6 +65,12 @@ _COUNTERS = (
         "cosedge_mirror_answers",
         "Misses answered with the object streamed from the origin (mirror rules).",
     ),
+    (
+        "mirror_followed",
+        "cosedge_mirror_followed",
+        "Mirror answers (or their rest) read from a fill's file as it was written: a client that came"
+        " late, fell behind, or reached another worker process than the fill's.",
+    ),
     ("fills_failed_over", "cosedge_fills_failed_over", "Origin hosts passed over for the next one during a fill."),
     ("fills_handed_over", "cosedge_fills_handed_over", "Fills handed to the key's owner edge ([cluster])."),
     (

@@ -61,6 +61,7 @@ class _MemoryPending:
     segments: tuple[str, ...]
     buffer: bytearray = field(factory=bytearray)
     done: bool = False
+    path: str | None = None  # in memory: no file
 
     @property
     def size(self) -> int:

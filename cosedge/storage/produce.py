@@ -89,6 +89,10 @@ class _Blocking(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def path(self) -> str | None:
+        """The temporary file the bytes go to (None: held in memory)."""
+
     def write(self, data: bytes) -> None: ...
 
     def commit(self, meta: Mapping[str, str], mtime: float | None) -> None: ...
@@ -115,6 +119,7 @@ class Writer(_Consumer):
     def __init__(self, pending: _Blocking, run_blocking: RunBlocking) -> None:
         self._pending = pending
         self._run_blocking = run_blocking
+        self.spool = pending.path
 
     @property
     def size(self) -> int:
@@ -143,6 +148,7 @@ class SmallWriter(_Consumer):
         self._store_whole = store_whole
         self._chunks: list[bytes] = []
         self.size = 0
+        self.spool = None
 
     def write(self, data: bytes) -> None:
         self._chunks.append(data)

@@ -209,6 +209,7 @@ class S3Writer(_Consumer):
         self._done = False
         self._putting: Deferred[None] | None = None
         self.size = 0
+        self.spool = path or None
 
     def write(self, data: bytes) -> None:
         if self._done:

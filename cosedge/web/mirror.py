@@ -106,8 +106,18 @@ class MirrorReader:
     # -- Reader --
 
     def response(self, meta: Mapping[str, str], length: int | None) -> None:
+        if self.answer_headers(meta, length):
+            self._request.registerProducer(self, True)
+
+    def answer_headers(self, meta: Mapping[str, str], length: int | None) -> bool:
+        """
+        Set the response's status and headers from the origin's; whether a
+        body follows (a HEAD is finished here).  What :meth:`response` does
+        before it reads the stream, and what a reader fed from a fill's
+        file (:mod:`cosedge.web.follow`) starts with.
+        """
         if self._gone:
-            return
+            return False
         self._started = True
         request = self._request
         for name, value in meta.items():
@@ -129,8 +139,8 @@ class MirrorReader:
         if self._head:
             self._gone = True
             request.finish()
-            return
-        request.registerProducer(self, True)
+            return False
+        return True
 
     def write(self, data: bytes) -> None:
         if self._gone or self._detached:
@@ -158,8 +168,7 @@ class MirrorReader:
             return
         if failure is not None:
             reason, detail = reason_of(failure)
-            if reason == "joined-late":
-                self._gone = True
+            if reason == "joined-late":  # it never read the stream: it may still answer from elsewhere
                 self._on_late(self, 0)
             elif self._started:
                 _log.warn(
@@ -194,6 +203,11 @@ class MirrorReader:
         self._left(None)
 
     # -- the rest --
+
+    @property
+    def started(self) -> bool:
+        """Whether the response's headers are set (the status line may be out)."""
+        return self._started
 
     @property
     def range(self) -> tuple[int, int] | None:

@@ -35,6 +35,7 @@ from ..keys import BadKey, Target, parse_target
 from ..origins import Source
 from ..stats import Stats
 from .errors import answer_error
+from .follow import Follower
 from .hit import answer_hit
 from .mirror import MirrorReader, cut
 
@@ -267,6 +268,8 @@ class EdgeResource(Resource):
         args = (request, request_id, bucket, bucket_name, target)
 
         def from_store(reader: MirrorReader, offset: int) -> None:
+            if self._follow(reader, offset, request, bucket_name, target):
+                return
             waiting = self._filler.fill(bucket_name, target.segments, source)
             waiting.addCallback(self._mirror_stored, reader, offset, *args)
             waiting.addErrback(_deliver, request, request_id)
@@ -278,7 +281,9 @@ class EdgeResource(Resource):
         if refused == "not-found":
             return answer_error(request, request_id, "NoSuchKey", "The specified key does not exist.")
         if refused in ("elsewhere", "stored") and again:  # another process of the daemon fills it
-            self._await_stored(self._filler.clock.seconds() + self._config().fill.total_timeout, *args)
+            if not self._follow(reader, 0, request, bucket_name, target):
+                deadline = self._filler.clock.seconds() + self._config().fill.total_timeout
+                self._await_stored(deadline, reader, *args)
             return NOT_DONE_YET
         if refused == "backoff":
             return answer_error(request, request_id, "MirrorFailed", _MIRROR_BACKOFF)
@@ -306,13 +311,40 @@ class EdgeResource(Resource):
             opening.addCallback(_produce_rest, request, offset, reader.range)
             opening.addErrback(lambda _: cut(request))
 
-    def _await_stored(self, deadline: float, *args: Any) -> None:
-        """Another process fills the key: serve it once stored (checked every 0.1 s until ``deadline``)."""
+    def _follow(self, reader: MirrorReader, offset: int, request: Request, bucket_name: str, target: Target) -> bool:
+        """
+        Send the rest of a mirror answer (from body byte ``offset``) from the
+        key's fill under way in this process or another, as it arrives
+        (:mod:`cosedge.web.follow`); False when there is none to read.
+        """
+        partial = self._filler.partial(bucket_name, target.segments)
+        if partial is None:
+            return False
+        if request.finished or request.channel is None:
+            partial.close()
+            return True
+        if not reader.started:
+            if not reader.answer_headers(partial.meta, partial.length):  # a HEAD: answered
+                partial.close()
+                return True
+            offset = reader.range[0] if reader.range is not None else 0
+        end = reader.range[1] if reader.range is not None else partial.length
+        stall = self._config().fill.idle_timeout
+        Follower(request, partial, offset, end, self._filler.clock, stall, self._stats.inc).start()
+        return True
+
+    def _await_stored(self, deadline: float, reader: MirrorReader, *args: Any) -> None:
+        """
+        Another process fills the key: follow its fill once it can be read,
+        or serve the object once stored (checked every 0.1 s until ``deadline``).
+        """
         request, request_id, _, bucket_name, target = args
         clock = self._filler.clock
 
         def check() -> None:
             if request.finished or request.channel is None:
+                return
+            if self._follow(reader, 0, request, bucket_name, target):
                 return
             opening = self._store.open(bucket_name, target.segments)
             opening.addBoth(checked)

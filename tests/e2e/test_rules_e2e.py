@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
-from .conftest import FAST_FILL, Daemon, Reply, at_once, wait_for
+from .conftest import FAST_FILL, Daemon, Reply, at_once, free_port, wait_for
 from .origin import MisbehavingOrigin, body_for, etag_for
 
 MIRROR = "mirror-1250000000"
@@ -156,23 +157,95 @@ def test_a_mirror_herd_shares_one_origin_get_and_every_client_gets_every_byte(
     assert hit.body == body_for(path) and hit.header("x-cos-mirror") is None  # the next one is a local hit
 
 
-def test_a_late_client_of_a_slow_mirror_fill_is_served_whole_from_the_store(
-    mirror: Daemon, origin: MisbehavingOrigin
-) -> None:
-    """The second client comes after the origin's headers: it waits for the store, then gets every byte."""
+class Stream:
+    """One GET on a raw socket whose answer is read as it arrives (bounded by ``timeout`` each time)."""
+
+    def __init__(self, daemon: Daemon, bucket: str, path: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host(bucket)}\r\nConnection: close\r\n\r\n".encode())
+        self.data = b""
+        self.closed = False
+
+    @property
+    def head(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[0]
+
+    @property
+    def body(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[2] if b"\r\n\r\n" in self.data else b""
+
+    def read(self, until: Callable[[], bool], timeout: float) -> bool:
+        """Read until ``until()`` or the connection closes; whether ``until()`` came true in time."""
+        deadline = time.monotonic() + timeout
+        while not until() and not self.closed and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                break
+            self.data += chunk
+            self.closed = not chunk
+        return until()
+
+    def whole(self, timeout: float = 30) -> bytes:
+        """The body once the server has closed the connection."""
+        self.read(lambda: False, timeout)
+        self.sock.close()
+        return self.body
+
+
+def test_a_late_client_of_a_slow_mirror_fill_reads_it_as_it_arrives(mirror: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    The second client comes after the origin's headers: it gets the bytes
+    the fill has so far at once, from the fill's file, then the rest as it
+    arrives (not once the object is stored), every byte right.
+    """
     path = "/slow/rules-late.bin"
-    on = OnBucket(mirror, MIRROR)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        early = pool.submit(on.request, path)
-        wait_for(lambda: origin.gets(path) == 1, 10, "the origin's answer under way")
-        time.sleep(0.3)  # the origin's headers have reached the daemon
-        late = pool.submit(on.request, path)
-        time.sleep(0.3)
-        origin.release(path)
-        first, second = early.result(timeout=30), late.result(timeout=30)
-    assert first.body == second.body == body_for(path)
-    assert first.header("x-cos-mirror") == "origin" and second.header("x-cos-mirror") is None
+    early = Stream(mirror, MIRROR, path)
+    assert early.read(lambda: len(early.body) >= 65536, 10), "the origin's first 64 KiB"
+    late = Stream(mirror, MIRROR, path)
+    assert late.read(lambda: len(late.body) >= 65536, 10), "the late client waited for the store"
+    assert b"x-cos-mirror: origin" in late.head.lower() and late.head.startswith(b"HTTP/1.1 200")
+    origin.release(path)
+    assert early.whole() == late.whole() == body_for(path)
     assert origin.gets(path) == 1
+    stored = mirror.request(path, host=host(MIRROR))
+    assert stored.body == body_for(path) and stored.header("x-cos-mirror") is None
+
+
+def test_with_workers_every_client_of_a_mirror_herd_reads_the_one_fill_as_it_arrives(
+    tmp_path: Path, origin: MisbehavingOrigin
+) -> None:
+    """
+    ``workers = 2``: the herd's connections are spread over both processes;
+    one fetches the object, the other's clients read its fill's file as it
+    grows.  Every client has the first 64 KiB while the origin still holds
+    the rest, and every byte after; one origin GET.
+    """
+    admin = free_port()
+    rules = MIRROR_RULES.replace("{origin}", origin.netloc)
+    rules += f'\n[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\nmin_free_bytes = 0\n'
+    daemon = Daemon(tmp_path, origin.netloc, dict(FAST_FILL), extra_config=rules, workers=2)
+    daemon.start()
+    try:
+        path = "/slow/rules-workers-herd.bin"
+        clients = [Stream(daemon, MIRROR, path) for _ in range(16)]
+        for client in clients:
+            assert client.read(lambda c=client: len(c.body) >= 65536, 15), client.data[:300]  # type: ignore[misc]
+        origin.release(path)
+        assert all(client.whole() == body_for(path) for client in clients)
+        assert origin.gets(path) == 1
+
+        def followed() -> int:  # the worker's counters reach the primary every second
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+                found = re.search(r"^cosedge_mirror_followed_total (\S+)", response.read().decode(), re.M)
+            return 0 if found is None else int(float(found.group(1)))
+
+        wait_for(lambda: followed() >= 1, 5, "a client that read the fill's file")
+    finally:
+        daemon.stop()
+    assert daemon.problems() == []
+    assert not list((tmp_path / "data" / ".cosedge" / "partial").iterdir())
 
 
 def test_mirror_answers_origin_failures_as_cos_does(mirror: Daemon) -> None:
