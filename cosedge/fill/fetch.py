@@ -512,6 +512,9 @@ class Fetcher:
             readers, fill.readers = fill.readers, []
             for reader in readers:
                 reader.finished(None)
+            if published is not None:  # whole: its late readers end as the stream's readers just did
+                Partials.withdraw(published)
+                published = None
             # A cancelled fill whose commit still succeeded is stored: whole and visible.
             meta[CHECKED] = f"{self.clock.seconds():.0f}"  # not a header: never served
             await _through_cancel(writer.commit(meta, _mtime(meta)))
