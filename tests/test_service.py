@@ -5,6 +5,7 @@ The service tree, the twistd options and the plugin: built on a
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -291,20 +292,24 @@ def test_make_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """makeService builds the service from the parsed options on the reactor, with --demo-origin's listener."""
     reactor = _ThreadedMemoryReactor()
     monkeypatch.setattr(twisted.internet, "reactor", reactor, raising=False)
+    with socket.socket() as probe:  # a port nothing else holds (start-up checks that no process does)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = f"tcp:{port}:interface=127.0.0.1"
     path = tmp_path / "c.toml"
     path.write_text(f'[server]\ndata_dir = "{tmp_path}"\naccess_log = ""\n')
     options = tap.Options()
-    options.parseOptions(["--config", str(path), "--listen", "tcp:18090:interface=127.0.0.1", "--demo-origin"])
+    options.parseOptions(["--config", str(path), "--listen", listen, "--demo-origin"])
     service = tap.makeService(options)
     assert isinstance(service, EdgeService)
     assert service.reactor is reactor
     assert service.config_path == str(path)
     assert service.config.server.data_dir == str(tmp_path)
-    assert service.config.server.listen == ("tcp:18090:interface=127.0.0.1",)
+    assert service.config.server.listen == (listen,)
     service.startService()
     try:
         ports = sorted((port, interface) for port, _, _, interface in reactor.tcpServers)
-        assert (18090, "127.0.0.1") in ports
+        assert (port, "127.0.0.1") in ports
         assert (8081, "127.0.0.1") in ports
     finally:
         result_of(service.stopService())
