@@ -8,6 +8,7 @@ origins, one clock.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -19,11 +20,11 @@ import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from cosedge.fill.claims import Claims
-from cosedge.fill.partial import PARTIAL_XATTR, Partials
+from cosedge.fill.partial import PARTIAL_XATTR, Partial, Partials
 from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin
 from cosedge.web.follow import POLL
-from tests.helpers import BUCKET, Edge, StepCooperator, raw_request
+from tests.helpers import BUCKET, Edge, StepCooperator, capture_logs, raw_request
 from tests.test_mirror import Hosts, mirror_edge
 
 BODY = os.urandom(300 * 1024)  # above the size the disk store keeps in memory until its commit
@@ -78,6 +79,40 @@ def test_a_late_client_reads_the_fill_as_it_arrives(cooperator: StepCooperator, 
     assert os.listdir(tmp_path / ".cosedge" / "partial") == []
     stored = tmp_path / BUCKET / "late.bin"
     assert stored.read_bytes() == BODY and PARTIAL_XATTR not in os.listxattr(stored)
+
+
+def test_a_client_too_slow_for_the_stream_reads_the_file_before_the_fill_ends(
+    cooperator: StepCooperator, a: FakeOrigin, tmp_path: Path
+) -> None:
+    """
+    A client more than 8 MiB behind lets go of the stream at once and reads
+    on from the file while the origin is still sending: every byte once, in
+    order, and the bytes stored so far before the fill has ended.
+    """
+    mib = 1024 * 1024
+    body = os.urandom(12 * mib)
+    a.add("slow.bin", body, mode="stall", cut=mib)
+    hosts = Hosts(a_test=a)
+    edge = disk_edge(cooperator, hosts, tmp_path, pid=107)
+    conn = edge.connect()
+    conn.send(raw_request("/slow.bin"))
+    hosts.flush()  # the headers and the first MiB
+    channel = conn.transport.producer
+    channel.pauseProducing()  # the client's socket is full from now on
+    stalled = a.stalled.pop()
+    stalled.write(body[mib : 10 * mib])  # 9 MiB behind: the reader lets go of the stream
+    hosts.flush()
+    assert edge.stats.events["mirror_followed"] == 1
+    channel.resumeProducing()  # the client reads again; the origin has not finished
+    edge.clock.advance(POLL)
+    assert conn.transport.value().partition(b"\r\n\r\n")[2] == body[: 10 * mib]
+    stalled.write(body[10 * mib :])
+    stalled.finish()
+    hosts.flush()
+    edge.clock.advance(POLL)
+    response = conn.response()
+    assert (response.status, response.body == body) == (200, True) and conn.closed
+    assert a.gets(b"/slow.bin") == 1
 
 
 def test_a_late_range_and_a_late_head(cooperator: StepCooperator, a: FakeOrigin, tmp_path: Path) -> None:
@@ -141,6 +176,29 @@ def test_a_fill_that_stops_growing_cuts_its_followers_after_the_idle_timeout(
     assert not late.closed
     edge.clock.pump([POLL] * int(2 / POLL))
     assert late.closed and late.transport.value().endswith(BODY[:10])
+
+
+def test_a_file_that_cannot_be_read_cuts_its_follower(
+    cooperator: StepCooperator, a: FakeOrigin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading the fill's file closes the follower's connection short (and says why)."""
+    a.add("eio.bin", BODY, mode="stall", cut=1000)
+    hosts = Hosts(a_test=a)
+    edge = disk_edge(cooperator, hosts, tmp_path, pid=108)
+    edge.connect().send(raw_request("/eio.bin"))
+    hosts.flush()
+    late = edge.connect()
+    late.send(raw_request("/eio.bin"))
+    assert late.transport.value().endswith(BODY[:1000]) and not late.closed
+
+    def failing(_: Partial) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Partial, "size", failing)
+    with capture_logs() as events:
+        edge.clock.advance(POLL)
+    assert late.closed and late.transport.value().endswith(BODY[:1000])
+    assert any("Input/output error" in str(e.get("why", "")) for e in events)
 
 
 def test_a_proxy_fill_and_a_small_object_are_not_published(

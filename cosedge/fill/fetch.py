@@ -500,10 +500,10 @@ class Fetcher:
             response.deliverBody(_Discard())
             raise CancelledError()
         published = self._publish(fill, writer, meta)
-        fill.answered = True
-        for reader in fill.readers:
-            reader.response(meta, fill.expected)
         try:
+            fill.answered = True
+            for reader in fill.readers:
+                reader.response(meta, fill.expected)
             body = _BodyWriter(writer, fill.readers, cfg, self.clock)
             response.deliverBody(body)
             await body.done

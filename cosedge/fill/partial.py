@@ -82,6 +82,7 @@ class Partials:
 
     directory: str
     pid: int = field(factory=os.getpid)
+    _warned: bool = field(default=False, init=False)
 
     def _name(self, bucket: str, segments: tuple[str, ...], pid: int) -> str:
         return os.path.join(self.directory, f"{_digest(bucket, segments)}.{pid}")
@@ -102,7 +103,15 @@ class Partials:
                 os.link(path, link)
         except OSError as e:
             # Only late readers lose: they wait for the stored object instead.
-            _log.debug("fill {key}: not published: {error}", key="/".join(segments), error=e)
+            # Said once (a file system without user attributes, say), then quietly.
+            log = _log.debug if self._warned else _log.warn
+            self._warned = True
+            log(
+                "fill {key}: late mirror clients cannot read it as it is written ({error});"
+                " they are served once it is stored",
+                key="/".join(segments),
+                error=e,
+            )
             return None
         return link
 

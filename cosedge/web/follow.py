@@ -89,6 +89,12 @@ class Follower:
 
     def _pump(self) -> None:
         self._timer = None
+        try:
+            self._send()
+        except OSError as e:  # the file cannot be read (EIO, say): the client must not wait for ever
+            self._fail(f"cannot read the fill's file: {e}")
+
+    def _send(self) -> None:
         partial = self._partial
         while not (self._paused or self._done):
             if self._offset >= self._end:

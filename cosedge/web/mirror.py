@@ -15,9 +15,10 @@ missing key share the one origin fetch, each reading from the start.
 - The client hangs up: its reader stops; the fill goes on for the others
   and the store.
 - A client too slow for the origin (more than ``_MAX_BEHIND`` bytes waiting
-  in its connection) stops reading the stream and is served the rest from
-  the store once the fill has stored the object, as is a client that comes
-  after the origin has answered (:attr:`MirrorReader.late`).
+  in its connection) lets go of the stream at once and reads the rest from
+  the fill's file as it grows (:mod:`cosedge.web.follow`), as does a client
+  that comes after the origin has answered; where the fill has no such file
+  (a small or chunked body), it is served from the store once stored.
 - A single ``Range`` gets its bytes from the stream as they pass; a HEAD
   gets the origin's headers and no body (the copy goes on).
 """
@@ -98,7 +99,6 @@ class MirrorReader:
         self._sent = 0  # body bytes written to the client
         self._gone = False
         self._started = False
-        self._detached = False
         self._paused = False
         self._behind = 0
         request.notifyFinish().addErrback(self._left)
@@ -143,7 +143,7 @@ class MirrorReader:
         return True
 
     def write(self, data: bytes) -> None:
-        if self._gone or self._detached:
+        if self._gone:
             return
         start, self._offset = self._offset, self._offset + len(data)
         if self._range is not None:
@@ -161,7 +161,7 @@ class MirrorReader:
         if self._paused:
             self._behind += len(data)
             if self._behind > _MAX_BEHIND:
-                self._detached = True  # the rest comes from the store
+                self._let_go()
 
     def finished(self, failure: Failure | None) -> None:
         if self._gone:
@@ -180,11 +180,6 @@ class MirrorReader:
                 self._close()
             else:
                 self._answer_failure(reason, detail)
-            return
-        if self._detached:
-            self._gone = True
-            self._request.unregisterProducer()
-            self._on_late(self, self._sent + (self._range[0] if self._range is not None else 0))
             return
         self._gone = True
         self._request.unregisterProducer()
@@ -213,6 +208,16 @@ class MirrorReader:
     def range(self) -> tuple[int, int] | None:
         """The range being answered (end exclusive), or None for the whole body."""
         return self._range
+
+    def _let_go(self) -> None:
+        """
+        Too far behind the stream: stop holding it in memory; the rest, from
+        the body offset this client has been handed, comes from the fill's
+        file as it grows or, failing that, from the store once stored.
+        """
+        self._gone = True
+        self._request.unregisterProducer()
+        self._on_late(self, self._sent + (self._range[0] if self._range is not None else 0))
 
     def _left(self, reason: object) -> None:
         """The client hung up: stop writing; the fill goes on."""
