@@ -900,3 +900,22 @@ def _read(s3: Harness, key: str) -> bytes:
     s3.run(obj.produce(consumer, 0, obj.size))
     obj.close()
     return bytes(consumer.data)
+
+
+def test_an_error_answer_is_read_whatever_whitespace_comes_first() -> None:
+    """S3 may keep a slow request's connection alive with whitespace before its XML: the code is still read."""
+    from twisted.web.http_headers import Headers
+
+    from cosedge.storage.s3_http import Reply
+
+    error = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>Try again</Message></Error>'
+    )
+    for body in (error, b"\n  \n" + error, b"   "):
+        failure = Reply(500, Headers(), body).failure("PUT cosedge/k")
+        expected = (
+            ("InternalError", "PUT cosedge/k: HTTP 500 InternalError Try again")
+            if body.strip()
+            else ("", "PUT cosedge/k: HTTP 500")
+        )
+        assert (failure.code, str(failure)) == expected

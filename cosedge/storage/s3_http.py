@@ -68,7 +68,9 @@ class Reply:
     def failure(self, what: str) -> S3Failure:
         code, message = "", ""
         try:
-            root = ElementTree.fromstring(self.body) if self.body else None
+            # An answer may start with whitespace (S3 keeps a long request's connection alive with it).
+            body = self.body.lstrip()
+            root = ElementTree.fromstring(body) if body else None
         except ElementTree.ParseError:
             root = None
         if root is not None and xml_tag(root) == "Error":

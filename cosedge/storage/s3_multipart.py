@@ -151,6 +151,10 @@ async def _abort(client: S3Client, store_bucket: str, key: str, upload_id: str) 
     return reply.status in (200, 204, 404)
 
 
+def _abort_failed(key: str, why: object) -> None:
+    _log.info("aborting the upload of {key} failed ({why}): the next sweep does it", key=key, why=why)
+
+
 def _abort_later(client: S3Client, store_bucket: str, key: str, upload_id: str, journal: _Journal) -> None:
     """Abort an upload that failed, in the background: its journal stays for the next sweep unless it is gone."""
 
@@ -159,7 +163,7 @@ def _abort_later(client: S3Client, store_bucket: str, key: str, upload_id: str, 
             journal.remove()
 
     def failed(failure: Any) -> None:
-        _log.info("aborting the upload of {key} failed ({why}): the next sweep does it", key=key, why=failure.value)
+        _abort_failed(key, failure.value)
 
     Deferred.fromCoroutine(_abort(client, store_bucket, key, upload_id)).addCallbacks(done, failed)
 
@@ -182,7 +186,7 @@ async def abort_journalled(client: S3Client, path: str) -> bool:
     try:
         gone = await _abort(client, *where)
     except Exception as e:
-        _log.info("aborting the upload of {key} failed ({why}): the next sweep does it", key=where[1], why=e)
+        _abort_failed(where[1], e)
         return False
     if gone:
         _Journal(path).remove()
