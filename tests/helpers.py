@@ -342,3 +342,22 @@ def result_of(d: Deferred[Any]) -> Any:
     d.addBoth(results.append)
     assert results, "the Deferred has not fired"
     return results[0]
+
+
+class ProcessClaims:
+    """Claims as two processes see them (POSIX locks never conflict within one process)."""
+
+    def __init__(self, held: dict[tuple[str, tuple[str, ...]], int], me: int) -> None:
+        self.held = held
+        self.me = me
+
+    def claim(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        return self.held.setdefault((bucket, segments), self.me) == self.me
+
+    def release(self, bucket: str, segments: tuple[str, ...]) -> None:
+        if self.held.get((bucket, segments)) == self.me:
+            del self.held[(bucket, segments)]
+
+    def holder(self, bucket: str, segments: tuple[str, ...]) -> int | None:
+        pid = self.held.get((bucket, segments))
+        return None if pid == self.me else pid

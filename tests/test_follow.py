@@ -24,7 +24,7 @@ from cosedge.fill.partial import PARTIAL_XATTR, Partial, Partials
 from cosedge.storage.disk import DiskStore
 from cosedge.testing import FakeOrigin
 from cosedge.web.follow import POLL
-from tests.helpers import BUCKET, Edge, StepCooperator, capture_logs, raw_request
+from tests.helpers import BUCKET, Edge, ProcessClaims, StepCooperator, capture_logs, raw_request
 from tests.test_mirror import Hosts, mirror_edge
 
 BODY = os.urandom(300 * 1024)  # above the size the disk store keeps in memory until its commit
@@ -217,25 +217,6 @@ def test_a_proxy_fill_and_a_small_object_are_not_published(
     hosts.flush()
     assert proxied.filler.partial(BUCKET, ("proxied.bin",)) is None
     assert not (tmp_path / "p" / ".cosedge" / "partial").exists()
-
-
-class ProcessClaims:
-    """Claims as two processes see them (POSIX locks never conflict within one process)."""
-
-    def __init__(self, held: dict[tuple[str, tuple[str, ...]], int], me: int) -> None:
-        self.held = held
-        self.me = me
-
-    def claim(self, bucket: str, segments: tuple[str, ...]) -> bool:
-        return self.held.setdefault((bucket, segments), self.me) == self.me
-
-    def release(self, bucket: str, segments: tuple[str, ...]) -> None:
-        if self.held.get((bucket, segments)) == self.me:
-            del self.held[(bucket, segments)]
-
-    def holder(self, bucket: str, segments: tuple[str, ...]) -> int | None:
-        pid = self.held.get((bucket, segments))
-        return None if pid == self.me else pid
 
 
 def test_a_client_of_another_process_reads_that_process_fill(

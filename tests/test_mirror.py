@@ -23,7 +23,7 @@ from zope.interface import implementer
 from cosedge.config import BucketConfig
 from cosedge.fill.fetch import FillFailed, redirect_target
 from cosedge.testing import FakeOrigin
-from tests.helpers import BUCKET, Edge, StepCooperator, capture_logs, fill_events, raw_request
+from tests.helpers import BUCKET, Edge, ProcessClaims, StepCooperator, capture_logs, fill_events, raw_request
 
 BODY = bytes(range(256)) * 40  # 10 KiB
 
@@ -334,31 +334,18 @@ def test_a_mirror_client_of_a_key_another_process_fills_is_served_or_reads_itsel
     """
     from cosedge.storage.memory import MemoryStore
 
-    class ProcessClaims:
-        """Claims as two processes see them (POSIX locks never conflict within one process)."""
-
-        held: dict[tuple[str, tuple[str, ...]], str] = {}
-
-        def __init__(self, me: str) -> None:
-            self.me = me
-
-        def claim(self, bucket: str, segments: tuple[str, ...]) -> bool:
-            return self.held.setdefault((bucket, segments), self.me) == self.me
-
-        def release(self, bucket: str, segments: tuple[str, ...]) -> None:
-            if self.held.get((bucket, segments)) == self.me:
-                del self.held[(bucket, segments)]
+    held: dict[tuple[str, tuple[str, ...]], int] = {}
 
     store = MemoryStore()
     edges = []
-    for name in ("one", "two"):
+    for pid in (1, 2):
         hosts = Hosts(a_test=a)
         edge = mirror_edge(cooperator, hosts)
         edge.store = store
-        edge.filler = attrs.evolve(edge.filler, store=store, claims=ProcessClaims(name))
+        edge.filler = attrs.evolve(edge.filler, store=store, claims=ProcessClaims(held, pid))
         edge.resource._filler = edge.filler
         edge.resource._store = store
-        edges.append((edge, hosts, name))
+        edges.append((edge, hosts, pid))
     (first, first_hosts, _), (second, second_hosts, _) = edges
     a.add("w.bin", BODY, mode="stall", cut=10)
     winner = first.connect()
