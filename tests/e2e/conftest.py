@@ -245,9 +245,9 @@ origin_pull = true
                 pytest.fail(f"no log line matching {pattern!r} within {timeout}s:\n{self.log()}")
             time.sleep(0.05)
 
-    def fill_outcome(self, key: str, timeout: float = 10.0) -> str:
+    def fill_outcome(self, key: str, timeout: float = 10.0, bucket: str = BUCKET) -> str:
         """Wait for the log line that ends the fill of ``key``: "stored" or the failure reason."""
-        match = self.wait_for_log(rf"fill {BUCKET}/{re.escape(key)} (stored|failed: (\S+))", timeout)
+        match = self.wait_for_log(rf"fill {bucket}/{re.escape(key)} (stored|failed: (\S+))", timeout)
         return match.group(2) or match.group(1)
 
     def request(
@@ -441,3 +441,40 @@ def at_once(daemon: Daemon, target: str, clients: int) -> list[Reply]:
 def tmp_files(daemon: Daemon) -> list[str]:
     """The names in the daemon's temporary directory."""
     return sorted(os.listdir(daemon.tmp_dir)) if daemon.tmp_dir.exists() else []
+
+
+class Stream:
+    """One GET on a raw socket whose answer is read as it arrives (bounded by ``timeout`` each time)."""
+
+    def __init__(self, daemon: Daemon, host: str, path: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        self.data = b""
+        self.closed = False
+
+    @property
+    def head(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[0]
+
+    @property
+    def body(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[2] if b"\r\n\r\n" in self.data else b""
+
+    def read(self, until: Callable[[], bool], timeout: float) -> bool:
+        """Read until ``until()`` or the connection closes; whether ``until()`` came true in time."""
+        deadline = time.monotonic() + timeout
+        while not until() and not self.closed and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                break
+            self.data += chunk
+            self.closed = not chunk
+        return until()
+
+    def whole(self, timeout: float = 30) -> bytes:
+        """The body once the server has closed the connection."""
+        self.read(lambda: False, timeout)
+        self.sock.close()
+        return self.body

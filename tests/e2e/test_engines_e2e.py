@@ -26,7 +26,7 @@ from urllib.parse import quote
 import attrs
 import pytest
 
-from .conftest import BUCKET, FAST_FILL, Daemon, Reply, _daemons_in_test, at_once, wait_for
+from .conftest import BUCKET, FAST_FILL, Daemon, Reply, Stream, _daemons_in_test, at_once, wait_for
 from .engines import Engine, api_section, cos_client, shared_engine, storage_section
 from .origin import BIG_SIZE, LAST_MODIFIED, MisbehavingOrigin, body_for, content_type_for, etag_for
 
@@ -36,6 +36,8 @@ pytestmark = pytest.mark.e2e
 STORE_BUCKET = "cosedge-engines"
 #: A bucket whose copies are revalidated with the origin after a second.
 FRESH_BUCKET = "fresh-1250000000"
+#: A bucket with one mirror rule for every key.
+MIRROR_BUCKET = "mirror-1250000000"
 #: Seconds until its copies are stale: the check time is kept in whole seconds (up to 0.5 s late).
 STALE_AFTER = 2.0
 BACKENDS = ["disk", "seaweedfs", "rgw"]
@@ -89,6 +91,7 @@ def _backend(
     root = tmp_path_factory.mktemp(f"cosedge-{name}")
     extra = api_section()
     extra += f'\n[buckets."{FRESH_BUCKET}"]\norigin = "{origin.netloc}"\norigin_pull = true\nrevalidate_after = 1\n'
+    extra += f'\n[[buckets."{MIRROR_BUCKET}".rules]]\npriority = 1\ntype = "mirror"\nhosts = ["{origin.netloc}"]\n'
     if engine is not None:
         credentials = root / "s3.ini"  # keys from a file: the configuration holds no secret
         credentials.write_text(f"access_key_id = {engine.key_id}\nsecret_access_key = {engine.secret}\n")
@@ -275,6 +278,27 @@ def test_sigkill_mid_fill_leaves_nothing_visible(backend: Backend, origin: Misbe
     fill(backend, origin, key, timeout=30)
     assert origin.gets(f"/{key}") == 2
     assert_served(backend, key)
+
+
+def test_a_late_mirror_client_reads_the_fill_as_it_is_written(backend: Backend, origin: MisbehavingOrigin) -> None:
+    """
+    Mirror mode on every store: a client that comes after the origin has
+    answered reads the fill's temporary file (the disk's, or the S3 spool)
+    as it grows, then every byte; the object is stored once, nothing is left.
+    """
+    key = backend.key("slow", "mirror-late.bin")
+    host = f"{MIRROR_BUCKET}.file.myqcloud.com"
+    early = Stream(backend.daemon, host, f"/{key}")
+    assert early.read(lambda: len(early.body) >= 65536, 10), early.data[:300]
+    late = Stream(backend.daemon, host, f"/{key}")
+    assert late.read(lambda: len(late.body) >= 65536, 10), "the late client waited for the store"
+    assert b"x-cos-mirror: origin" in late.head.lower()
+    origin.release(f"/{key}")
+    assert early.whole() == late.whole() == body_for(f"/{key}")
+    assert backend.daemon.fill_outcome(key, bucket=MIRROR_BUCKET) == "stored"
+    assert backend.stored(key, MIRROR_BUCKET) == body_for(f"/{key}")
+    assert origin.gets(f"/{key}") == 1
+    assert backend.tmp_files() == [] and not list((backend.daemon.data_dir / ".cosedge" / "partial").iterdir())
 
 
 def _uploads(engine: Engine) -> list[str]:

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
-from .conftest import FAST_FILL, Daemon, Reply, at_once, free_port, wait_for
+from .conftest import FAST_FILL, Daemon, Reply, Stream, at_once, free_port, wait_for
 from .origin import MisbehavingOrigin, body_for, etag_for
 
 MIRROR = "mirror-1250000000"
@@ -157,43 +156,6 @@ def test_a_mirror_herd_shares_one_origin_get_and_every_client_gets_every_byte(
     assert hit.body == body_for(path) and hit.header("x-cos-mirror") is None  # the next one is a local hit
 
 
-class Stream:
-    """One GET on a raw socket whose answer is read as it arrives (bounded by ``timeout`` each time)."""
-
-    def __init__(self, daemon: Daemon, bucket: str, path: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host(bucket)}\r\nConnection: close\r\n\r\n".encode())
-        self.data = b""
-        self.closed = False
-
-    @property
-    def head(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[0]
-
-    @property
-    def body(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[2] if b"\r\n\r\n" in self.data else b""
-
-    def read(self, until: Callable[[], bool], timeout: float) -> bool:
-        """Read until ``until()`` or the connection closes; whether ``until()`` came true in time."""
-        deadline = time.monotonic() + timeout
-        while not until() and not self.closed and time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = self.sock.recv(1 << 16)
-            except TimeoutError:
-                break
-            self.data += chunk
-            self.closed = not chunk
-        return until()
-
-    def whole(self, timeout: float = 30) -> bytes:
-        """The body once the server has closed the connection."""
-        self.read(lambda: False, timeout)
-        self.sock.close()
-        return self.body
-
-
 def test_a_late_client_of_a_slow_mirror_fill_reads_it_as_it_arrives(mirror: Daemon, origin: MisbehavingOrigin) -> None:
     """
     The second client comes after the origin's headers: it gets the bytes
@@ -201,9 +163,9 @@ def test_a_late_client_of_a_slow_mirror_fill_reads_it_as_it_arrives(mirror: Daem
     arrives (not once the object is stored), every byte right.
     """
     path = "/slow/rules-late.bin"
-    early = Stream(mirror, MIRROR, path)
+    early = Stream(mirror, host(MIRROR), path)
     assert early.read(lambda: len(early.body) >= 65536, 10), "the origin's first 64 KiB"
-    late = Stream(mirror, MIRROR, path)
+    late = Stream(mirror, host(MIRROR), path)
     assert late.read(lambda: len(late.body) >= 65536, 10), "the late client waited for the store"
     assert b"x-cos-mirror: origin" in late.head.lower() and late.head.startswith(b"HTTP/1.1 200")
     origin.release(path)
@@ -229,7 +191,7 @@ def test_with_workers_every_client_of_a_mirror_herd_reads_the_one_fill_as_it_arr
     daemon.start()
     try:
         path = "/slow/rules-workers-herd.bin"
-        clients = [Stream(daemon, MIRROR, path) for _ in range(16)]
+        clients = [Stream(daemon, host(MIRROR), path) for _ in range(16)]
         for client in clients:
             assert client.read(lambda c=client: len(c.body) >= 65536, 15), client.data[:300]  # type: ignore[misc]
         origin.release(path)
