@@ -12,8 +12,15 @@ take the fill within ``owner_timeout`` (down, overloaded, unreachable) is
 passed over: the edge fills the key itself, and the store's
 ``If-None-Match: *`` keeps a duplicate copy harmless.
 
-Only background copies (proxy rules) are handed over; a mirror answer reads
-the origin on the edge that answers it, and jobs run where they were started.
+Background copies (proxy rules) are handed over.  A mirror answer is
+streamed to its client by the edge that has it, but a non-owner reads it
+from the owner (:meth:`Cluster.parent_source`): a ``GET`` of the client's
+own URI on the owner's bucket listener, with the client's Host and an
+``x-cosedge-cluster`` signature over the time and the URI (no body); the
+owner answers it as a mirror miss of its own (or a hit), so every edge's
+clients share the owner's one origin GET.  An owner that cannot answer
+(refused, timed out, 5xx, a signature it rejects) is passed over for the
+origin itself.  Jobs run where they were started.
 
 The internal request is ``POST /<key>`` on the owner's bucket listener with
 an ``x-cosedge-cluster: <unix time> <hex HMAC-SHA256>`` header over the time,
@@ -31,7 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IConsumer, IReactorTime
@@ -57,6 +64,33 @@ MAX_SKEW = 300
 #: The smallest secret accepted, in bytes.
 MIN_SECRET = 16
 _MAX_ASKS = 10_000  # owner requests in flight at once, at most (more: fill here)
+#: Client headers a mirror fill does not pass to the owner: hop-by-hop, the
+#: fill's own (Host, its user agent and encoding), the client's range and
+#: conditions (the fill copies the whole object), and the signature.
+_NOT_PASSED = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"content-length",
+        b"user-agent",
+        b"accept-encoding",
+        b"range",
+        b"if-range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        HEADER,
+    }
+)
 
 
 def _peer_url(value: object, name: str) -> str:
@@ -270,6 +304,34 @@ class Cluster:
             return None
         owner = owner_of(settings.peers, bucket, "/".join(segments))
         return None if owner == settings.self_url else owner
+
+    def parent_source(
+        self, bucket: str, segments: tuple[str, ...], uri: bytes, host: bytes, headers: Headers, source: Source
+    ) -> Source | None:
+        """
+        For a mirror miss of a key another edge owns: ``source`` with that
+        owner first, asked for the client's ``uri`` (origin-form) with the
+        client's ``host`` and its end-to-end ``headers`` (which the owner's
+        rule may pass on to the origin) and signed; the origin's URLs after
+        it.  None when this edge owns the key (or there is no cluster).
+        """
+        owner = self.owner(bucket, segments)
+        settings = self.settings()
+        if owner is None or settings is None:
+            return None
+        signed = sign(settings.secret, int(self._clock.seconds()), uri, b"")
+        passed = [
+            (name.lower(), value)
+            for name, values in headers.getAllRawHeaders()
+            if name.lower() not in _NOT_PASSED
+            for value in values
+        ]
+        return evolve(
+            source,
+            url=owner.encode("ascii") + uri,
+            alternates=source.urls,
+            parent_headers=((b"host", host), (HEADER, signed), *passed),
+        )
 
     def hand_over(
         self, bucket: str, segments: tuple[str, ...], source: Source, fill_here: Callable[[], object]

@@ -57,6 +57,10 @@ class Source:
     follow_redirects: bool = False
     #: The rule that named this source (``<priority>:<type>``), for logs and metrics.
     rule: str = ""
+    #: Not empty: ``url`` is the key's owner edge of a ``[cluster]`` (a mirror
+    #: fill's parent), asked with these headers instead of ``headers``; the
+    #: alternates are the origin's URLs, asked as usual when the owner cannot answer.
+    parent_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def urls(self) -> tuple[bytes, ...]:

@@ -16,6 +16,8 @@ import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
 from cosedge.cluster import (
     HEADER,
@@ -28,11 +30,12 @@ from cosedge.cluster import (
     source_to_json,
     verify,
 )
-from cosedge.config import ConfigError
+from cosedge.config import BucketConfig, ConfigError
 from cosedge.origins import Source
-from cosedge.testing import MemoryStore
+from cosedge.testing import FakeOrigin, MemoryStore
 
-from .helpers import BUCKET, HOST, ORIGIN, Edge, StepCooperator, edge_config, raw_request
+from .helpers import BUCKET, HOST, ORIGIN, Edge, StepCooperator, capture_logs, edge_config, raw_request
+from .test_mirror import Hosts
 
 # The in-memory transport of treq's RequestTraversalAgent has no abortConnection.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
@@ -325,3 +328,153 @@ def test_the_owners_memory_of_a_404_holds_for_the_other_edges(pair: Pair) -> Non
     pair.here.flush_origin()
     assert pair.owner.origin.gets(f"/{missing}".encode()) == 1
     assert pair.here.stats.events["fills_owner_missed"] == 0 and pair.here.stats.events["fills_started"] == 0
+
+
+# -- mirror misses read through the owner --
+
+
+@implementer(IAgent)
+class Routed:
+    """An edge's fill agent: the owner's URL to the owner's listener (in memory), the rest to the origin's hosts."""
+
+    def __init__(self, owner: str, to_owner: RequestTraversalAgent, others: Hosts) -> None:
+        self.owner = owner.encode()
+        self.to_owner = to_owner
+        self.others = others
+        self.asked: list[tuple[bytes, Headers]] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None, body: Any = None) -> Deferred[Any]:
+        self.asked.append((uri, headers or Headers()))
+        agent: Any = self.to_owner if uri.startswith(self.owner) else self.others
+        return agent.request(method, uri, headers, body)
+
+
+@attrs.define
+class MirrorPair:
+    here: Edge
+    owner: Edge
+    key: str
+    origin: FakeOrigin
+    routed: Routed
+    to_owner: RequestTraversalAgent
+    hosts: Hosts
+
+    def flush(self) -> None:
+        for _ in range(5):
+            self.to_owner.flush()
+            self.hosts.flush()
+
+
+def _mirror_pair(
+    cooperator: StepCooperator, secret_file: str, here_secret: str | None = None, acl: str = ""
+) -> MirrorPair:
+    store = MemoryStore()
+    origin = FakeOrigin()
+    hosts = Hosts(a_test=origin)
+    rules = [{"priority": 1, "type": "mirror", "hosts": ["a.test"], "headers_pass": ["X-Token"]}]
+    extra = {"acl": acl} if acl else {}
+
+    def config(self_url: str, secret: str) -> Any:
+        return _cluster_config(secret, self_url).with_bucket(BUCKET, BucketConfig(rules=rules, **extra))  # type: ignore[arg-type]
+
+    owner = Edge(cooperator, config=config(B, secret_file), store=store)
+    here = Edge(cooperator, config=config(A, here_secret or secret_file), store=store, clock=owner.clock)
+    to_owner = RequestTraversalAgent(owner.site.resource)
+    routed = Routed(B, to_owner, hosts)
+    for edge, agent in ((owner, hosts), (here, routed)):
+        edge.filler = attrs.evolve(edge.filler, agent=agent, store=store)
+        cluster = Cluster(lambda e=edge: e.config, agent, edge.clock, edge.stats)
+        edge.filler.hand_over = cluster.hand_over
+        edge.resource._filler = edge.filler
+        edge.resource._cluster = cluster
+    key = next(f"m/{i}.bin" for i in range(100) if owner_of((A, B), BUCKET, f"m/{i}.bin") == B)
+    origin.add(key, BODY, content_type="video/mp4", headers={"ETag": '"o1"'})
+    return MirrorPair(here, owner, key, origin, routed, to_owner, hosts)
+
+
+BODY = bytes(range(256)) * 1200
+
+
+def test_a_mirror_miss_on_another_edge_is_read_through_the_owner(cooperator: StepCooperator, secret_file: str) -> None:
+    """
+    The edge that does not own the key answers its client from the owner's
+    mirror answer: one origin GET for both edges' clients, the origin's
+    headers, the client's passed header reaching the origin through the owner.
+    """
+    pair = _mirror_pair(cooperator, secret_file)
+    pair.origin.add(pair.key, BODY, content_type="video/mp4", headers={"ETag": '"o1"'}, mode="stall", cut=1000)
+    here = pair.here.connect()
+    here.send(raw_request(f"/{pair.key}", headers=[("X-Token", "t1"), ("Range", "bytes=0-9")]))
+    there = pair.owner.connect()
+    there.send(raw_request(f"/{pair.key}"))
+    pair.flush()  # both edges' clients wait on the origin, which has sent 1,000 bytes
+    stalled = pair.origin.stalled.pop()
+    assert pair.origin.stalled == []  # one origin GET in flight for both
+    stalled.write(BODY[1000:])
+    stalled.finish()
+    pair.flush()
+    response = here.response()
+    assert (response.status, response.body) == (206, BODY[:10])
+    assert response.header(b"content-type") == b"video/mp4" and response.header(b"etag") == b'"o1"'
+    assert there.response().body == BODY
+    assert pair.origin.gets(f"/{pair.key}".encode()) == 1
+    [(_, _, sent)] = [r for r in pair.origin.requests if r[0] == b"GET"]
+    assert sent[b"X-Token"] == [b"t1"] and b"Range" not in sent and HEADER.title() not in sent
+    uri, headers = pair.routed.asked[0]
+    assert uri == f"{B}/{pair.key}".encode() and headers.getRawHeaders(b"host") == [HOST.encode()]
+    assert pair.here.stats.events["mirror_via_owner"] == 1 and pair.owner.stats.events["mirror_via_owner"] == 0
+    assert pair.here.request(f"/{pair.key}").body == BODY  # stored (once: the store is shared)
+
+
+def test_an_owner_that_refuses_the_read_is_passed_over_for_the_origin(
+    cooperator: StepCooperator, secret_file: str, tmp_path: Path
+) -> None:
+    """A secret the owner does not share: it answers 403 (and says why); the edge reads the origin itself."""
+    other = tmp_path / "other.secret"
+    other.write_bytes(b"another-secret-of-32-bytes-000000\n")
+    pair = _mirror_pair(cooperator, secret_file, here_secret=str(other))
+    with capture_logs() as events:
+        here = pair.here.connect()
+        here.send(raw_request(f"/{pair.key}"))
+        pair.flush()
+        response = here.response()
+    assert (response.status, response.body) == (200, BODY)
+    assert [u for u, _ in pair.routed.asked] == [f"{B}/{pair.key}".encode(), f"http://a.test/{pair.key}".encode()]
+    assert pair.origin.gets(f"/{pair.key}".encode()) == 1  # the owner asked nothing
+    assert any("refused a cluster request" in str(e.get("log_format", "")) for e in events)
+    assert pair.here.filler.health.down_hosts() == []  # an owner is not an origin host
+
+
+@pytest.mark.parametrize("tamper", ["signature", "method"])
+def test_the_owner_checks_each_read_through_it(cooperator: StepCooperator, secret_file: str, tamper: str) -> None:
+    """A read through the owner must be a GET or HEAD signed over its URI; a private bucket's is then served."""
+    pair = _mirror_pair(cooperator, secret_file, acl="private")
+    uri = f"/{pair.key}".encode()
+    signed = sign(SECRET, int(pair.owner.clock.seconds()), uri, b"")
+    good = pair.owner.connect()
+    good.send(raw_request(uri, headers=[(HEADER, signed)]))
+    pair.flush()
+    assert (good.response().status, good.response().body) == (200, BODY)
+    bad = sign(SECRET, int(pair.owner.clock.seconds()), uri + b"?x", b"") if tamper == "signature" else signed
+    method = b"GET" if tamper == "signature" else b"DELETE"
+    response = pair.owner.send(raw_request(uri, method=method, headers=[(HEADER, bad)]))
+    assert (response.status, response.error_code()) == (403, "AccessDenied")
+    unsigned = pair.owner.request(uri)
+    assert (unsigned.status, unsigned.error_code()) == (
+        403,
+        "AccessDenied",
+    )  # private: a client needs its own signature
+
+
+def test_an_absolute_form_request_is_read_through_the_owner_in_origin_form(
+    cooperator: StepCooperator, secret_file: str
+) -> None:
+    """``GET http://<bucket host>/<key>`` on an edge: the owner is asked ``/<key>`` with that Host."""
+    pair = _mirror_pair(cooperator, secret_file)
+    here = pair.here.connect()
+    here.send(raw_request(f"http://{HOST}/{pair.key}?v=1", host=None))
+    pair.flush()
+    assert (here.response().status, here.response().body) == (200, BODY)
+    uri, headers = pair.routed.asked[0]
+    assert uri == f"{B}/{pair.key}?v=1".encode() and headers.getRawHeaders(b"host") == [HOST.encode()]
+    assert pair.origin.gets(f"/{pair.key}".encode()) == 1

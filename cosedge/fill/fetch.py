@@ -77,6 +77,17 @@ class HealthMarks(TypingProtocol):
     def ok(self, base: str) -> None: ...
 
 
+#: A parent edge's answers a fill takes (the object; the origin's 404 or failure, which
+#: the origin would give this edge too); any other (refused, 403 from a secret that
+#: differs, 503 from a full queue) passes to the origin itself.
+_PARENT_ANSWERS = frozenset({200, 404, 410, 424})
+
+
+def _is_parent(source: Source, url: bytes) -> bool:
+    """Whether ``url`` is the source's parent edge (see :attr:`Source.parent_headers`)."""
+    return bool(source.parent_headers) and url == source.url
+
+
 def _base(url: bytes) -> bytes:
     """``scheme://host[:port]`` of an absolute URL."""
     scheme, _, rest = url.partition(b"://")
@@ -403,15 +414,15 @@ class Fetcher:
         return result
 
     def agent_for(self, url: bytes, source: Source) -> IAgent:
-        """The agent that asks ``url`` for ``source`` (its TLS settings for ``https://``)."""
-        if self.tls is not None and url.startswith(b"https:"):
+        """The agent that asks ``url`` for ``source`` (its TLS settings for ``https://``; not a parent edge's)."""
+        if self.tls is not None and url.startswith(b"https:") and not _is_parent(source, url):
             return self.tls(source.ca_file, source.server_name)
         return self.agent
 
     async def _ask(self, fill: Fill, url: bytes, cfg: FillConfig) -> IResponse:
         """One GET of ``url``, following the origin's redirects when the source says so."""
         source = fill.source
-        extra = [*source.headers, *fill.validators]
+        extra = [*(source.parent_headers if _is_parent(source, url) else source.headers), *fill.validators]
         for hop in range(_MAX_REDIRECTS + 1):
             fill.tried = url
             headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
@@ -450,16 +461,18 @@ class Fetcher:
                     raise
                 failure = FillFailed(reason, detail)
             else:
-                if response.code < 500:
-                    if self.health is not None:
+                parent = _is_parent(source, url)
+                if (response.code in _PARENT_ANSWERS) if parent else (response.code < 500):
+                    if self.health is not None and not parent:
                         self.health.ok(_base(url).decode("ascii"))
                     return response
                 response.deliverBody(_Discard())
                 failure = FillFailed(f"http-{response.code}", response.phrase.decode("latin-1"))
             # A TLS refusal says more about this rule's trust (its CA file, its
             # name) than about the host, which other rules may reach fine: the
-            # next host is tried, but the host is not marked down.
-            if self.health is not None and failure.reason != "tls":
+            # next host is tried, but the host is not marked down.  Nor is a
+            # parent edge, which is not an origin host (the next miss asks it again).
+            if self.health is not None and failure.reason != "tls" and not _is_parent(source, url):
                 self.health.down(_base(url).decode("ascii"), source, f"{failure.reason} ({failure.detail})")
             self.failed_over += 1
         assert failure is not None

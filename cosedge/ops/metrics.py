@@ -66,6 +66,11 @@ _COUNTERS = (
         "Misses answered with the object streamed from the origin (mirror rules).",
     ),
     (
+        "mirror_via_owner",
+        "cosedge_mirror_via_owner",
+        "Mirror misses of keys another edge owns, read through that edge ([cluster]).",
+    ),
+    (
         "mirror_followed",
         "cosedge_mirror_followed",
         "Mirror answers (or their rest) read from a fill's file as it was written: a client that came"

@@ -112,7 +112,12 @@ class EdgeResource(Resource):
                     return answer
                 answer.addBoth(_deliver, request, request_id)
                 return NOT_DONE_YET
-        if bucket.acl == "private":
+        from_peer = request.requestHeaders.hasHeader(HEADER)
+        if from_peer:  # another edge of the cluster reads a mirror miss through this one, its owner
+            refusal = self._peer_refusal(request, request_id)
+            if refusal is not None:
+                return refusal
+        elif bucket.acl == "private":  # (the other edge has checked its client's signature)
             problem = self._signed(request, request_id, target)
             if problem is not None:
                 return answer_error(request, request_id, problem.code, problem.message)
@@ -206,6 +211,21 @@ class EdgeResource(Resource):
 
     # -- [cluster] --
 
+    def _peer_refusal(self, request: Request, request_id: str) -> bytes | None:
+        """None when a request carrying the cluster's header is a GET or HEAD signed with its secret; else the 403."""
+        settings = self._cluster.settings() if self._cluster is not None else None
+        if settings is None:
+            problem: str | None = "no [cluster] here"
+        elif request.method not in _SERVED_METHODS:
+            problem = "only GET and HEAD are read through an owner"
+        else:
+            now = self._filler.clock.seconds()
+            problem = verify(settings.secret, request.getHeader(HEADER), request.uri, b"", now)
+        if problem is None:
+            return None
+        _log.warn("refused a cluster request from {peer}: {problem}", peer=request.getClientAddress(), problem=problem)
+        return answer_error(request, request_id, "AccessDenied", f"Not a request of this cluster: {problem}.")
+
     def _take_fill(self, request: Request, request_id: str, target: Target) -> bytes | int:
         """
         Another edge hands this one (the key's owner) a fill: 200 when the
@@ -264,8 +284,23 @@ class EdgeResource(Resource):
         *,
         again: bool = True,
     ) -> Any:
-        """Answer a miss from the origin's stream while the fill stores it (:mod:`cosedge.web.mirror`)."""
+        """
+        Answer a miss from the origin's stream while the fill stores it
+        (:mod:`cosedge.web.mirror`); in a cluster, through the key's owner
+        edge when it is another (:meth:`cosedge.cluster.Cluster.parent_source`).
+        """
         args = (request, request_id, bucket, bucket_name, target)
+        if again and self._cluster is not None and not request.requestHeaders.hasHeader(HEADER):
+            uri, host = request.uri, request.getHeader(b"host") or b""
+            if target.authority is not None:  # absolute-form: the owner is asked in origin-form
+                host, parts = target.authority, uri.split(b"/", 3)
+                uri = b"/" + (parts[3] if len(parts) == 4 else b"")
+            parent = self._cluster.parent_source(
+                bucket_name, target.segments, uri, host, request.requestHeaders, source
+            )
+            if parent is not None:
+                source = parent
+                self._stats.inc("mirror_via_owner")
 
         def from_store(reader: MirrorReader, offset: int) -> None:
             if self._follow(reader, offset, request, bucket_name, target):

@@ -23,7 +23,7 @@ import pytest
 
 from cosedge.cluster import owner_of
 
-from .conftest import BUCKET, FAST_FILL, Daemon, _daemons_in_test, free_port, refused_start, wait_for
+from .conftest import BUCKET, FAST_FILL, Daemon, Stream, _daemons_in_test, free_port, refused_start, wait_for
 from .engines import SeaweedFS, _binary
 from .origin import MisbehavingOrigin, body_for
 
@@ -34,6 +34,8 @@ KEY_ID, SECRET = SeaweedFS.KEYS
 START_TIMEOUT = 60.0
 #: Concurrent cold requests for one key, spread over the edges.
 HERD = 300
+#: A bucket with one mirror rule for every key.
+MIRROR_BUCKET = "mirror-1250000000"
 
 
 @attrs.define
@@ -188,6 +190,7 @@ def edges(
             f'bucket = "{STORE_BUCKET}"\ncredentials_file = "{credentials}"\n'
             f'\n[cluster]\nself = "{peers[n]}"\npeers = {json.dumps(peers)}\n'
             f'secret_file = "{secret}"\nowner_timeout = 1.0\n'
+            f'\n[[buckets."{MIRROR_BUCKET}".rules]]\npriority = 1\ntype = "mirror"\nhosts = ["{origin.netloc}"]\n'
         )
         request.addfinalizer(daemon.stop)
         daemon.start()
@@ -238,6 +241,30 @@ def test_a_herd_over_three_edges_makes_one_origin_get(cluster: list[Daemon], ori
         assert (reply.status, reply.body) == (200, body_for(f"/{key}"))
         if daemon is not owner_edge:
             assert f"fill {BUCKET}/{key} stored" not in daemon.log()  # the owner's fill, not theirs
+
+
+def test_a_mirror_herd_over_three_edges_makes_one_origin_get(cluster: list[Daemon], origin: MisbehavingOrigin) -> None:
+    """
+    Mirror mode: 30 clients of one cold key, spread over the 3 edges, each
+    answered with the object itself while the origin still holds most of it:
+    the edges that do not own the key read it through the owner, so the
+    origin sees one GET; every client gets every byte.
+    """
+    key = "slow/cluster-mirror-herd.bin"
+    host = f"{MIRROR_BUCKET}.file.myqcloud.com"
+    clients = [Stream(cluster[n % 3], host, f"/{key}") for n in range(30)]
+    for client in clients:
+        assert client.read(lambda c=client: len(c.body) >= 65536, 15), client.data[:300]  # type: ignore[misc]
+    assert origin.gets(f"/{key}") == 1
+    origin.release(f"/{key}")
+    assert all(client.whole() == body_for(f"/{key}") for client in clients)
+    assert origin.gets(f"/{key}") == 1
+    owner = owner_of(peers_of(cluster), MIRROR_BUCKET, key)
+    for daemon in cluster:
+        if f"http://127.0.0.1:{daemon.port}" != owner:
+            assert f"from {owner}/{key}" in daemon.log()  # its fill read the owner, not the origin
+        hit = daemon.request(f"/{key}", host=host)
+        assert (hit.status, hit.body, hit.header("x-cos-mirror")) == (200, body_for(f"/{key}"), None)
 
 
 def test_an_edge_killed_mid_run_loses_nothing_and_the_others_fill_its_keys(
