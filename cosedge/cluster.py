@@ -15,12 +15,14 @@ passed over: the edge fills the key itself, and the store's
 Background copies (proxy rules) are handed over.  A mirror answer is
 streamed to its client by the edge that has it, but a non-owner reads it
 from the owner (:meth:`Cluster.parent_source`): a ``GET`` of the client's
-own URI on the owner's bucket listener, with the client's Host and an
-``x-cosedge-cluster`` signature over the time and the URI (no body); the
-owner answers it as a mirror miss of its own (or a hit), so every edge's
-clients share the owner's one origin GET.  An owner that cannot answer
-(refused, timed out, 5xx, a signature it rejects) is passed over for the
-origin itself.  Jobs run where they were started.
+own URI on the owner's bucket listener, with the client's Host and scheme
+(``x-cosedge-scheme``) and an ``x-cosedge-cluster`` signature over the time,
+the method, the URI, the Host, the scheme and the owner's URL
+(:func:`sign_read`); the owner checks it and that it owns the key, and
+answers it as a mirror miss of its own (or a hit), so every edge's clients
+share the owner's one origin GET.  An owner that cannot answer (refused,
+timed out, 5xx; or 403, a redirect) is passed over for the origin itself.
+Jobs run where they were started.
 
 The internal request is ``POST /<key>`` on the owner's bucket listener with
 an ``x-cosedge-cluster: <unix time> <hex HMAC-SHA256>`` header over the time,
@@ -44,7 +46,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import readBody
+from twisted.web.client import URI, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -53,34 +55,44 @@ from .config import Config, ConfigError
 from .origins import Source
 from .stats import Stats
 
-__all__ = ["HEADER", "Cluster", "ClusterConfig", "check_config", "owner_of", "parse_cluster"]
+__all__ = [
+    "HEADER",
+    "SCHEME_HEADER",
+    "Cluster",
+    "ClusterConfig",
+    "check_config",
+    "owner_of",
+    "parse_cluster",
+    "sign_read",
+    "verify_read",
+]
 
 _log = Logger(namespace="cosedge.cluster")
 
 #: The request header that carries the internal request's signature.
 HEADER = b"x-cosedge-cluster"
+#: A read through the owner: the scheme its client used (``http``/``https``), signed with it.
+SCHEME_HEADER = b"x-cosedge-scheme"
 #: Seconds an internal request's time may differ from ours (the edges' clocks, and the trip).
 MAX_SKEW = 300
 #: The smallest secret accepted, in bytes.
 MIN_SECRET = 16
 _MAX_ASKS = 10_000  # owner requests in flight at once, at most (more: fill here)
-#: Client headers a mirror fill does not pass to the owner: hop-by-hop, the
-#: fill's own (Host, its user agent and encoding), the client's range and
-#: conditions (the fill copies the whole object), and the signature.
+#: Client headers a read through the owner does not pass on: those no rule may
+#: pass to an origin (hop-by-hop, Host, the encoding, the client's range and
+#: conditions: the fill copies the whole object) and the cluster's own.
 _NOT_PASSED = frozenset(
     {
         b"host",
         b"connection",
         b"keep-alive",
         b"proxy-connection",
-        b"proxy-authorization",
         b"te",
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
         b"expect",
         b"content-length",
-        b"user-agent",
         b"accept-encoding",
         b"range",
         b"if-range",
@@ -89,6 +101,7 @@ _NOT_PASSED = frozenset(
         b"if-modified-since",
         b"if-unmodified-since",
         HEADER,
+        SCHEME_HEADER,
     }
 )
 
@@ -220,6 +233,23 @@ def verify(secret: bytes, header: bytes | None, uri: bytes, body: bytes, now: fl
     return None
 
 
+def _read_body(method: bytes, host: bytes, scheme: bytes, edge: bytes) -> bytes:
+    """What a read through the owner signs besides its time and URI: the method, Host, scheme and the edge asked."""
+    return b"read\n%s\n%s\n%s\n%s" % (method, host, scheme, edge)
+
+
+def sign_read(secret: bytes, when: int, uri: bytes, host: bytes, scheme: bytes, edge: bytes) -> bytes:
+    """The signature of a GET of ``uri`` (origin-form, exactly as sent) on ``edge``'s bucket listener."""
+    return sign(secret, when, uri, _read_body(b"GET", host, scheme, edge))
+
+
+def verify_read(
+    secret: bytes, header: bytes | None, method: bytes, uri: bytes, host: bytes, scheme: bytes, edge: bytes, now: float
+) -> str | None:
+    """Why a read through this edge (``edge``, its own URL) is refused (None: it is good)."""
+    return verify(secret, header, uri, _read_body(method, host, scheme, edge), now)
+
+
 def source_to_json(bucket: str, source: Source) -> bytes:
     latin = lambda b: b.decode("latin-1")  # noqa: E731
     return json.dumps(
@@ -306,31 +336,42 @@ class Cluster:
         return None if owner == settings.self_url else owner
 
     def parent_source(
-        self, bucket: str, segments: tuple[str, ...], uri: bytes, host: bytes, headers: Headers, source: Source
+        self,
+        bucket: str,
+        segments: tuple[str, ...],
+        uri: bytes,
+        host: bytes,
+        scheme: bytes,
+        headers: Headers,
+        source: Source,
     ) -> Source | None:
         """
         For a mirror miss of a key another edge owns: ``source`` with that
         owner first, asked for the client's ``uri`` (origin-form) with the
-        client's ``host`` and its end-to-end ``headers`` (which the owner's
-        rule may pass on to the origin) and signed; the origin's URLs after
+        client's ``host``, the ``scheme`` it used and its end-to-end
+        ``headers`` (which the owner's rule may pass on to the origin), all
+        signed with the method and the owner's URL; the origin's URLs after
         it.  None when this edge owns the key (or there is no cluster).
         """
         owner = self.owner(bucket, segments)
         settings = self.settings()
         if owner is None or settings is None:
             return None
-        signed = sign(settings.secret, int(self._clock.seconds()), uri, b"")
+        url = owner.encode("ascii") + uri
+        sent = URI.fromBytes(url).originForm  # what Twisted's client puts on the request line
+        signed = sign_read(settings.secret, int(self._clock.seconds()), sent, host, scheme, owner.encode("ascii"))
+        hop = {t.strip().lower() for v in headers.getRawHeaders(b"connection", []) for t in v.split(b",")}
         passed = [
             (name.lower(), value)
             for name, values in headers.getAllRawHeaders()
-            if name.lower() not in _NOT_PASSED
+            if name.lower() not in _NOT_PASSED and name.lower() not in hop
             for value in values
         ]
         return evolve(
             source,
-            url=owner.encode("ascii") + uri,
+            url=url,
             alternates=source.urls,
-            parent_headers=((b"host", host), (HEADER, signed), *passed),
+            parent_headers=((b"host", host), (HEADER, signed), (SCHEME_HEADER, scheme), *passed),
         )
 
     def hand_over(

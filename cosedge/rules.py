@@ -61,6 +61,8 @@ _RESERVED = frozenset(
         "if-unmodified-since",
         "if-range",
         "accept-encoding",
+        "x-cosedge-cluster",
+        "x-cosedge-scheme",
     }
 )
 _MAX_TEXT = 1024

@@ -22,10 +22,12 @@ from zope.interface import implementer
 from cosedge.cluster import (
     HEADER,
     MAX_SKEW,
+    SCHEME_HEADER,
     Cluster,
     owner_of,
     parse_cluster,
     sign,
+    sign_read,
     source_from_json,
     source_to_json,
     verify,
@@ -366,19 +368,24 @@ class MirrorPair:
 
 
 def _mirror_pair(
-    cooperator: StepCooperator, secret_file: str, here_secret: str | None = None, acl: str = ""
+    cooperator: StepCooperator,
+    secret_file: str,
+    here_secret: str | None = None,
+    acl: str = "",
+    owner_rule: dict[str, Any] | None = None,
+    **rule: Any,
 ) -> MirrorPair:
     store = MemoryStore()
     origin = FakeOrigin()
     hosts = Hosts(a_test=origin)
-    rules = [{"priority": 1, "type": "mirror", "hosts": ["a.test"], "headers_pass": ["X-Token"]}]
+    mirror = {"priority": 1, "type": "mirror", "hosts": ["a.test"], "headers_pass": ["X-Token", "Cookie"], **rule}
     extra = {"acl": acl} if acl else {}
 
-    def config(self_url: str, secret: str) -> Any:
+    def config(self_url: str, secret: str, rules: list[dict[str, Any]]) -> Any:
         return _cluster_config(secret, self_url).with_bucket(BUCKET, BucketConfig(rules=rules, **extra))  # type: ignore[arg-type]
 
-    owner = Edge(cooperator, config=config(B, secret_file), store=store)
-    here = Edge(cooperator, config=config(A, here_secret or secret_file), store=store, clock=owner.clock)
+    owner = Edge(cooperator, config=config(B, secret_file, [owner_rule or mirror]), store=store)
+    here = Edge(cooperator, config=config(A, here_secret or secret_file, [mirror]), store=store, clock=owner.clock)
     to_owner = RequestTraversalAgent(owner.site.resource)
     routed = Routed(B, to_owner, hosts)
     for edge, agent in ((owner, hosts), (here, routed)):
@@ -445,25 +452,39 @@ def test_an_owner_that_refuses_the_read_is_passed_over_for_the_origin(
     assert pair.here.filler.health.down_hosts() == []  # an owner is not an origin host
 
 
-@pytest.mark.parametrize("tamper", ["signature", "method"])
+@pytest.mark.parametrize("tamper", ["none", "uri", "host", "scheme", "edge", "head", "not-owned", "stale", "unsigned"])
 def test_the_owner_checks_each_read_through_it(cooperator: StepCooperator, secret_file: str, tamper: str) -> None:
-    """A read through the owner must be a GET or HEAD signed over its URI; a private bucket's is then served."""
+    """
+    A read through the owner is a GET signed over its time, URI, Host, scheme
+    and the owner's URL, of a key that edge owns: then a private bucket's
+    object is served without the client's signature; anything else is 403.
+    """
     pair = _mirror_pair(cooperator, secret_file, acl="private")
-    uri = f"/{pair.key}".encode()
-    signed = sign(SECRET, int(pair.owner.clock.seconds()), uri, b"")
-    good = pair.owner.connect()
-    good.send(raw_request(uri, headers=[(HEADER, signed)]))
+    key = pair.key
+    if tamper == "not-owned":
+        key = next(f"m/{i}.bin" for i in range(100) if owner_of((A, B), BUCKET, f"m/{i}.bin") == A)
+        pair.origin.add(key, BODY)
+    uri = f"/{key}".encode()
+    when = int(pair.owner.clock.seconds()) - (MAX_SKEW + 1 if tamper == "stale" else 0)
+    signed = sign_read(
+        SECRET,
+        when,
+        uri + (b"?x" if tamper == "uri" else b""),
+        b"other-1250000000.file.myqcloud.com" if tamper == "host" else HOST.encode(),
+        b"https" if tamper == "scheme" else b"http",
+        (C if tamper == "edge" else B).encode(),
+    )
+    headers = [] if tamper == "unsigned" else [(HEADER, signed), (SCHEME_HEADER, b"http")]
+    conn = pair.owner.connect()
+    conn.send(raw_request(uri, method=b"HEAD" if tamper == "head" else b"GET", headers=headers))
     pair.flush()
-    assert (good.response().status, good.response().body) == (200, BODY)
-    bad = sign(SECRET, int(pair.owner.clock.seconds()), uri + b"?x", b"") if tamper == "signature" else signed
-    method = b"GET" if tamper == "signature" else b"DELETE"
-    response = pair.owner.send(raw_request(uri, method=method, headers=[(HEADER, bad)]))
-    assert (response.status, response.error_code()) == (403, "AccessDenied")
-    unsigned = pair.owner.request(uri)
-    assert (unsigned.status, unsigned.error_code()) == (
-        403,
-        "AccessDenied",
-    )  # private: a client needs its own signature
+    response = conn.response()
+    if tamper == "none":
+        assert (response.status, response.body) == (200, BODY)
+    else:
+        assert response.status == 403
+        assert tamper == "head" or response.error_code() == "AccessDenied"
+        assert pair.origin.gets(uri) == 0
 
 
 def test_an_absolute_form_request_is_read_through_the_owner_in_origin_form(
@@ -478,3 +499,66 @@ def test_an_absolute_form_request_is_read_through_the_owner_in_origin_form(
     uri, headers = pair.routed.asked[0]
     assert uri == f"{B}/{pair.key}?v=1".encode() and headers.getRawHeaders(b"host") == [HOST.encode()]
     assert pair.origin.gets(f"/{pair.key}".encode()) == 1
+
+
+def test_a_redirect_from_the_owner_is_not_followed(cooperator: StepCooperator, secret_file: str) -> None:
+    """
+    An owner whose rule answers 302 (a configuration being rolled out): the
+    edge does not follow it with the owner's headers, but asks the origin
+    itself, which never sees the cluster's signature.
+    """
+    owner_rule = {"priority": 1, "type": "proxy", "hosts": ["a.test"]}
+    pair = _mirror_pair(cooperator, secret_file, owner_rule=owner_rule, follow_redirects=True)
+    here = pair.here.connect()
+    here.send(raw_request(f"/{pair.key}", headers=[("Cookie", "c=1")]))
+    pair.flush()
+    assert (here.response().status, here.response().body) == (200, BODY)
+    asked = [u for u, _ in pair.routed.asked]
+    assert asked == [f"{B}/{pair.key}".encode(), f"http://a.test/{pair.key}".encode()]
+    for _, _, sent in pair.origin.requests:
+        assert not any(name.lower() in (HEADER, SCHEME_HEADER) for name in sent)
+
+
+def test_the_owner_asks_the_origin_with_the_scheme_the_client_used(
+    cooperator: StepCooperator, secret_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``protocol = "follow"``: a client over HTTPS on the other edge makes the owner ask over HTTPS too."""
+    from twisted.web.server import Request
+
+    pair = _mirror_pair(cooperator, secret_file, protocol="follow")
+    secure = {pair.here.site}
+    monkeypatch.setattr(Request, "isSecure", lambda self: getattr(self.channel, "site", None) in secure)
+    here = pair.here.connect()
+    here.send(raw_request(f"/{pair.key}", headers=[("User-Agent", "client/1")]))
+    pair.flush()
+    assert here.response().body == BODY
+    assert f"https://a.test/{pair.key}".encode() in [r.split(b" ")[1] for r in pair.hosts.asked]
+    assert not any(b"http://a.test" in r for r in pair.hosts.asked)
+
+
+def test_an_unreachable_owner_is_passed_over_until_it_is_found_up(cooperator: StepCooperator, secret_file: str) -> None:
+    """An owner that refuses connections: the origin is asked at once, and the next misses skip the owner."""
+    from twisted.internet.defer import fail
+    from twisted.internet.error import ConnectionRefusedError
+
+    pair = _mirror_pair(cooperator, secret_file)
+
+    class Refusing:
+        def request(self, *args: Any) -> Deferred[Any]:
+            return fail(ConnectionRefusedError("refused"))
+
+        def flush(self) -> None:
+            pass
+
+    pair.routed.to_owner = Refusing()  # type: ignore[assignment]
+    others = [f"m/{i}.bin" for i in range(100) if owner_of((A, B), BUCKET, f"m/{i}.bin") == B][1:3]
+    for key in (pair.key, *others):
+        pair.origin.add(key, BODY)
+        here = pair.here.connect()
+        here.send(raw_request(f"/{key}"))
+        pair.hosts.flush()
+        assert (here.response().status, here.response().body) == (200, BODY)
+    asked = [u for u, _ in pair.routed.asked]
+    assert asked[0] == f"{B}/{pair.key}".encode() and all(not u.startswith(B.encode()) for u in asked[1:])
+    assert pair.here.filler.health.down_hosts() == [B]
+    assert pair.here.stats.events["mirror_via_owner"] == 1

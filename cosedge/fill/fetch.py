@@ -426,12 +426,18 @@ class Fetcher:
         for hop in range(_MAX_REDIRECTS + 1):
             fill.tried = url
             headers = Headers({b"user-agent": [_USER_AGENT], b"accept-encoding": [b"identity"]})
+            agent_named = False
             for name, value in extra:
-                headers.addRawHeader(name, value)
+                if name.lower() == b"user-agent" and not agent_named:  # the client's (headers_pass) replaces ours
+                    headers.setRawHeaders(b"user-agent", [value])
+                    agent_named = True
+                else:
+                    headers.addRawHeader(name, value)
             request = self.agent_for(url, source).request(b"GET", url, headers)
             request.addTimeout(cfg.header_timeout, self.clock, onTimeoutCancel=_headers_timed_out)
             response: IResponse = await request
-            if not source.follow_redirects or response.code not in _REDIRECTS:
+            # A parent edge's redirect is not followed (its headers are for it alone): the origin is asked instead.
+            if not source.follow_redirects or response.code not in _REDIRECTS or _is_parent(source, url):
                 return response
             response.deliverBody(_Discard())
             if hop == _MAX_REDIRECTS:
@@ -471,8 +477,12 @@ class Fetcher:
             # A TLS refusal says more about this rule's trust (its CA file, its
             # name) than about the host, which other rules may reach fine: the
             # next host is tried, but the host is not marked down.  Nor is a
-            # parent edge, which is not an origin host (the next miss asks it again).
-            if self.health is not None and failure.reason != "tls" and not _is_parent(source, url):
+            # parent edge that answered, say, 403 or a redirect (its
+            # configuration, not its health); one that is unreachable, slow
+            # or failing is, and the next misses of its keys go straight to
+            # the origin until its probe finds it up again.
+            answered = failure.reason.startswith("http-") and not failure.reason.startswith("http-5")
+            if self.health is not None and failure.reason != "tls" and not (answered and _is_parent(source, url)):
                 self.health.down(_base(url).decode("ascii"), source, f"{failure.reason} ({failure.detail})")
             self.failed_over += 1
         assert failure is not None

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .. import origins
 from ..api.auth import SignatureProblem
 from ..api.bucket import BucketApi, is_api_call, query_of
-from ..cluster import HEADER, Cluster, source_from_json, verify
+from ..cluster import HEADER, SCHEME_HEADER, Cluster, owner_of, source_from_json, verify, verify_read
 from ..config import BucketConfig, Config
 from ..fill.fetch import CHECKED
 from ..fill.scheduler import Filler, FillResult
@@ -114,7 +114,7 @@ class EdgeResource(Resource):
                 return NOT_DONE_YET
         from_peer = request.requestHeaders.hasHeader(HEADER)
         if from_peer:  # another edge of the cluster reads a mirror miss through this one, its owner
-            refusal = self._peer_refusal(request, request_id)
+            refusal = self._peer_refusal(request, request_id, bucket_name, target)
             if refusal is not None:
                 return refusal
         elif bucket.acl == "private":  # (the other edge has checked its client's signature)
@@ -188,7 +188,7 @@ class EdgeResource(Resource):
             target.segments,
             target.query,
             request.method,
-            secure=request.isSecure(),
+            secure=_secure(request),
             headers=request.requestHeaders,
             up=self._filler.health.up,
         )
@@ -211,16 +211,30 @@ class EdgeResource(Resource):
 
     # -- [cluster] --
 
-    def _peer_refusal(self, request: Request, request_id: str) -> bytes | None:
-        """None when a request carrying the cluster's header is a GET or HEAD signed with its secret; else the 403."""
+    def _peer_refusal(self, request: Request, request_id: str, bucket_name: str, target: Target) -> bytes | None:
+        """
+        None when a request carrying the cluster's header is another edge's
+        read of a key this edge owns, signed with the cluster's secret over
+        its time, method, URI, Host, scheme and this edge's URL; else the 403.
+        """
         settings = self._cluster.settings() if self._cluster is not None else None
         if settings is None:
             problem: str | None = "no [cluster] here"
-        elif request.method not in _SERVED_METHODS:
-            problem = "only GET and HEAD are read through an owner"
+        elif request.method != b"GET":
+            problem = "only a GET is read through an owner"
+        elif owner_of(settings.peers, bucket_name, target.key) != settings.self_url:
+            problem = "not a key this edge owns"
         else:
-            now = self._filler.clock.seconds()
-            problem = verify(settings.secret, request.getHeader(HEADER), request.uri, b"", now)
+            problem = verify_read(
+                settings.secret,
+                request.getHeader(HEADER),
+                request.method,
+                request.uri,
+                request.getHeader(b"host") or b"",
+                request.getHeader(SCHEME_HEADER) or b"",
+                settings.self_url.encode("ascii"),
+                self._filler.clock.seconds(),
+            )
         if problem is None:
             return None
         _log.warn("refused a cluster request from {peer}: {problem}", peer=request.getClientAddress(), problem=problem)
@@ -290,13 +304,21 @@ class EdgeResource(Resource):
         edge when it is another (:meth:`cosedge.cluster.Cluster.parent_source`).
         """
         args = (request, request_id, bucket, bucket_name, target)
+        owner = None
         if again and self._cluster is not None and not request.requestHeaders.hasHeader(HEADER):
-            uri, host = request.uri, request.getHeader(b"host") or b""
+            owner = self._cluster.owner(bucket_name, target.segments)
+        if owner is not None and self._filler.health.up(owner):  # (an owner that failed lately: the origin)
+            assert self._cluster is not None
+            uri, host, scheme = (
+                request.uri,
+                request.getHeader(b"host") or b"",
+                b"https" if _secure(request) else b"http",
+            )
             if target.authority is not None:  # absolute-form: the owner is asked in origin-form
                 host, parts = target.authority, uri.split(b"/", 3)
                 uri = b"/" + (parts[3] if len(parts) == 4 else b"")
             parent = self._cluster.parent_source(
-                bucket_name, target.segments, uri, host, request.requestHeaders, source
+                bucket_name, target.segments, uri, host, scheme, request.requestHeaders, source
             )
             if parent is not None:
                 source = parent
@@ -522,6 +544,17 @@ def _produce_rest(obj: IStoredObject | None, request: Request, offset: int, want
             request.finish()
 
     producing.addBoth(done)
+
+
+def _secure(request: Request) -> bool:
+    """
+    Whether the client asked over HTTPS: this connection's, or for another
+    edge's read through this one (checked and signed: see ``_peer_refusal``),
+    the scheme that edge's client used (``protocol = "follow"`` then picks the same).
+    """
+    if request.requestHeaders.hasHeader(HEADER):
+        return request.getHeader(SCHEME_HEADER) == b"https"
+    return bool(request.isSecure())
 
 
 def _deliver(result: Any, request: Request, request_id: str) -> None:
