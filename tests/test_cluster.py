@@ -562,3 +562,16 @@ def test_an_unreachable_owner_is_passed_over_until_it_is_found_up(cooperator: St
     assert asked[0] == f"{B}/{pair.key}".encode() and all(not u.startswith(B.encode()) for u in asked[1:])
     assert pair.here.filler.health.down_hosts() == [B]
     assert pair.here.stats.events["mirror_via_owner"] == 1
+
+
+def test_a_target_twisted_sends_otherwise_is_signed_as_sent(cooperator: StepCooperator, secret_file: str) -> None:
+    """``/key?`` goes out as ``/key``: the signature covers what the owner receives, so it is not refused."""
+    pair = _mirror_pair(cooperator, secret_file)
+    with capture_logs() as events:
+        here = pair.here.connect()
+        here.send(raw_request(f"/{pair.key}?"))
+        pair.flush()
+        assert (here.response().status, here.response().body) == (200, BODY)
+    assert [u for u, _ in pair.routed.asked] == [f"{B}/{pair.key}?".encode()]
+    assert not any("refused a cluster request" in str(e.get("log_format", "")) for e in events)
+    assert pair.origin.gets(f"/{pair.key}".encode()) == 1 and pair.owner.stats.events["mirror_answers"] == 1
