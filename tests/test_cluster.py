@@ -449,7 +449,8 @@ def test_an_owner_that_refuses_the_read_is_passed_over_for_the_origin(
     assert [u for u, _ in pair.routed.asked] == [f"{B}/{pair.key}".encode(), f"http://a.test/{pair.key}".encode()]
     assert pair.origin.gets(f"/{pair.key}".encode()) == 1  # the owner asked nothing
     assert any("refused a cluster request" in str(e.get("log_format", "")) for e in events)
-    assert pair.here.filler.health.down_hosts() == []  # an owner is not an origin host
+    assert pair.here.filler.health.down_hosts() == []  # a refusal is the owner's configuration, not its health
+    assert pair.here.stats.events["fills_failed_over"] == 0  # no origin host was passed over
 
 
 @pytest.mark.parametrize("tamper", ["none", "uri", "host", "scheme", "edge", "head", "not-owned", "stale", "unsigned"])

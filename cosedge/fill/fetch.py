@@ -484,7 +484,8 @@ class Fetcher:
             answered = failure.reason.startswith("http-") and not failure.reason.startswith("http-5")
             if self.health is not None and failure.reason != "tls" and not (answered and _is_parent(source, url)):
                 self.health.down(_base(url).decode("ascii"), source, f"{failure.reason} ({failure.detail})")
-            self.failed_over += 1
+            if not _is_parent(source, url):  # (the counter is of origin hosts passed over)
+                self.failed_over += 1
         assert failure is not None
         raise failure
 
