@@ -336,30 +336,22 @@ class Cluster:
         return None if owner == settings.self_url else owner
 
     def parent_source(
-        self,
-        bucket: str,
-        segments: tuple[str, ...],
-        uri: bytes,
-        host: bytes,
-        scheme: bytes,
-        headers: Headers,
-        source: Source,
-    ) -> Source | None:
+        self, owner: str, uri: bytes, host: bytes, scheme: bytes, headers: Headers, source: Source
+    ) -> Source:
         """
-        For a mirror miss of a key another edge owns: ``source`` with that
-        owner first, asked for the client's ``uri`` (origin-form) with the
-        client's ``host``, the ``scheme`` it used and its end-to-end
-        ``headers`` (which the owner's rule may pass on to the origin), all
-        signed with the method and the owner's URL; the origin's URLs after
-        it.  None when this edge owns the key (or there is no cluster).
+        For a mirror miss of a key another edge owns (``owner``, from
+        :meth:`owner`): ``source`` with that owner first, asked for the
+        client's ``uri`` (origin-form) with the client's ``host``, the
+        ``scheme`` it used and its end-to-end ``headers`` (which the owner's
+        rule may pass on to the origin), all signed with the method and the
+        owner's URL; the origin's URLs after it.
         """
-        owner = self.owner(bucket, segments)
         settings = self.settings()
-        if owner is None or settings is None:
-            return None
-        url = owner.encode("ascii") + uri
+        assert settings is not None, "an owner is only named with a [cluster]"
+        edge = owner.encode("ascii")
+        url = edge + uri
         sent = URI.fromBytes(url).originForm  # what Twisted's client puts on the request line
-        signed = sign_read(settings.secret, int(self._clock.seconds()), sent, host, scheme, owner.encode("ascii"))
+        signed = sign_read(settings.secret, int(self._clock.seconds()), sent, host, scheme, edge)
         hop = {t.strip().lower() for v in headers.getRawHeaders(b"connection", []) for t in v.split(b",")}
         passed = [
             (name.lower(), value)

@@ -25,6 +25,8 @@ __all__ = ["Claims"]
 
 #: ``struct flock`` on 64-bit Linux: type, whence, start, len, pid (and padding).
 _FLOCK = "hhqqi4x"
+#: Whether this platform's ``struct flock`` has that size (elsewhere :meth:`Claims.holder` names nobody).
+_FLOCK_FITS = struct.calcsize(_FLOCK) == 32
 
 #: Offsets stay below 2**62, well inside ``off_t``.
 _OFFSET_BITS = 62
@@ -68,7 +70,7 @@ class Claims:
         or None: nobody, this process, or a platform whose ``struct flock``
         this module does not know.
         """
-        if struct.calcsize(_FLOCK) != 32:
+        if not _FLOCK_FITS:
             return None
         asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, _offset(bucket, segments), 1, 0)
         try:

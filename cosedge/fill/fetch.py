@@ -457,6 +457,7 @@ class Fetcher:
         source = fill.source
         failure: FillFailed | None = None
         for url in source.urls:
+            parent = _is_parent(source, url)
             try:
                 response = await self._ask(fill, url, cfg)
             except CancelledError:
@@ -467,7 +468,6 @@ class Fetcher:
                     raise
                 failure = FillFailed(reason, detail)
             else:
-                parent = _is_parent(source, url)
                 if (response.code in _PARENT_ANSWERS) if parent else (response.code < 500):
                     if self.health is not None and not parent:
                         self.health.ok(_base(url).decode("ascii"))
@@ -482,9 +482,9 @@ class Fetcher:
             # or failing is, and the next misses of its keys go straight to
             # the origin until its probe finds it up again.
             answered = failure.reason.startswith("http-") and not failure.reason.startswith("http-5")
-            if self.health is not None and failure.reason != "tls" and not (answered and _is_parent(source, url)):
+            if self.health is not None and failure.reason != "tls" and not (answered and parent):
                 self.health.down(_base(url).decode("ascii"), source, f"{failure.reason} ({failure.detail})")
-            if not _is_parent(source, url):  # (the counter is of origin hosts passed over)
+            if not parent:  # (the counter is of origin hosts passed over)
                 self.failed_over += 1
         assert failure is not None
         raise failure

@@ -235,10 +235,7 @@ class EdgeResource(Resource):
                 settings.self_url.encode("ascii"),
                 self._filler.clock.seconds(),
             )
-        if problem is None:
-            return None
-        _log.warn("refused a cluster request from {peer}: {problem}", peer=request.getClientAddress(), problem=problem)
-        return answer_error(request, request_id, "AccessDenied", f"Not a request of this cluster: {problem}.")
+        return None if problem is None else _refuse_peer(request, request_id, problem)
 
     def _take_fill(self, request: Request, request_id: str, target: Target) -> bytes | int:
         """
@@ -255,9 +252,7 @@ class EdgeResource(Resource):
         else:
             problem = verify(settings.secret, header, request.uri, body, self._filler.clock.seconds())
         if problem is not None:
-            peer = request.getClientAddress()
-            _log.warn("refused a cluster request from {peer}: {problem}", peer=peer, problem=problem)
-            return answer_error(request, request_id, "AccessDenied", f"Not a request of this cluster: {problem}.")
+            return _refuse_peer(request, request_id, problem)
         try:
             bucket_name, source = source_from_json(body)
         except ValueError as e:
@@ -317,12 +312,8 @@ class EdgeResource(Resource):
             if target.authority is not None:  # absolute-form: the owner is asked in origin-form
                 host, parts = target.authority, uri.split(b"/", 3)
                 uri = b"/" + (parts[3] if len(parts) == 4 else b"")
-            parent = self._cluster.parent_source(
-                bucket_name, target.segments, uri, host, scheme, request.requestHeaders, source
-            )
-            if parent is not None:
-                source = parent
-                self._stats.inc("mirror_via_owner")
+            source = self._cluster.parent_source(owner, uri, host, scheme, request.requestHeaders, source)
+            self._stats.inc("mirror_via_owner")
 
         def from_store(reader: MirrorReader, offset: int) -> None:
             if self._follow(reader, offset, request, bucket_name, target):
@@ -544,6 +535,12 @@ def _produce_rest(obj: IStoredObject | None, request: Request, offset: int, want
             request.finish()
 
     producing.addBoth(done)
+
+
+def _refuse_peer(request: Request, request_id: str, problem: str) -> bytes:
+    """A request carrying the cluster's header that this edge does not take: logged, and 403."""
+    _log.warn("refused a cluster request from {peer}: {problem}", peer=request.getClientAddress(), problem=problem)
+    return answer_error(request, request_id, "AccessDenied", f"Not a request of this cluster: {problem}.")
 
 
 def _secure(request: Request) -> bool:
