@@ -27,7 +27,6 @@ import errno
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -43,7 +42,7 @@ from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry
 from .beneath import Unsupported, open_beneath
 from .group import SYNCFS_FROM, GroupCommit, Small, syncfs
 from .hot import HotFiles
-from .produce import RangeProducer, SmallWriter, Writer
+from .produce import RangeProducer, SmallWriter, Writer, temporary_file
 
 __all__ = ["DiskStore", "META_XATTR", "SMALL_BODY"]
 
@@ -439,11 +438,7 @@ class DiskStore:
         return got[0]  # type: ignore[no-any-return]
 
     def begin(self, bucket: str, segments: tuple[str, ...]) -> _DiskPending:
-        try:
-            fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
-        except FileNotFoundError:  # made by sweep() at start; removed since
-            os.makedirs(self.tmp_dir, exist_ok=True)
-            fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
+        fd, path = temporary_file(self.tmp_dir, bucket)
         return _DiskPending(self, bucket, segments, fd, path)
 
     def remove_file(self, bucket: str, segments: tuple[str, ...]) -> bool:

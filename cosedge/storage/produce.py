@@ -7,6 +7,8 @@ steps run through the store's ``run_blocking``.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -16,12 +18,26 @@ from zope.interface import implementer
 
 from ..interfaces import IObjectWriter, ShortObject
 
-__all__ = ["CHUNK", "RangeProducer", "SmallWriter", "Writer"]
+__all__ = ["CHUNK", "RangeProducer", "SmallWriter", "Writer", "temporary_file"]
 
 #: Bytes read and written at a time.
 CHUNK = 64 * 1024
 
 RunBlocking = Callable[[Callable[[], Any]], Deferred[Any]]
+
+
+def temporary_file(tmp_dir: str, bucket: str) -> tuple[int, str]:
+    """
+    A new temporary file ``<pid>.<bucket>.<random>.part`` in ``tmp_dir``,
+    open for writing (blocking): the name a store's sweep of a process's
+    leftovers looks for.  The folder is made again if it has gone since
+    the sweep at start made it.
+    """
+    try:
+        return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=tmp_dir)
+    except FileNotFoundError:
+        os.makedirs(tmp_dir, exist_ok=True)
+        return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=tmp_dir)
 
 
 @implementer(IPullProducer)

@@ -34,7 +34,6 @@ import errno
 import glob
 import heapq
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
@@ -60,7 +59,7 @@ from zope.interface import implementer
 
 from ..config import Config
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, ShortObject, StoredEntry, StoreError
-from .produce import RunBlocking
+from .produce import RunBlocking, temporary_file
 from .s3_cache import RecentObjects
 from .s3_config import StorageConfig, access_keys, check_config, parse_storage
 from .s3_http import MAX_REPLY, Reply, S3Client, parse_listing, quote_key, read_body
@@ -331,15 +330,7 @@ class S3Store:
         put = partial(self._put, *where, exclusive=exclusive)
         if length is not None and length <= SMALL_BODY:
             return succeed(S3Writer(put, self._clock.seconds))
-        return self._run_blocking(lambda: S3Writer(put, self._clock.seconds, *self._temporary(bucket)))
-
-    def _temporary(self, bucket: str) -> tuple[int, str]:
-        """A new temporary file ``<pid>.<bucket>.<random>.part`` (blocking)."""
-        try:
-            return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
-        except FileNotFoundError:
-            os.makedirs(self.tmp_dir, exist_ok=True)
-            return tempfile.mkstemp(prefix=f"{os.getpid()}.{bucket}.", suffix=".part", dir=self.tmp_dir)
+        return self._run_blocking(lambda: S3Writer(put, self._clock.seconds, *temporary_file(self.tmp_dir, bucket)))
 
     def _put(
         self,
