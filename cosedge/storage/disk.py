@@ -41,7 +41,7 @@ from zope.interface import implementer
 from ..interfaces import IObjectStore, IObjectWriter, IStoredObject, StoredEntry, StoreError
 from .beneath import Unsupported, open_beneath
 from .group import SYNCFS_FROM, GroupCommit, Small, syncfs
-from .hot import HotFiles
+from .hot import HotFiles, HotObject
 from .produce import RangeProducer, SmallWriter, Writer, temporary_file
 
 __all__ = ["DiskStore", "META_XATTR", "SMALL_BODY"]
@@ -106,6 +106,16 @@ class _DiskObject:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _file_path(segments: tuple[str, ...]) -> str | None:
+    """The key's path below its bucket folder, or None for what is never an object (not plain file names)."""
+    if not segments:
+        return None
+    path = "/".join(segments)
+    if path.count("/") != len(segments) - 1 or "\0" in path or not _NOT_NAMES.isdisjoint(segments):
+        return None
+    return path
 
 
 def _etag_of(path: str, st: os.stat_result) -> str:
@@ -281,11 +291,9 @@ class DiskStore:
         is followed and nothing outside it is reached.  At once: the
         Deferred has fired when it is returned.
         """
-        if not segments:
+        path = _file_path(segments)
+        if path is None:
             return succeed(None)
-        path = "/".join(segments)
-        if path.count("/") != len(segments) - 1 or "\0" in path or not _NOT_NAMES.isdisjoint(segments):
-            return succeed(None)  # not plain file names (keys never are): never an object
         root = self._roots.get(bucket) or self._root(bucket)
         hot = self._hot.get(bucket, path, f"{root}/{path}")
         if hot is not None:
@@ -322,6 +330,17 @@ class DiskStore:
             os.close(fd)
             return succeed(hot)
         return succeed(_DiskObject(fd, st.st_size, st.st_mtime, st, meta))
+
+    def hot(self, bucket: str, segments: tuple[str, ...]) -> HotObject | None:
+        """
+        The object at ``segments`` if it is held in memory and its file is
+        still the one it was read from (one ``lstat``), else None: then
+        :meth:`open` says whether there is one.  Never any other I/O.
+        """
+        path = _file_path(segments)
+        if path is None:
+            return None
+        return self._hot.get(bucket, path, f"{self._roots.get(bucket) or self._root(bucket)}/{path}")
 
     def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
         if length is not None and length <= SMALL_BODY:

@@ -28,7 +28,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
 from zope.interface import implementer
@@ -64,6 +64,9 @@ class HotObject:
     mtime: float
     meta: Mapping[str, str]
     _stat: os.stat_result
+    #: What a server makes of the object once and reuses for every hit, by name (the web layer keeps
+    #: its answer's header lines here): it lives and goes with the object.
+    derived: dict[str, bytes] = field(factory=dict, eq=False, repr=False)
 
     @property
     def size(self) -> int:

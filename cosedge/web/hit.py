@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..interfaces import IStoredObject
@@ -25,7 +26,7 @@ from .errors import answer_error
 from .producers import SMALL_RESPONSE, Sender, drop_short_response
 from .sendfile import sendfile_producer
 
-__all__ = ["answer_hit", "if_range", "parse_ranges", "preconditions"]
+__all__ = ["answer_hit", "if_range", "object_headers", "parse_ranges", "preconditions", "whole_answer_head"]
 
 #: More ranges than this (before merging) and the Range header is ignored.
 _MAX_RANGE_SPECS = 1000
@@ -159,6 +160,42 @@ def _weak_match(a: bytes, b: bytes) -> bool:
     return a.removeprefix(b"W/") == b.removeprefix(b"W/")
 
 
+def object_headers(headers: Headers, obj: IStoredObject, name: str) -> tuple[int, bytes, int, str]:
+    """
+    Set what every answer of a hit on ``obj`` carries (ETag, Last-Modified,
+    Accept-Ranges, the kept metadata) in ``headers``; returns the object's
+    size, ETag, modification time and Content-Type (``name``, the key's
+    last segment, guesses the type when the metadata names none).
+    """
+    meta = obj.meta
+    etag_text = meta.get("etag")
+    etag = _latin1(f'"{obj.identity}"' if etag_text is None else etag_text)
+    last_modified = int(obj.mtime)
+    headers.setRawHeaders(b"etag", [etag])
+    headers.setRawHeaders(b"last-modified", [_http_date_text(last_modified)])
+    headers.setRawHeaders(b"accept-ranges", [b"bytes"])
+    for header, value in meta.items():
+        if (header in _PASSED_META or header.startswith("x-cos-meta-")) and _safe_header(header, value):
+            headers.setRawHeaders(header, [_latin1(value)])
+    return obj.size, etag, last_modified, meta.get("content-type") or _guess_type(name)
+
+
+def whole_answer_head(obj: IStoredObject, name: str) -> bytes:
+    """
+    The header lines of a 200 answer with the whole of ``obj`` after the
+    ones every answer starts with (Server, Date, x-cos-request-id), to the
+    blank line: the bytes :func:`answer_hit` makes Twisted write for a plain
+    GET, made once for a hot object (:mod:`cosedge.web.quick`).
+    """
+    headers = Headers()
+    size, _, _, content_type = object_headers(headers, obj, name)
+    headers.setRawHeaders(b"content-type", [_latin1(content_type)])
+    headers.setRawHeaders(b"content-length", [b"%d" % size])
+    lines = [b"%s: %s\r\n" % (header, value) for header, values in headers.getAllRawHeaders() for value in values]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 def answer_hit(request: Request, request_id: str, obj: IStoredObject, name: str, stats: Stats) -> Any:
     """
     Answer a hit on ``obj`` (``name``: the key's last segment, for its
@@ -169,19 +206,8 @@ def answer_hit(request: Request, request_id: str, obj: IStoredObject, name: str,
     range) is answered here, in this one call; the rest in :func:`_answer_open`.
     """
     try:
-        meta = obj.meta
-        size: int = obj.size
-        etag_text = meta.get("etag")
-        etag = _latin1(f'"{obj.identity}"' if etag_text is None else etag_text)
-        last_modified = int(obj.mtime)
-        content_type = meta.get("content-type") or _guess_type(name)
         headers = request.responseHeaders  # Request.setHeader is this, one call deeper
-        headers.setRawHeaders(b"etag", [etag])
-        headers.setRawHeaders(b"last-modified", [_http_date_text(last_modified)])
-        headers.setRawHeaders(b"accept-ranges", [b"bytes"])
-        for header, value in meta.items():
-            if (header in _PASSED_META or header.startswith("x-cos-meta-")) and _safe_header(header, value):
-                headers.setRawHeaders(header, [_latin1(value)])
+        size, etag, last_modified, content_type = object_headers(headers, obj, name)
         # Most requests carry none of the headers that make a hit's answer
         # differ: one pass over the request's header names then replaces five look-ups.
         plain = _CONDITIONAL.isdisjoint(map(_first, request.requestHeaders.getAllRawHeaders()))

@@ -34,9 +34,11 @@ from ..interfaces import IObjectStore, IStoredObject, StoreError
 from ..keys import BadKey, Target, parse_target
 from ..origins import Source
 from ..stats import Stats
+from ..storage.hot import HotObject
 from .errors import answer_error
 from .follow import Follower
-from .hit import answer_hit
+from .hit import answer_hit, whole_answer_head
+from .hosts import BucketHosts
 from .mirror import MirrorReader, cut
 
 __all__ = ["EdgeResource"]
@@ -44,8 +46,6 @@ __all__ = ["EdgeResource"]
 _log = Logger(namespace="cosedge.web")
 
 _SERVED_METHODS = (b"GET", b"HEAD")
-#: Host headers whose bucket is remembered, at most.
-_MAX_HOSTS = 1024
 _INTERNAL_ERROR = "We encountered an internal error. Please try again."
 #: What render() returns at once: a body, or NOT_DONE_YET (a tuple: ``bytes | int`` is built anew at each use).
 _SYNC = (bytes, int)
@@ -75,10 +75,11 @@ class EdgeResource(Resource):
         self._stats = stats
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
+        #: The store's objects held in memory, for :meth:`quick_hit` (None: it holds none).
+        self._hot: Callable[[str, tuple[str, ...]], HotObject | None] | None = getattr(store, "hot", None)
         #: The bucket's COS API (signed calls, the origin API, listing, purge).
         self.api = BucketApi(config, store, filler.forget, time.time)
-        self._hosts_config: Config | None = None
-        self._hosts: dict[bytes, str | None] = {}
+        self._hosts = BucketHosts()
 
     def render(self, request: Request) -> bytes | int:  # type: ignore[override]
         request_id = f"{self._id_prefix}-{next(self._ids):x}"
@@ -160,6 +161,41 @@ class EdgeResource(Resource):
             return answer
         answer.addBoth(_deliver, request, request_id)
         return NOT_DONE_YET
+
+    def quick_hit(self, uri: bytes, host: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """
+        For a plain GET (:mod:`cosedge.web.quick`) of an object the store
+        holds in memory, in a public bucket that does not revalidate: its
+        request id, the answer's header lines after x-cos-request-id, and its
+        body, counted as a hit.  None for anything else, with nothing done
+        or counted: the usual way then takes the request from its start.
+        """
+        hot = self._hot
+        if hot is None:
+            return None
+        try:
+            target = parse_target(uri)
+        except BadKey:
+            return None
+        segments = target.segments
+        if target.query is not None or target.authority is not None or not segments:
+            return None
+        config = self._config()
+        bucket_name = self._hosts.bucket(host, config)
+        bucket = config.buckets.get(bucket_name) if bucket_name is not None else None
+        if bucket is None or bucket_name is None or bucket.acl == "private" or bucket.revalidate_after:
+            return None
+        obj = hot(bucket_name, segments)
+        if obj is None or not obj.data:  # an empty object's answer is Twisted's to make
+            return None
+        head = obj.derived.get("head")
+        if head is None:
+            head = obj.derived["head"] = whole_answer_head(obj, segments[-1])
+        stats = self._stats
+        stats.inc("hits")
+        stats.request(bucket_name, "hit")
+        stats.inc("bytes_served", len(obj.data))
+        return f"{self._id_prefix}-{next(self._ids):x}".encode("ascii"), head, obj.data
 
     def _answer(
         self,
@@ -485,34 +521,7 @@ class EdgeResource(Resource):
             if len(hosts) != 1:
                 return None
             host = hosts[0]
-        # The answer depends only on the host and the configured domains:
-        # remembered per configuration (replaced whole on any change).
-        if config is not self._hosts_config:
-            self._hosts_config, self._hosts = config, {}
-        try:
-            return self._hosts[host]
-        except KeyError:
-            pass
-        bucket = self._bucket_of(host, config.server.domains)
-        if len(self._hosts) >= _MAX_HOSTS:  # hosts are the client's choice: stay bounded
-            self._hosts.clear()
-        self._hosts[host] = bucket
-        return bucket
-
-    @staticmethod
-    def _bucket_of(host: bytes, domains: tuple[str, ...]) -> str | None:
-        name, _, port = host.rpartition(b":")
-        if name and port.isdigit():
-            host = name
-        try:
-            text = host.decode("ascii").lower().rstrip(".")
-        except UnicodeDecodeError:
-            return None
-        for domain in domains:
-            bucket, dot, rest = text.partition(".")
-            if dot and rest == domain:
-                return bucket
-        return None
+        return self._hosts.bucket(host, config)
 
 
 def _produce_rest(obj: IStoredObject | None, request: Request, offset: int, wanted: tuple[int, int] | None) -> None:

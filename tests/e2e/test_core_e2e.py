@@ -651,3 +651,48 @@ def test_object_changed_while_served_never_sends_more_than_announced(edge: Daemo
         # What was already in flight may reflect the truncation (sendfile
         # queues page-cache pages, not copies); only the length is promised.
         assert len(body) < size, "a truncated file cannot be served whole"
+
+
+def _keep_alive_get(sock: socket.socket, target: str, extra: str = "") -> tuple[bytes, list[tuple[str, str]], bytes]:
+    """One GET on an open keep-alive connection: status line, headers (without Date and request id), body."""
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: e2e-quick\r\n{extra}\r\n".encode())
+    data = b""
+    deadline = time.monotonic() + 10
+    while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = [(n.lower(), v.strip()) for n, _, v in (line.partition(":") for line in lines)]
+    length = int(dict(headers)["content-length"])
+    while len(body) < length and time.monotonic() < deadline:
+        body += sock.recv(65536)
+    assert len(body) == length, (status, len(body), length)
+    return status.encode(), [h for h in headers if h[0] not in ("date", "x-cos-request-id")], body
+
+
+def test_keep_alive_hits_are_the_same_answer_every_time(edge: Daemon, origin: MisbehavingOrigin) -> None:
+    """
+    Hits of a small object on one keep-alive connection — the first opens
+    the file, the rest are answered from memory by the quick path — carry
+    the same status, headers and bytes, and the same access-log line; a
+    replaced file is served at once; a Range on the same connection still
+    gets its 206.
+    """
+    key = "ok/app.css"
+    assert edge.request(f"/{key}").status == 302
+    assert edge.fill_outcome(key) == "stored"
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        answers = [_keep_alive_get(sock, f"/{key}") for _ in range(4)]
+        assert answers[0][0] == b"HTTP/1.1 200 OK" and answers[0][2] == body_for(f"/{key}")
+        assert all(answer == answers[0] for answer in answers)
+        assert ("x-cos-meta-origin", "e2e") in answers[0][1]
+        status, headers, body = _keep_alive_get(sock, f"/{key}", "Range: bytes=0-9\r\n")
+        assert status == b"HTTP/1.1 206 Partial Content" and body == body_for(f"/{key}")[:10]
+        new = edge.object_path(key).with_name("app.css.new")
+        new.write_bytes(b"replaced")
+        new.replace(edge.object_path(key))  # what an operator's cp and mv do
+        assert _keep_alive_get(sock, f"/{key}")[2] == b"replaced"
+    lines = [line for line in edge.access_log.read_text().splitlines() if "e2e-quick" in line]
+    assert len(lines) == 6
+    shapes = {line.split("]", 1)[1] if "]" in line else line for line in lines[:4]}
+    assert shapes == {f' "GET /{key} HTTP/1.1" 200 {len(body_for(f"/{key}"))} "-" "e2e-quick"'}
