@@ -1,8 +1,9 @@
 """
 The quick path (issue 15): a plain keep-alive GET of a small object held in
-memory is answered without Twisted's request machinery, with the very bytes,
-counters and access-log line the usual way gives; anything else takes the
-usual way from its first byte.
+memory, or of a missing one the bucket redirects, is answered without
+Twisted's request machinery, with the very bytes, counters, fill and
+access-log line the usual way gives; anything else takes the usual way from
+its first byte.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import attrs
 import pytest
+from twisted.internet.interfaces import ISSLTransport
+from zope.interface import directlyProvides
 
 from cosedge.config import BucketConfig
 from cosedge.storage.disk import DiskStore
@@ -72,17 +75,22 @@ def quick(cooperator: StepCooperator, tmp_path: Path) -> Quick:
     edge = Edge(cooperator, config=edge_config(data_dir=str(data)), store=store)
     put(store, "site/a.css", BODY)
     q = Quick(edge, store)
-    real = edge.site.quick_hit
+    count_quick(edge.site, q.answered)
+    return q
+
+
+def count_quick(site: EdgeSite, answered: list[bytes]) -> None:
+    """Note in ``answered`` the target of each request the quick path answers."""
+    real = site.quick_answer
     assert real is not None
 
-    def counted(uri: bytes, host: bytes) -> Any:
-        answer = real(uri, host)
+    def counted(get: QuickGet, secure: bool) -> Any:
+        answer = real(get, secure)
         if answer is not None:
-            q.answered.append(uri)
+            answered.append(get.uri)
         return answer
 
-    edge.site.quick_hit = counted
-    return q
+    site.quick_answer = counted
 
 
 def without_ids(answer: RawResponse) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -125,9 +133,7 @@ def test_the_access_log_line_is_the_same(quick: Quick, tmp_path: Path) -> None:
     conn = quick.connect()
     extra = b'User-Agent: curl/8 "q"\r\nReferer: http://example.com/\r\n'
     quick.exchange(conn, head(extra=extra))
-    real = site.quick_hit
-    assert real is not None
-    site.quick_hit = lambda uri, host: quick.answered.append(uri) or real(uri, host)  # type: ignore[func-returns-value]
+    count_quick(site, quick.answered)
     quick.exchange(conn, head(extra=extra))
     site.doStop()
     first, second = log.read_text().splitlines()
@@ -146,7 +152,7 @@ def test_a_replaced_object_is_served_new_at_once(quick: Quick) -> None:
     assert again.body == b"body { color: red }" and quick.answered.count(b"/site/a.css") == 2
     quick.store.remove(BUCKET, ("site", "a.css"))
     [gone] = quick.exchange(conn, head())
-    assert gone.status in (302, 404)
+    assert gone.status == 302 and quick.answered.count(b"/site/a.css") == 3  # a miss now, redirected
 
 
 @pytest.mark.parametrize(
@@ -250,10 +256,12 @@ def test_a_bad_or_unusual_request_gets_the_usual_answer(quick: Quick, request_he
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n", QuickGet(b"/a", b"h", None, None)),
+        (b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n", QuickGet(b"/a", {b"host": b"h"})),
         (
             b"GET /a/b%20c HTTP/1.1\r\nhost:h:8080\r\nConnection: Keep-Alive\r\nUser-Agent: x y\r\nReferer: r\r\n\r\n",
-            QuickGet(b"/a/b%20c", b"h:8080", b"r", b"x y"),
+            QuickGet(
+                b"/a/b%20c", {b"host": b"h:8080", b"connection": b"Keep-Alive", b"user-agent": b"x y", b"referer": b"r"}
+            ),
         ),
         (b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\n", None),
         (b"GET /a HTTP/1.0\r\nHost: h\r\n\r\n", None),
@@ -275,3 +283,62 @@ def test_a_bad_or_unusual_request_gets_the_usual_answer(quick: Quick, request_he
 )
 def test_what_is_a_quick_get(data: bytes, expected: QuickGet | None) -> None:
     assert parse_quick_get(data) == expected
+
+
+def test_a_redirected_miss_is_quick_and_the_same_answer(quick: Quick) -> None:
+    """A 302 and its fill, quick, are the usual way's: headers, counters, the missed key, one fill."""
+    conn = quick.connect()
+    one, two = head("/new/one.js"), head("/new/two.js")
+    [usual] = quick.exchange(conn, one[:10], one[10:])
+    [fast] = quick.exchange(conn, two)
+    assert quick.answered == [b"/new/two.js"]
+    assert usual.status == fast.status == 302
+    strip = [(n, v.replace(b"one", b"two")) for n, v in without_ids(usual)[1]]
+    assert strip == without_ids(fast)[1]
+    assert fast.header(b"location") == b"http://10.10.10.10:8080/new/two.js"
+    assert fast.header(b"cache-control") == b"no-store" and fast.length == 0 and fast.body == b""
+    stats = quick.edge.stats
+    assert stats.events["misses"] == stats.events["redirects"] == 2 and stats.statuses[302] == 2
+    assert stats.requests[f"{BUCKET} redirect"] == 2
+    assert stats.missed_keys[BUCKET] == {"new/one.js": 1, "new/two.js": 1}
+    [again] = quick.exchange(conn, two)
+    assert again.status == 302
+    quick.edge.flush_origin()
+    assert quick.edge.origin.gets(b"/new/one.js") == quick.edge.origin.gets(b"/new/two.js") == 1
+    assert not conn.closed
+
+
+def test_a_miss_that_is_not_a_redirect_goes_the_usual_way(quick: Quick) -> None:
+    """No origin pull (404), an object too big to hold in memory (a hit read from the file)."""
+    conn = quick.connect()
+    [none] = quick.exchange(conn, head("/x.bin", host=b"nopull-1250000000.file.myqcloud.com"))
+    assert none.status == 404 and b"NoSuchKey" in none.body
+    big = b"z" * (200 * 1024)
+    put(quick.store, "big.bin", big, {})
+    [hit] = quick.exchange(conn, head("/big.bin"))
+    [hit2] = quick.exchange(conn, head("/big.bin"))
+    assert hit.body == hit2.body == big
+    assert quick.answered == [] and quick.edge.stats.events["misses"] == 1
+
+
+def test_a_mirror_miss_goes_the_usual_way(quick: Quick) -> None:
+    table = {"priority": 1, "type": "mirror", "hosts": ["10.10.10.10:8080"]}
+    quick.edge.config = quick.edge.config.with_bucket(BUCKET, BucketConfig(rules=[table]))  # type: ignore[arg-type]
+    quick.edge.origin.add("m.bin", b"from the origin")
+    conn = quick.connect()
+    [answer] = quick.exchange(conn, head("/m.bin"))
+    assert answer.status == 200 and answer.body == b"from the origin" and answer.header(b"x-cos-mirror")
+    assert quick.answered == [] and quick.edge.origin.gets(b"/m.bin") == 1
+
+
+def test_a_miss_over_https_is_redirected_to_https_by_a_follow_rule(quick: Quick) -> None:
+    table = {"priority": 1, "type": "proxy", "protocol": "follow", "hosts": ["10.10.10.10"]}
+    quick.edge.config = quick.edge.config.with_bucket(BUCKET, BucketConfig(rules=[table]))  # type: ignore[arg-type]
+    conn = quick.connect()
+    directlyProvides(conn.transport, ISSLTransport)
+    [secure] = quick.exchange(conn, head("/s.js"))
+    plain = quick.connect()
+    [clear] = quick.exchange(plain, head("/s.js"))
+    assert quick.answered == [b"/s.js", b"/s.js"]
+    assert secure.header(b"location") == b"https://10.10.10.10/s.js"
+    assert clear.header(b"location") == b"http://10.10.10.10/s.js"

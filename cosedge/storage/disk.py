@@ -342,6 +342,21 @@ class DiskStore:
             return None
         return self._hot.get(bucket, path, f"{self._roots.get(bucket) or self._root(bucket)}/{path}")
 
+    def absent(self, bucket: str, segments: tuple[str, ...]) -> bool:
+        """
+        True when there is surely no object at ``segments`` (one ``lstat``
+        finds no file there: :meth:`open` finds none either), False when
+        :meth:`open` must say.  Never any other I/O.
+        """
+        path = _file_path(segments)
+        if path is None:
+            return True
+        try:
+            os.stat(f"{self._roots.get(bucket) or self._root(bucket)}/{path}", follow_symlinks=False)
+        except OSError as e:
+            return e.errno in (errno.ENOENT, errno.ENOTDIR)
+        return False
+
     def writer(self, bucket: str, segments: tuple[str, ...], length: int | None = None) -> Deferred[IObjectWriter]:
         if length is not None and length <= SMALL_BODY:
             commit = self._group.commit

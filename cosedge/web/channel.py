@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -87,6 +87,8 @@ class _EdgeChannel(HTTPChannel):
     _peer: IAddress | None = None
     #: Twisted's parser holds (or may hold) part of this connection's bytes: no quick path until it is done.
     _fed = False
+    #: The connection is TLS (asked once, by the quick path).
+    _secure: bool | None = None
 
     def getHost(self) -> IAddress:
         """The local address, asked of the transport once: every request reads it, and it never changes."""
@@ -175,23 +177,27 @@ class _EdgeChannel(HTTPChannel):
         # nothing of this connection: no request, no partial line.
         if not self._fed:
             site: EdgeSite = self.site  # type: ignore[attr-defined]
-            quick_hit = site.quick_hit
-            get = parse_quick_get(data) if quick_hit is not None else None
+            quick_answer = site.quick_answer
+            get = parse_quick_get(data) if quick_answer is not None else None
             if get is not None:
-                answer = quick_hit(get.uri, get.host)  # type: ignore[misc]
+                if self._secure is None:
+                    self._secure = self.isSecure()
+                answer = quick_answer(get, self._secure)  # type: ignore[misc]
                 if answer is not None:
                     self._quick_answer(site, get, *answer)
                     return
             self._fed = True
         super().dataReceived(data)
 
-    def _quick_answer(self, site: EdgeSite, get: QuickGet, request_id: bytes, head: bytes, body: bytes) -> None:
+    def _quick_answer(
+        self, site: EdgeSite, get: QuickGet, status: int, request_id: bytes, head: bytes, body: bytes
+    ) -> None:
         """Write a quick GET's answer: what Twisted would write for it, counted and logged as Twisted's is."""
         self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\nX-Cos-Request-Id: %s\r\n%s%s"
-            % (_SERVER, site.http_date(), request_id, head, body)
+            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nX-Cos-Request-Id: %s\r\n%s%s"
+            % (status, RESPONSES[status], _SERVER, site.http_date(), request_id, head, body)
         )
-        site.log_quick(get, self.getPeer(), len(body))
+        site.log_quick(get, self.getPeer(), status, len(body))
         self._arm()
 
     def requestDone(self, request: Request) -> None:
@@ -395,8 +401,9 @@ class EdgeSite(Site):
         self._stats = stats
         self._access_log = access_log
         #: The resource's answer to a quick GET (:mod:`cosedge.web.quick`), if it gives them.
-        self.quick_hit: Callable[[bytes, bytes], tuple[bytes, bytes, bytes] | None] | None = getattr(
-            resource, "quick_hit", None
+        quick = getattr(resource, "quick", None)
+        self.quick_answer: Callable[[QuickGet, bool], tuple[int, bytes, bytes, bytes] | None] | None = (
+            None if quick is None else quick.answer
         )
         self._date_second = -1
         self._date = b""
@@ -481,11 +488,11 @@ class EdgeSite(Site):
         self._stats.statuses[request.code] += 1
         super().log(request)
 
-    def log_quick(self, get: QuickGet, peer: IAddress, sent: int) -> None:
-        """Count and log a quick GET's 200 as :meth:`log` does a request's (a line only when the log is on)."""
-        self._stats.statuses[200] += 1
+    def log_quick(self, get: QuickGet, peer: IAddress, status: int, sent: int) -> None:
+        """Count and log a quick GET's answer as :meth:`log` does a request's (a line only when the log is on)."""
+        self._stats.statuses[status] += 1
         if self._logFile is not None:
-            super().log(QuickRecord(get, peer, 200, sent))  # type: ignore[arg-type]
+            super().log(QuickRecord(get, peer, status, sent))  # type: ignore[arg-type]
 
     def _openLogFile(self, path: str) -> Any:  # type: ignore[override]
         """

@@ -34,12 +34,12 @@ from ..interfaces import IObjectStore, IStoredObject, StoreError
 from ..keys import BadKey, Target, parse_target
 from ..origins import Source
 from ..stats import Stats
-from ..storage.hot import HotObject
 from .errors import answer_error
 from .follow import Follower
-from .hit import answer_hit, whole_answer_head
+from .hit import answer_hit
 from .hosts import BucketHosts
 from .mirror import MirrorReader, cut
+from .quick import QuickAnswers, QuickStore
 
 __all__ = ["EdgeResource"]
 
@@ -75,14 +75,18 @@ class EdgeResource(Resource):
         self._stats = stats
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(6).hex()
-        #: The store's objects held in memory, for :meth:`quick_hit` (None: it holds none).
-        self._hot: Callable[[str, tuple[str, ...]], HotObject | None] | None = getattr(store, "hot", None)
         #: The bucket's COS API (signed calls, the origin API, listing, purge).
         self.api = BucketApi(config, store, filler.forget, time.time)
         self._hosts = BucketHosts()
+        #: The quick path (:mod:`cosedge.web.quick`), over a store that can take it.
+        self.quick = (
+            QuickAnswers(config, self._hosts, store, filler, stats, self._request_id)
+            if isinstance(store, QuickStore)
+            else None
+        )
 
     def render(self, request: Request) -> bytes | int:  # type: ignore[override]
-        request_id = f"{self._id_prefix}-{next(self._ids):x}"
+        request_id = self._request_id()
         # Server and Date come from _EdgeRequest.process, before anything can fail.
         request.responseHeaders.setRawHeaders(b"x-cos-request-id", [request_id.encode("ascii")])
         try:
@@ -90,6 +94,9 @@ class EdgeResource(Resource):
         except Exception:
             _log.failure("internal error serving {uri!r}", uri=request.uri)
             return answer_error(request, request_id, "InternalError", _INTERNAL_ERROR)
+
+    def _request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
 
     def _render(self, request: Request, request_id: str) -> bytes | int:
         try:
@@ -161,41 +168,6 @@ class EdgeResource(Resource):
             return answer
         answer.addBoth(_deliver, request, request_id)
         return NOT_DONE_YET
-
-    def quick_hit(self, uri: bytes, host: bytes) -> tuple[bytes, bytes, bytes] | None:
-        """
-        For a plain GET (:mod:`cosedge.web.quick`) of an object the store
-        holds in memory, in a public bucket that does not revalidate: its
-        request id, the answer's header lines after x-cos-request-id, and its
-        body, counted as a hit.  None for anything else, with nothing done
-        or counted: the usual way then takes the request from its start.
-        """
-        hot = self._hot
-        if hot is None:
-            return None
-        try:
-            target = parse_target(uri)
-        except BadKey:
-            return None
-        segments = target.segments
-        if target.query is not None or target.authority is not None or not segments:
-            return None
-        config = self._config()
-        bucket_name = self._hosts.bucket(host, config)
-        bucket = config.buckets.get(bucket_name) if bucket_name is not None else None
-        if bucket is None or bucket_name is None or bucket.acl == "private" or bucket.revalidate_after:
-            return None
-        obj = hot(bucket_name, segments)
-        if obj is None or not obj.data:  # an empty object's answer is Twisted's to make
-            return None
-        head = obj.derived.get("head")
-        if head is None:
-            head = obj.derived["head"] = whole_answer_head(obj, segments[-1])
-        stats = self._stats
-        stats.inc("hits")
-        stats.request(bucket_name, "hit")
-        stats.inc("bytes_served", len(obj.data))
-        return f"{self._id_prefix}-{next(self._ids):x}".encode("ascii"), head, obj.data
 
     def _answer(
         self,
