@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IAddress
 from twisted.web.http_headers import Headers
 
 from .. import origins
+from ..cluster import HEADER, SCHEME_HEADER
 from ..config import Config
 from ..fill.scheduler import Filler
 from ..keys import BadKey, parse_target
@@ -69,8 +70,8 @@ _NOT_QUICK = frozenset(
         b"if-none-match",
         b"if-modified-since",
         b"if-unmodified-since",
-        b"x-cosedge-cluster",
-        b"x-cosedge-scheme",
+        HEADER,
+        SCHEME_HEADER,
     }
 )
 
