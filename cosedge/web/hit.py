@@ -26,7 +26,7 @@ from .errors import answer_error
 from .producers import SMALL_RESPONSE, Sender, drop_short_response
 from .sendfile import sendfile_producer
 
-__all__ = ["answer_hit", "if_range", "object_headers", "parse_ranges", "preconditions", "whole_answer_head"]
+__all__ = ["answer_hit", "if_range", "parse_ranges", "preconditions", "whole_answer_head"]
 
 #: More ranges than this (before merging) and the Range header is ignored.
 _MAX_RANGE_SPECS = 1000
@@ -160,7 +160,7 @@ def _weak_match(a: bytes, b: bytes) -> bool:
     return a.removeprefix(b"W/") == b.removeprefix(b"W/")
 
 
-def object_headers(headers: Headers, obj: IStoredObject, name: str) -> tuple[int, bytes, int, str]:
+def _object_headers(headers: Headers, obj: IStoredObject, name: str) -> tuple[int, bytes, int, str]:
     """
     Set what every answer of a hit on ``obj`` carries (ETag, Last-Modified,
     Accept-Ranges, the kept metadata) in ``headers``; returns the object's
@@ -188,7 +188,7 @@ def whole_answer_head(obj: IStoredObject, name: str) -> bytes:
     GET, made once for a hot object (:mod:`cosedge.web.quick`).
     """
     headers = Headers()
-    size, _, _, content_type = object_headers(headers, obj, name)
+    size, _, _, content_type = _object_headers(headers, obj, name)
     headers.setRawHeaders(b"content-type", [_latin1(content_type)])
     headers.setRawHeaders(b"content-length", [b"%d" % size])
     lines = [b"%s: %s\r\n" % (header, value) for header, values in headers.getAllRawHeaders() for value in values]
@@ -207,7 +207,7 @@ def answer_hit(request: Request, request_id: str, obj: IStoredObject, name: str,
     """
     try:
         headers = request.responseHeaders  # Request.setHeader is this, one call deeper
-        size, etag, last_modified, content_type = object_headers(headers, obj, name)
+        size, etag, last_modified, content_type = _object_headers(headers, obj, name)
         # Most requests carry none of the headers that make a hit's answer
         # differ: one pass over the request's header names then replaces five look-ups.
         plain = _CONDITIONAL.isdisjoint(map(_first, request.requestHeaders.getAllRawHeaders()))

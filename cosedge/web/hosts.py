@@ -38,6 +38,7 @@ class BucketHosts:
 
 
 def bucket_of(host: bytes, domains: tuple[str, ...]) -> str | None:
+    """The bucket ``host`` names under one of ``domains`` (the first label), or None."""
     name, _, port = host.rpartition(b":")
     if name and port.isdigit():
         host = name
