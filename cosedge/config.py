@@ -200,6 +200,8 @@ def _listen(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+#: Listener kinds several processes can serve (:mod:`cosedge.workers`, :mod:`cosedge.adopted`).
+_SHARED_KINDS = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd"})
 #: The most processes ``workers`` may ask for.
 MAX_WORKERS = 64
 
@@ -237,6 +239,18 @@ class ServerConfig:
     send_timeout: float = field(default=60.0, validator=_positive)
     #: Client connections one process keeps at once; more are closed as they come (0: no limit).
     max_connections: int = field(default=4096, validator=_non_negative)
+
+    @workers.validator
+    def _check_shared_listeners(self, attribute: object, value: int) -> None:
+        if value == 1:
+            return
+        for entry in self.listen:
+            kind = entry.partition(":")[0]
+            if kind not in _SHARED_KINDS:
+                raise ConfigError(
+                    f"listen entry {entry!r}: with workers = {value} every listener is shared between the processes,"
+                    f" and a {kind}: listener cannot be; use tcp:, tcp6:, ssl:, unix: or systemd:, or workers = 1"
+                )
 
     @data_dir.validator
     def _check_data_dir(self, attribute: object, value: object) -> None:

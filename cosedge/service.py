@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
+from .adopted import adopted_endpoints
 from .cluster import Cluster
 from .config import Config
 from .fill.claims import Claims
@@ -35,7 +36,7 @@ from .storage.disk import DiskStore
 from .storage.s3 import open_s3_store
 from .web.channel import EdgeSite
 from .web.resource import EdgeResource
-from .workers import AdoptedEndpoint, SharedEndpoint, WorkerPool
+from .workers import SharedEndpoint, WorkerPool
 
 __all__ = ["EdgeService", "build_service", "build_worker_service"]
 
@@ -305,7 +306,7 @@ def build_worker_service(config: Config, reactor: Any, listeners: list[tuple[int
     """
     agent, pool, run_blocking = _origin_agent(reactor, config, lambda: service.config)
     store = _open_store(config, reactor, run_blocking)
-    endpoints: list[IStreamServerEndpoint] = [AdoptedEndpoint(reactor, fd, family) for fd, family in listeners]
+    endpoints: list[IStreamServerEndpoint] = list(adopted_endpoints(reactor, config.server.listen, listeners))
     service = EdgeService(
         config,
         reactor,

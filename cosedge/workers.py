@@ -13,8 +13,10 @@ Listeners.  For each ``[server] listen`` entry of the ``tcp:``/``tcp6:`` kind
 the primary binds N sockets with ``SO_REUSEPORT`` (first checking that no
 other process holds the address, so a second daemon on the same port still
 fails with "address in use"), keeps one and hands one to each worker: the
-kernel then spreads new connections evenly over the processes.  Any other
-kind (``unix:``, ``systemd:``) is opened once and its one socket is shared.
+kernel then spreads new connections evenly over the processes.  The other
+kinds (``unix:``, ``systemd:``, ``ssl:``) are opened once and their one socket
+is shared; a worker serves an ``ssl:`` one with TLS (:mod:`cosedge.adopted`).
+The configuration refuses any kind that cannot be shared.
 
 Channel.  Each worker talks to the primary over a pair of pipes (its
 descriptors 3 and 4) in length-prefixed frames (``Int32StringReceiver``):
@@ -45,14 +47,12 @@ import os
 import pickle
 import re
 import socket
-import stat
 import struct
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import tcp, unix
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import serverFromString
@@ -66,7 +66,7 @@ from zope.interface import implementer
 
 from .stats import Stats, Totals
 
-__all__ = ["AdoptedEndpoint", "SharedEndpoint", "WorkerPool", "parse_tcp"]
+__all__ = ["SharedEndpoint", "WorkerPool", "parse_tcp"]
 
 _log = Logger()
 
@@ -211,56 +211,6 @@ class SharedEndpoint:
         for fd in {fd for fd, _ in self.shares}:
             os.close(fd)
         self.shares = []
-
-
-@implementer(IStreamServerEndpoint)
-class AdoptedEndpoint:
-    """A listening socket a worker was given (descriptor ``fd``)."""
-
-    def __init__(self, reactor: Any, fd: int, family: int) -> None:
-        self.reactor = reactor
-        self.fd = fd
-        self.family = family
-
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        try:
-            port: IListeningPort
-            if self.family == socket.AF_UNIX:
-                port = _SharedUNIXPort.adopt(self.reactor, self.fd, factory)
-            else:
-                port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
-        except Exception:
-            return fail()
-        finally:
-            os.close(self.fd)  # adopted as a duplicate
-        return succeed(port)
-
-
-class _SharedUNIXPort(unix.Port):
-    """
-    A UNIX listening socket whose path belongs to the primary.  Twisted's
-    port treats a socket it adopts as its own: it sets the path's mode (to
-    0666 unless told otherwise) when it starts and removes the path when it
-    stops, which would open the socket to everyone and, at a worker's stop,
-    take it away from every process; and its close shuts the socket down
-    (``shutdown(2)``), which stops every process's accepts on it.  This one
-    keeps the mode the path has, leaves the path alone and only closes its
-    own descriptor, as Twisted's TCP port does with an adopted socket.
-    """
-
-    _shouldShutdown = False
-
-    @classmethod
-    def adopt(cls, reactor: Any, fd: int, factory: IProtocolFactory) -> _SharedUNIXPort:
-        port: _SharedUNIXPort = cls._fromListeningDescriptor(reactor, fd, factory)
-        path = port._bindPath
-        if path and path[:1] not in ("\0", b"\0"):  # abstract names have no mode
-            port.mode = stat.S_IMODE(os.stat(path).st_mode)  # so the start's chmod changes nothing
-        port.startListening()
-        return port
-
-    def connectionLost(self, reason: Failure) -> None:
-        tcp.Port.connectionLost(self, reason)  # without unix.Port's unlink of the path
 
 
 def frame(payload: bytes) -> bytes:

@@ -369,3 +369,16 @@ def test_buckets_must_be_bucket_configs() -> None:
     """A raw table where a BucketConfig belongs is refused."""
     with pytest.raises(ConfigError, match="must be a BucketConfig"):
         Config(buckets={"example-1": {"origin": "a.example"}})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    "kind", ["tcp:8080", "tcp6:8080", "ssl:8443:privateKey=k.pem", "unix:/run/edge.sock", "systemd:domain=INET:index=0"]
+)
+def test_listeners_several_processes_can_share_are_accepted(kind: str) -> None:
+    assert ServerConfig(listen=(kind,), workers=2).workers == 2
+
+
+def test_a_listener_several_processes_cannot_share_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"listen entry 'onion:80'.*workers = 2.*workers = 1"):
+        ServerConfig(listen=("tcp:8080", "onion:80"), workers=2)
+    assert ServerConfig(listen=("onion:80",), workers=1).listen == ("onion:80",)

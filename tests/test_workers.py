@@ -168,7 +168,7 @@ def test_a_worker_leaves_a_shared_unix_socket_as_the_primary_made_it(tmp_path: P
     when it stops: they are the primary's, and the other processes still
     serve it.
     """
-    from cosedge.workers import AdoptedEndpoint
+    from cosedge.adopted import AdoptedEndpoint
 
     path = tmp_path / "edge.sock"
     with socket.socket(socket.AF_UNIX) as primary:

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ..tlsca import CA
 from .conftest import FAST_FILL, Daemon, Reply, at_once, free_port, raw_request, tmp_files, wait_for
 from .origin import MisbehavingOrigin, body_for
 
@@ -305,3 +307,48 @@ def test_no_connection_waits_for_a_dead_workers_restart(pair: Daemon) -> None:
         assert pair.request("/quick.txt").status == 200
         slowest = max(slowest, time.monotonic() - started)
     assert slowest < 0.9, f"a request waited {slowest:.2f}s"
+
+
+def test_an_ssl_listener_is_tls_in_every_process(
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin
+) -> None:
+    """
+    An ``ssl:`` listener with two processes speaks TLS on every connection,
+    whichever process accepts it: each of many TLS clients gets its answer,
+    and a plain-text request to the TLS port never gets an HTTP answer
+    (it used to from the worker, which took the shared socket as plain TCP).
+    """
+    root = tmp_path_factory.mktemp("cosedge")
+    cert, key = CA.make().issue(["127.0.0.1"]).write(root, "edge")
+    port = free_port()
+    listen = f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
+    daemon = Daemon(root, origin.netloc, dict(FAST_FILL), workers=2, more_listen=(listen,))
+    daemon.start()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    request = b"GET /tls-x HTTP/1.1\r\nHost: example-1250000000.file.myqcloud.com\r\nConnection: close\r\n\r\n"
+    try:
+        daemon.wait_for_log(r"worker 1 \(pid \d+\) serving")
+
+        def over_tls(_: int) -> str:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with context.wrap_socket(raw) as s:
+                    s.sendall(request)
+                    head = s.recv(4096)
+            assert head.startswith(b"HTTP/1.1 302"), head[:100]
+            return head.lower().split(b"x-cos-request-id: ", 1)[1].split(b"-", 1)[0].decode()
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            processes = set(pool.map(over_tls, range(40), timeout=60))
+        assert len(processes) == 2, processes  # both processes took TLS connections
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                s.settimeout(2)
+                try:
+                    answer = s.recv(64)
+                except (TimeoutError, ConnectionResetError):
+                    answer = b""
+            assert not answer.startswith(b"HTTP/"), answer
+    finally:
+        assert daemon.stop() == 0
