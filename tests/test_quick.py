@@ -39,7 +39,7 @@ def put(store: DiskStore, key: str, data: bytes, meta: dict[str, str] | None = N
 
 @attrs.define
 class Quick:
-    """A disk-store edge whose quick answers are counted (``site.quick_hit`` wrapped)."""
+    """A disk-store edge whose quick answers are counted (``site.quick_answer`` wrapped)."""
 
     edge: Edge
     store: DiskStore

@@ -346,7 +346,9 @@ class DiskStore:
         """
         True when there is surely no object at ``segments`` (one ``lstat``
         finds no file there: :meth:`open` finds none either), False when
-        :meth:`open` must say.  Never any other I/O.
+        :meth:`open` must say.  Never any other I/O, and no descriptor: a
+        process out of descriptors still learns a key is absent here, where
+        :meth:`open` would fail.
         """
         path = _file_path(segments)
         if path is None:
