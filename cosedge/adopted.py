@@ -1,8 +1,10 @@
 """
-A worker's bucket listeners: the listening sockets the primary handed it
-(:mod:`cosedge.workers`), adopted as plain TCP, UNIX or — for an ``ssl:``
-listener, whose one socket every process accepts on — TLS, with the
-listener's own certificate and settings.
+The bucket listeners' endpoints: an ``ssl:`` entry of ``[server] listen``
+as a TCP port with a TLS wrapper that passes a refused connection on
+(:class:`RefusingTLSFactory`), and a worker's listening sockets, handed to it
+by the primary (:mod:`cosedge.workers`), adopted as plain TCP, UNIX or — for
+an ``ssl:`` listener, whose one socket every process accepts on — TLS, with
+the listener's own certificate and settings.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -25,7 +27,45 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["AdoptedEndpoint", "adopted_endpoints"]
+__all__ = ["AdoptedEndpoint", "RefusingTLSFactory", "adopted_endpoints", "bucket_endpoint"]
+
+
+class RefusingTLSFactory(TLSMemoryBIOFactory):
+    """
+    Twisted's TLS wrapper, except that a connection the wrapped factory
+    refuses (``buildProtocol`` gives None: ``max_connections`` reached) is
+    closed at once, as on plain TCP.  Twisted's would wrap the None, finish
+    the TLS handshake and then fail on it, once per refused connection.
+    """
+
+    def buildProtocol(self, addr: Any) -> Any:
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        return None if wrapped is None else self.protocol(self, wrapped)
+
+
+@implementer(IStreamServerEndpoint)
+class _TLSEndpoint:
+    """An ``ssl:`` listener: its TCP port, with :class:`RefusingTLSFactory` around the factory."""
+
+    def __init__(self, tcp: IStreamServerEndpoint, tls: IOpenSSLServerConnectionCreator) -> None:
+        self.tcp = tcp
+        self.tls = tls
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.tcp.listen(RefusingTLSFactory(self.tls, False, factory))
+
+
+def bucket_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The endpoint of a ``[server] listen`` entry: Twisted's, but an ``ssl:``
+    one is its TCP port with :class:`RefusingTLSFactory` (the same address,
+    backlog and TLS settings its string names).
+    """
+    endpoint: Any = serverFromString(reactor, description)
+    if description.partition(":")[0] != "ssl":
+        return endpoint  # type: ignore[no-any-return]
+    tcp = TCP4ServerEndpoint(reactor, endpoint._port, endpoint._backlog, endpoint._interface)
+    return _TLSEndpoint(tcp, endpoint._sslContextFactory)
 
 
 def adopted_endpoints(reactor: Any, listen: tuple[str, ...], listeners: list[tuple[int, int]]) -> list[AdoptedEndpoint]:
@@ -42,10 +82,8 @@ def adopted_endpoints(reactor: Any, listen: tuple[str, ...], listeners: list[tup
 
 def tls_of(reactor: Any, description: str) -> IOpenSSLServerConnectionCreator | None:
     """The TLS context factory of an ``ssl:`` endpoint string (Twisted's parser's), or None for any other kind."""
-    if description.partition(":")[0] != "ssl":
-        return None
-    tls: IOpenSSLServerConnectionCreator = serverFromString(reactor, description)._sslContextFactory
-    return tls
+    endpoint = bucket_endpoint(reactor, description)
+    return endpoint.tls if isinstance(endpoint, _TLSEndpoint) else None
 
 
 @implementer(IStreamServerEndpoint)
@@ -63,7 +101,7 @@ class AdoptedEndpoint:
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         if self.tls is not None:  # what reactor.listenSSL does with a port it binds
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            factory = RefusingTLSFactory(self.tls, False, factory)
         try:
             port: IListeningPort
             if self.family == socket.AF_UNIX:

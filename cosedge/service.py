@@ -13,14 +13,13 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
-from .adopted import adopted_endpoints
+from .adopted import adopted_endpoints, bucket_endpoint
 from .cluster import Cluster
 from .config import Config
 from .fill.claims import Claims
@@ -101,7 +100,7 @@ class EdgeService(MultiService):
             max_connections=config.server.max_connections,
         )
         if endpoints is None:
-            endpoints = [serverFromString(reactor, d) for d in config.server.listen]
+            endpoints = [bucket_endpoint(reactor, d) for d in config.server.listen]
         for endpoint in endpoints:
             listener = StreamServerEndpointService(endpoint, self.site)
             listener._raiseSynchronously = True  # as strports.service does: fail the start

@@ -55,7 +55,6 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
@@ -64,6 +63,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .adopted import bucket_endpoint
 from .stats import Stats, Totals
 
 __all__ = ["SharedEndpoint", "WorkerPool", "parse_tcp"]
@@ -151,7 +151,7 @@ class SharedEndpoint:
         #: Each process has a socket of its own (else all share the primary's).
         self.per_process = self._tcp is not None
         # Checked now, like strports: a bad endpoint string fails at start.
-        self._other = None if self._tcp is not None else serverFromString(reactor, description)
+        self._other = None if self._tcp is not None else bucket_endpoint(reactor, description)
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         d: Deferred[IListeningPort]

@@ -86,6 +86,8 @@ class Daemon:
     extra_config: str = ""
     #: More [server] listen endpoints beside the TCP port.
     more_listen: tuple[str, ...] = ()
+    #: More lines of the [server] section.
+    server_extra: str = ""
     port: int = attrs.field(factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -128,6 +130,7 @@ data_dir = "{self.data_dir}"
 access_log = "{self.access_log}"
 request_timeout = {self.request_timeout}
 workers = {self.workers}
+{self.server_extra}
 
 [fill]
 {fill}

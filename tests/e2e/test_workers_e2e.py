@@ -352,3 +352,45 @@ def test_an_ssl_listener_is_tls_in_every_process(
             assert not answer.startswith(b"HTTP/"), answer
     finally:
         assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_ssl_listener_refuses_connections_over_max_connections(
+    tmp_path_factory: pytest.TempPathFactory, origin: MisbehavingOrigin, workers: int
+) -> None:
+    """
+    With ``max_connections = 1`` per process and every process's one
+    connection held, a further TLS client is closed before its handshake
+    ends, and the daemon logs the refusal, not a traceback per connection
+    (Twisted's TLS wrapper used to complete the handshake of a refused
+    connection and then fail on it).
+    """
+    root = tmp_path_factory.mktemp("cosedge")
+    cert, key = CA.make().issue(["127.0.0.1"]).write(root, "edge")
+    port = free_port()
+    listen = f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
+    daemon = Daemon(
+        root, origin.netloc, dict(FAST_FILL), workers=workers, more_listen=(listen,), server_extra="max_connections = 1"
+    )
+    daemon.start()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    held: list[ssl.SSLSocket] = []
+    refused = 0
+    try:
+        if workers > 1:
+            daemon.wait_for_log(r"worker 1 \(pid \d+\) serving")
+        for _ in range(12):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            try:
+                held.append(context.wrap_socket(raw))
+            except (ssl.SSLError, OSError):
+                raw.close()
+                refused += 1
+        assert 1 <= len(held) <= workers and refused == 12 - len(held)
+        daemon.wait_for_log(r"max_connections \(1\) reached")
+    finally:
+        for s in held:
+            s.close()
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log() and daemon.problems() == []
