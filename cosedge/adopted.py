@@ -82,6 +82,8 @@ def adopted_endpoints(reactor: Any, listen: tuple[str, ...], listeners: list[tup
 
 def tls_of(reactor: Any, description: str) -> IOpenSSLServerConnectionCreator | None:
     """The TLS context factory of an ``ssl:`` endpoint string (Twisted's parser's), or None for any other kind."""
+    if description.partition(":")[0] != "ssl":
+        return None  # not parsed: a worker cannot parse a systemd: one (its LISTEN_FDS are the primary's)
     endpoint = bucket_endpoint(reactor, description)
     return endpoint.tls if isinstance(endpoint, _TLSEndpoint) else None
 

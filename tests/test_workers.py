@@ -829,3 +829,19 @@ def test_a_worker_that_cannot_start_reports_failure_in_its_exit_status() -> None
     ok.makeConnection(StringTransport())
     ok.stringReceived(pickle.dumps({"init": {"index": 1, "listeners": [], "config": edge_config()}}))
     assert not ok.failed
+
+
+def test_a_worker_takes_tls_settings_only_from_ssl_entries(tmp_path: Path) -> None:
+    """
+    A worker's ``ssl:`` socket gets the entry's TLS settings; no other entry
+    is parsed there (a ``systemd:`` one cannot be: its descriptors are the
+    primary's, and Twisted's parser fails without them).
+    """
+    from cosedge.adopted import adopted_endpoints
+
+    from .tlsca import CA
+
+    cert, key = CA.make().issue(["127.0.0.1"]).write(tmp_path, "edge")
+    listen = ("systemd:domain=INET:index=0", "tcp:8080", f"ssl:8443:privateKey={key}:certKey={cert}")
+    endpoints = adopted_endpoints(MemoryReactorClock(), listen, [(-1, socket.AF_INET)] * 3)
+    assert [e.tls is None for e in endpoints] == [True, True, False]
