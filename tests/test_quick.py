@@ -58,7 +58,7 @@ class Quick:
 
 
 def split_answers(data: bytes) -> list[RawResponse]:
-    """Answers one after the other (each with a Content-Length, or none and no body: a 304, a HEAD's is not used)."""
+    """Answers one after the other, each framed by its Content-Length (a 304 by its head; a HEAD's only alone)."""
     answers = []
     while data:
         one = parse_response(data)
