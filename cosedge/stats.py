@@ -59,6 +59,17 @@ class Stats:
     def request(self, bucket: str, outcome: str) -> None:
         self.requests[f"{bucket} {outcome}"] += 1
 
+    def hit(self, bucket: str) -> None:
+        """Count a hit in ``bucket`` (however it is answered)."""
+        self.events["hits"] += 1
+        self.requests[f"{bucket} hit"] += 1
+
+    def redirected(self, bucket: str, key: str) -> None:
+        """Count a miss of ``key`` answered with a redirect to the origin (its ``misses`` counted apart)."""
+        self.requests[f"{bucket} redirect"] += 1
+        self.missed(bucket, key)
+        self.events["redirects"] += 1
+
     def missed(self, bucket: str, key: str) -> None:
         """Count a miss of ``key`` (space-saving: a new key takes the place of the least-missed one)."""
         counts = self.missed_keys.setdefault(bucket, {})

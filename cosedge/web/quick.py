@@ -208,8 +208,7 @@ class QuickAnswers:
             head = obj.derived.get("head")
             if head is None:
                 head = obj.derived["head"] = whole_answer_head(obj, segments[-1])
-            stats.inc("hits")
-            stats.request(bucket_name, "hit")
+            stats.hit(bucket_name)
             stats.inc("bytes_served", len(obj.data))
             return 200, self._request_id().encode("ascii"), head, obj.data
         if not self._absent(bucket_name, segments):
@@ -226,9 +225,7 @@ class QuickAnswers:
         if plan.answer != "redirect" or plan.location is None:  # mirror mode, or a 404: the usual way
             return None
         stats.inc("misses")
-        stats.request(bucket_name, "redirect")
-        stats.missed(bucket_name, target.key)
-        stats.inc("redirects")
+        stats.redirected(bucket_name, target.key)
         if plan.fetch is not None:
             self._filler.start(bucket_name, segments, plan.fetch)
         return plan.status, self._request_id().encode("ascii"), _redirect_head(plan.location), b""

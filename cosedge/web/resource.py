@@ -146,8 +146,7 @@ class EdgeResource(Resource):
         if opening.called and not opening.paused and not isinstance(opening.result, Failure):
             obj: Any = opening.result
             if obj is not None:  # a hit: straight to it, one call less on every hit
-                self._stats.inc("hits")
-                self._stats.request(bucket_name, "hit")
+                self._stats.hit(bucket_name)
                 if bucket.revalidate_after:
                     self._revalidate(obj, bucket, bucket_name, target)
                 answer = answer_hit(request, request_id, obj, target.segments[-1], self._stats)
@@ -185,8 +184,7 @@ class EdgeResource(Resource):
         if isinstance(opened, Failure):
             return self._open_failed(opened, request, request_id, bucket_name, target)
         if opened is not None:
-            self._stats.inc("hits")
-            self._stats.request(bucket_name, "hit")
+            self._stats.hit(bucket_name)
             if bucket.revalidate_after:
                 self._revalidate(opened, bucket, bucket_name, target)
             return answer_hit(request, request_id, opened, target.segments[-1], self._stats)
@@ -207,12 +205,10 @@ class EdgeResource(Resource):
         if plan.answer == "not-found" or plan.location is None:
             self._stats.request(bucket_name, "not-found")
             return answer_error(request, request_id, "NoSuchKey", "The specified key does not exist.")
-        self._stats.request(bucket_name, "redirect")
-        self._stats.missed(bucket_name, target.key)
+        self._stats.redirected(bucket_name, target.key)
         request.setResponseCode(plan.status)
         request.setHeader(b"location", plan.location)
         request.setHeader(b"cache-control", b"no-store")
-        self._stats.inc("redirects")
         if plan.fetch is not None:
             self._filler.start(bucket_name, target.segments, plan.fetch)
         return b""
