@@ -61,9 +61,19 @@ def bucket_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     one is its TCP port with :class:`RefusingTLSFactory` (the same address,
     backlog and TLS settings its string names).
     """
+    if _is_ssl(description):
+        return _ssl_endpoint(reactor, description)
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
+
+
+def _is_ssl(description: str) -> bool:
+    return description.partition(":")[0] == "ssl"
+
+
+def _ssl_endpoint(reactor: Any, description: str) -> _TLSEndpoint:
+    """An ``ssl:`` string's TCP port (address, backlog) and TLS settings, as Twisted's parser reads them."""
     endpoint: Any = serverFromString(reactor, description)
-    if description.partition(":")[0] != "ssl":
-        return endpoint  # type: ignore[no-any-return]
     tcp = TCP4ServerEndpoint(reactor, endpoint._port, endpoint._backlog, endpoint._interface)
     return _TLSEndpoint(tcp, endpoint._sslContextFactory)
 
@@ -82,10 +92,10 @@ def adopted_endpoints(reactor: Any, listen: tuple[str, ...], listeners: list[tup
 
 def tls_of(reactor: Any, description: str) -> IOpenSSLServerConnectionCreator | None:
     """The TLS context factory of an ``ssl:`` endpoint string (Twisted's parser's), or None for any other kind."""
-    if description.partition(":")[0] != "ssl":
+    if not _is_ssl(description):
         return None  # not parsed: a worker cannot parse a systemd: one (its LISTEN_FDS are the primary's)
-    endpoint = bucket_endpoint(reactor, description)
-    return endpoint.tls if isinstance(endpoint, _TLSEndpoint) else None
+    tls: IOpenSSLServerConnectionCreator = _ssl_endpoint(reactor, description).tls
+    return tls
 
 
 @implementer(IStreamServerEndpoint)
