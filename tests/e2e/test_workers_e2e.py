@@ -256,7 +256,7 @@ def test_a_unix_listener_survives_a_worker_and_keeps_its_mode(
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(5)
                 s.connect(str(sock))
-                s.sendall(b"GET /x HTTP/1.1\r\nHost: example-1250000000.file.myqcloud.com\r\nConnection: close\r\n\r\n")
+                s.sendall(b"GET /u HTTP/1.1\r\nHost: example-1250000000.file.myqcloud.com\r\nConnection: close\r\n\r\n")
                 assert s.recv(12) == b"HTTP/1.1 302"
         by_process = answering_processes(daemon, "/y", connections=20)  # and the TCP port
         assert {r.status for replies in by_process.values() for r in replies} == {302}
